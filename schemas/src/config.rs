@@ -1,0 +1,199 @@
+//! The worker's configuration file: limits, directories, acceleration, sandbox, network and
+//! queue settings. Every field has a default, so `{}` is a valid configuration.
+
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::limits::MachineLimits;
+use crate::machine::Machine;
+
+/// Configuration of a taskvm worker (`taskvm run`, `serve` and `worker` read the same file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+#[schemars(title = "WorkerConfig")]
+pub struct WorkerConfig {
+    /// What one VM may have on this host.
+    pub limits: MachineLimits,
+    /// Machine defaults of this worker: below the image's `machine.json`, above the built-in
+    /// defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Machine>,
+    /// The image cache.
+    pub cache: CacheConfig,
+    /// Directory for the worker's own state (records of running VMs, queue database).
+    pub state_dir: PathBuf,
+    /// Largest number of tasks run at once.
+    #[schemars(range(min = 1, max = 256))]
+    pub concurrency: u32,
+    /// Which accelerator runs the VMs.
+    pub accel: Accel,
+    /// How QEMU is confined.
+    pub sandbox: SandboxConfig,
+    /// What the guests' networks allow.
+    pub network: NetworkConfig,
+    /// Where tasks come from; unset for `taskvm run`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueConfig>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            limits: MachineLimits::default(),
+            machine: None,
+            cache: CacheConfig::default(),
+            state_dir: PathBuf::from("/var/lib/taskvm"),
+            concurrency: 1,
+            accel: Accel::Auto,
+            sandbox: SandboxConfig::default(),
+            network: NetworkConfig::default(),
+            queue: None,
+        }
+    }
+}
+
+/// The content-addressed image cache and the caps applied to every image it takes in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Directory of the cache.
+    pub dir: PathBuf,
+    /// Garbage collection removes least-recently-used images until the cache is at most this
+    /// many bytes.
+    pub max_size: u64,
+    /// Garbage collection also removes images until the file system has this many bytes free.
+    pub min_free: u64,
+    /// Largest compressed image, in bytes.
+    pub max_compressed_size: u64,
+    /// Largest total size of an image's unpacked files, in bytes (holes included).
+    pub max_unpacked_size: u64,
+    /// Largest single file in an image, in bytes.
+    pub max_file_size: u64,
+    /// Largest number of entries in an image's tarball.
+    #[schemars(range(min = 2, max = 64))]
+    pub max_entries: u32,
+    /// Largest `machine.json`, in bytes.
+    #[schemars(range(min = 2, max = 1_048_576))]
+    pub max_machine_json_size: u32,
+    /// Seconds a download may go without receiving a byte before it is abandoned.
+    #[schemars(range(min = 1, max = 3600))]
+    pub stall_timeout: u32,
+}
+
+const GIB: u64 = 1 << 30;
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: PathBuf::from("/var/cache/taskvm"),
+            max_size: 50 * GIB,
+            min_free: 10 * GIB,
+            max_compressed_size: 20 * GIB,
+            max_unpacked_size: 100 * GIB,
+            max_file_size: 100 * GIB,
+            max_entries: 8,
+            max_machine_json_size: 1_048_576,
+            stall_timeout: 60,
+        }
+    }
+}
+
+/// Accelerator choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when a probe boot shows it works on this host, TCG otherwise.
+    Auto,
+    /// KVM, failing when it is unusable.
+    Kvm,
+    /// QEMU's software emulation (multi-threaded TCG).
+    Tcg,
+}
+
+/// How QEMU is confined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Unprivileged user (name or numeric uid) QEMU runs as when the worker runs as root.
+    #[schemars(length(min = 1, max = 64))]
+    pub user: String,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            user: "nobody".to_owned(),
+        }
+    }
+}
+
+/// What the guests' isolated networks allow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Let guests reach the outside world through NAT. Off: a guest reaches the metadata
+    /// service and nothing else.
+    pub egress: bool,
+}
+
+/// Where a long-running worker takes its tasks from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
+pub enum QueueConfig {
+    /// `taskvm serve`: the embedded queue with its HTTP API and web UI.
+    Embedded(EmbeddedQueueConfig),
+    /// `taskvm worker`: claim tasks from a Taskcluster queue.
+    Taskcluster(TaskclusterQueueConfig),
+}
+
+/// Settings of the embedded queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EmbeddedQueueConfig {
+    /// Address of the HTTP API and web UI. Anything but loopback requires an access token.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+
+/// Settings of the Taskcluster provider. Credentials may also come from the standard
+/// `TASKCLUSTER_*` environment variables, which take precedence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TaskclusterQueueConfig {
+    /// Root URL of the Taskcluster deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub root_url: Option<String>,
+    /// Task queue to claim from (`provisionerId/workerType`).
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9_-]{1,38}/[a-z]([-a-z0-9]{0,36}[a-z0-9])?$"))]
+    pub task_queue_id: String,
+    /// Worker group of this worker.
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9_-]{1,38}$"))]
+    pub worker_group: String,
+    /// Worker id of this worker.
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9_-]{1,38}$"))]
+    pub worker_id: String,
+    /// Largest number of tasks claimed at once.
+    #[serde(default = "default_capacity")]
+    #[schemars(range(min = 1, max = 256))]
+    pub capacity: u32,
+    /// Client id, unless `TASKCLUSTER_CLIENT_ID` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Access token, unless `TASKCLUSTER_ACCESS_TOKEN` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    /// Certificate of temporary credentials, unless `TASKCLUSTER_CERTIFICATE` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+}
+
+fn default_capacity() -> u32 {
+    1
+}

@@ -1,0 +1,121 @@
+//! The task payload: what one task asks taskvm to run, and in which image.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::machine::Machine;
+
+/// A task for taskvm: an image, a command to run in a fresh VM booted from it, and what to
+/// collect afterwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(title = "Payload")]
+pub struct Payload {
+    /// The VM image (a zstd-compressed tarball), by URL, optionally pinned by its sha256.
+    pub image: ImageRef,
+    /// The command to run in the guest, as an argument vector (no shell is involved unless
+    /// the command names one).
+    #[schemars(length(min = 1, max = 4096))]
+    pub command: Vec<String>,
+    /// Environment variables for the command.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,254}$" }))]
+    pub env: BTreeMap<String, String>,
+    /// Seconds the command may run before the task is resolved `failed`.
+    #[schemars(range(min = 1, max = 86_400))]
+    pub max_run_time: u32,
+    /// Overrides of the image's machine definition (highest precedence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Machine>,
+    /// Files and directories to copy out of the guest when the command ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub artifacts: Vec<Artifact>,
+    /// Whether to capture a screenshot of the VM's display when the command ends.
+    #[serde(default = "screenshot_default")]
+    pub screenshot: bool,
+}
+
+fn screenshot_default() -> bool {
+    true
+}
+
+/// Where a task's image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ImageRef {
+    /// An `http://`, `https://` or `file://` URL; the image is re-validated on each use.
+    Url(
+        #[schemars(
+            regex(pattern = r"^(https?://[^\s]+|file:///[^\s]*)$"),
+            length(max = 2048)
+        )]
+        String,
+    ),
+    /// A URL and the sha256 its compressed bytes must have.
+    Pinned(PinnedImage),
+}
+
+/// A URL pinned by the sha256 digest of the compressed image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedImage {
+    /// An `http://`, `https://` or `file://` URL.
+    #[schemars(
+        regex(pattern = r"^(https?://[^\s]+|file:///[^\s]*)$"),
+        length(max = 2048)
+    )]
+    pub url: String,
+    /// Lower-case hex sha256 of the compressed tarball.
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: String,
+}
+
+impl ImageRef {
+    /// The image's URL.
+    pub fn url(&self) -> &str {
+        match self {
+            ImageRef::Url(url) => url,
+            ImageRef::Pinned(pinned) => &pinned.url,
+        }
+    }
+
+    /// The pinned digest, if any.
+    pub fn sha256(&self) -> Option<&str> {
+        match self {
+            ImageRef::Url(_) => None,
+            ImageRef::Pinned(pinned) => Some(&pinned.sha256),
+        }
+    }
+}
+
+/// One file or directory to collect from the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// Whether `path` is a single file or a directory (collected as every file below it).
+    #[serde(rename = "type")]
+    pub kind: ArtifactKind,
+    /// Absolute path in the guest.
+    #[schemars(regex(pattern = r"^/"), length(max = 4096))]
+    pub path: String,
+    /// Name under which the artifact is stored: relative, `/`-separated, no `.` or `..`
+    /// segments.
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$"),
+        length(max = 255)
+    )]
+    pub name: String,
+}
+
+/// Kind of artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ArtifactKind {
+    /// A single regular file.
+    File,
+    /// A directory, collected recursively.
+    Directory,
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs the system packages taskvm needs, with apt, as root; does nothing when they are
+# all present. Used by `make deps`, which `make demo`, `make test` and CI run first.
+set -euo pipefail
+
+missing=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-system-x86_64 || missing+=(qemu-system-x86)
+have qemu-img || missing+=(qemu-utils)
+have zstd || missing+=(zstd)
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+echo "deps: installing ${missing[*]} with apt-get" >&2
+if [ "$(id -u)" -ne 0 ]; then
+  if have sudo; then
+    SUDO=(sudo)
+  else
+    echo "deps: missing ${missing[*]}; run 'make deps' as root (apt-get install)" >&2
+    exit 1
+  fi
+else
+  SUDO=()
+fi
+
+# qemu-system-x86 and qemu-utils must come from the same release. Some images ship a newer
+# qemu-utils (backports) whose source is no longer configured; installing qemu-system-x86
+# next to it fails or removes it. Ask for both from the distribution's own release, allowing
+# the downgrade of a stray qemu-utils.
+codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+packages=()
+for package in "${missing[@]}"; do
+  case "$package" in
+    qemu-system-x86|qemu-utils) ;;
+    *) packages+=("$package") ;;
+  esac
+done
+if ! have qemu-system-x86_64 || ! have qemu-img; then
+  packages+=(qemu-system-x86 "qemu-utils${codename:+/$codename}")
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -q
+"${SUDO[@]}" apt-get install -y -q --no-install-recommends --allow-downgrades "${packages[@]}"
+echo "deps: $(qemu-system-x86_64 --version | head -n 1); $(qemu-img --version | head -n 1)" >&2

@@ -1,0 +1,111 @@
+//! `taskvm`: runs each CI task in its own throwaway, sandboxed QEMU virtual machine.
+//!
+//! This binary is thin: argument parsing, reading files and mapping results to exit codes.
+//! The data model lives in the `schemas` crate.
+
+#![warn(clippy::unwrap_used)]
+
+mod documents;
+mod exit;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use schemas::DocumentKind;
+
+use crate::exit::Outcome;
+use crate::validate::ValidateKind;
+
+/// Runs each CI task in its own throwaway, sandboxed QEMU virtual machine.
+#[derive(Debug, Parser)]
+#[command(name = "taskvm", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the JSON Schema of a document taskvm reads.
+    Schema {
+        /// Which document.
+        #[arg(value_enum)]
+        document: SchemaDocument,
+    },
+    /// Check a task payload (or machine.json, or configuration) and print `ok` or every error.
+    ///
+    /// Exit status: 0 valid, 2 invalid.
+    Validate {
+        /// The file to check (JSON; TOML for a configuration ending in `.toml`).
+        file: PathBuf,
+        /// What the file is.
+        #[arg(long, value_enum, default_value = "payload")]
+        kind: ValidateKind,
+        /// Worker configuration whose limits and machine apply to the payload.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Documents with a published schema.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SchemaDocument {
+    /// A task payload.
+    Payload,
+    /// A machine definition (`machine.json`).
+    Machine,
+    /// A host's machine limits.
+    Limits,
+    /// A worker configuration file.
+    Config,
+}
+
+impl From<SchemaDocument> for DocumentKind {
+    fn from(document: SchemaDocument) -> Self {
+        match document {
+            SchemaDocument::Payload => DocumentKind::Payload,
+            SchemaDocument::Machine => DocumentKind::Machine,
+            SchemaDocument::Limits => DocumentKind::Limits,
+            SchemaDocument::Config => DocumentKind::Config,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Schema { document } => {
+            print!("{}", DocumentKind::from(document).schema_text());
+            Outcome::Success
+        }
+        Command::Validate { file, kind, config } => run_validate(&file, kind, config.as_deref()),
+    };
+    outcome.into()
+}
+
+fn run_validate(
+    file: &std::path::Path,
+    kind: ValidateKind,
+    config: Option<&std::path::Path>,
+) -> Outcome {
+    let config = match documents::load_config(config) {
+        Ok(config) => config,
+        Err(violations) => {
+            eprintln!("taskvm: invalid configuration:");
+            eprintln!("{violations}");
+            return Outcome::Malformed;
+        }
+    };
+    match validate::validate(file, kind, &config) {
+        Ok(()) => {
+            println!("ok");
+            Outcome::Success
+        }
+        Err(violations) => {
+            println!("{violations}");
+            Outcome::Malformed
+        }
+    }
+}

@@ -7,6 +7,7 @@
 
 mod documents;
 mod exit;
+mod image_cmd;
 mod validate;
 
 use std::path::PathBuf;
@@ -33,6 +34,11 @@ enum Command {
         /// Which document.
         #[arg(value_enum)]
         document: SchemaDocument,
+    },
+    /// Fetch, list, collect, verify and pack VM images.
+    Image {
+        #[command(subcommand)]
+        command: image_cmd::ImageCommand,
     },
     /// Check a task payload (or machine.json, or configuration) and print `ok` or every error.
     ///
@@ -80,6 +86,7 @@ fn main() -> ExitCode {
             print!("{}", DocumentKind::from(document).schema_text());
             Outcome::Success
         }
+        Command::Image { command } => image_cmd::run(command),
         Command::Validate { file, kind, config } => run_validate(&file, kind, config.as_deref()),
     };
     outcome.into()

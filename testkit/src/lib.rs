@@ -1,0 +1,9 @@
+//! Test helpers shared by taskvm's crates (never a dependency of shipped code).
+//!
+//! - [`http`]: a real HTTP/1.1 server on 127.0.0.1 that serves byte blobs, counts requests,
+//!   answers conditional requests and can misbehave on purpose (slow, truncated, 5xx).
+//! - [`images`]: image tarballs built entry by entry, hostile ones included, and real disk
+//!   files made with `qemu-img`.
+
+pub mod http;
+pub mod images;

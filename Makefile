@@ -40,8 +40,8 @@ demo: deps build
 	@bash scripts/demo.sh
 
 ## Benchmarks print ratios against a baseline measured in the same run.
-bench:
-	@echo "bench: no benchmarks yet; the first arrive with the image cache (issue 5)."
+bench: deps
+	$(CARGO) bench --locked -p taskvm-image-manager --bench fetch
 
 ## Test images from Debian packages (issue 6).
 test-images:

@@ -8,6 +8,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have qemu-system-x86_64 || missing+=(qemu-system-x86)
 have qemu-img || missing+=(qemu-utils)
 have zstd || missing+=(zstd)
+have curl || missing+=(curl)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -130,13 +130,19 @@ impl Cache {
         self.root.join("refs").join(format!("{key}.json"))
     }
 
-    /// Removes every unpack directory in `tmp/` whose owner is gone.
+    /// Removes everything in `tmp/` whose owner is gone: a staging directory whose lock file
+    /// nobody holds, and any directory without a lock file (its owner died mid-removal).
     fn sweep_tmp(&self) -> Result<(), ImageError> {
         let tmp = self.root.join("tmp");
         let entries = fs::read_dir(&tmp).map_err(|e| ImageError::io_at("read", &tmp, e))?;
         for entry in entries.flatten() {
             let path = entry.path();
-            if let Ok(Some(_owner_gone)) = FileLock::try_exclusive(&path) {
+            if path.extension().is_some_and(|ext| ext == "lock") {
+                if let Ok(Some(_owner_gone)) = FileLock::try_exclusive(&path) {
+                    remove_path(&path.with_extension(""));
+                    let _ = fs::remove_file(&path);
+                }
+            } else if !path.with_extension("lock").exists() {
                 remove_path(&path);
             }
         }
@@ -145,8 +151,13 @@ impl Cache {
 
     /// A lease on the cached image `digest`, if it is cached.
     pub fn lease(&self, digest: &Digest) -> Result<Option<Lease>, ImageError> {
-        let lock = FileLock::shared(&self.lease_lock_path(digest))?;
         let dir = self.entry_dir(digest);
+        // Checked before locking so that a miss leaves no lock file behind…
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let lock = FileLock::shared(&self.lease_lock_path(digest))?;
+        // …and after, because GC may have removed the entry in between.
         if !dir.is_dir() {
             return Ok(None);
         }
@@ -417,27 +428,36 @@ impl Cache {
     }
 }
 
-/// A private directory under `tmp/` that an unpack writes into, locked while its owner lives
-/// and removed on drop unless committed.
+/// A private directory under `tmp/` that an unpack writes into, removed on drop unless
+/// committed. Its lock file (`<dir>.lock`) is created and locked *before* the directory, so a
+/// sweep never sees the directory without a live lock while its owner lives.
 pub(crate) struct Staging {
     path: PathBuf,
-    _lock: Option<FileLock>,
+    lock_path: PathBuf,
+    _lock: FileLock,
 }
 
 impl Staging {
     pub(crate) fn new(tmp: &Path) -> Result<Self, ImageError> {
-        let name: String = format!("unpack-{:016x}", rand::rng().random::<u64>());
-        let path = tmp.join(name);
-        fs::create_dir(&path).map_err(|e| ImageError::io_at("create", &path, e))?;
-        let lock = FileLock::try_exclusive(&path)?;
-        Ok(Staging { path, _lock: lock })
+        let path = tmp.join(format!("unpack-{:016x}", rand::rng().random::<u64>()));
+        let lock_path = path.with_extension("lock");
+        let lock = FileLock::exclusive(&lock_path)?;
+        if let Err(error) = fs::create_dir(&path) {
+            let _ = fs::remove_file(&lock_path);
+            return Err(ImageError::io_at("create", &path, error));
+        }
+        Ok(Staging {
+            path,
+            lock_path,
+            _lock: lock,
+        })
     }
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The directory was renamed into place: nothing to remove.
+    /// The directory was renamed into place: only the lock file remains to remove.
     fn disarm(mut self) {
         self.path = PathBuf::new();
     }
@@ -448,6 +468,7 @@ impl Drop for Staging {
         if !self.path.as_os_str().is_empty() {
             remove_path(&self.path);
         }
+        let _ = fs::remove_file(&self.lock_path);
     }
 }
 

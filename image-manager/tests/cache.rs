@@ -216,9 +216,24 @@ fn a_lease_exposes_the_image() {
 fn opening_a_cache_sweeps_what_a_dead_process_left_in_tmp() {
     let dir = tempfile::tempdir().unwrap();
     Cache::open(limits(dir.path())).unwrap();
-    let leftover = dir.path().join("tmp").join("unpack-deadbeef");
+    let tmp = dir.path().join("tmp");
+    // A staging dir whose owner died (its lock file is unlocked), and a half-removed GC dir.
+    let leftover = tmp.join("unpack-deadbeef");
     std::fs::create_dir(&leftover).unwrap();
     std::fs::write(leftover.join("disk.img"), b"partial").unwrap();
+    std::fs::write(tmp.join("unpack-deadbeef.lock"), b"").unwrap();
+    std::fs::create_dir(tmp.join("gc-0123")).unwrap();
+    // A staging dir whose owner is alive: its lock is held.
+    let live = tmp.join("unpack-a11ce");
+    std::fs::create_dir(&live).unwrap();
+    let held = std::fs::File::create(tmp.join("unpack-a11ce.lock")).unwrap();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).unwrap();
+
     Cache::open(limits(dir.path())).unwrap();
-    assert!(!leftover.exists());
+    let mut left: Vec<String> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["unpack-a11ce", "unpack-a11ce.lock"]);
 }

@@ -22,19 +22,31 @@ fn small_limits(dir: &Path) -> CacheConfig {
     }
 }
 
-/// Fetches `bytes` (as a file) into a fresh cache inside a fresh directory and returns the
-/// error, after checking that the cache is empty and nothing else appeared.
-fn refuse(bytes: &[u8]) -> ImageError {
+/// Fetches `bytes` (as a file, optionally pinned) into a fresh cache inside a fresh
+/// directory; returns that directory with the outcome.
+fn fetch_file(
+    bytes: &[u8],
+    sha256: Option<&str>,
+) -> (tempfile::TempDir, Result<image_manager::Lease, ImageError>) {
     let sandbox = tempfile::tempdir().unwrap();
     let source = sandbox.path().join("image.tar.zst");
     std::fs::write(&source, bytes).unwrap();
-    let cache_dir = sandbox.path().join("cache");
-    let cache = Cache::open(small_limits(&cache_dir)).unwrap();
-    let request = ImageRequest::parse(source.to_str().unwrap(), None).unwrap();
-    let error = cache
-        .fetch(&request, &|_| {})
-        .expect_err("hostile image must be refused");
+    let cache = Cache::open(small_limits(&sandbox.path().join("cache"))).unwrap();
+    let request = ImageRequest::parse(source.to_str().unwrap(), sha256).unwrap();
+    let outcome = cache.fetch(&request, &|_| {}).map(|(lease, _)| lease);
+    (sandbox, outcome)
+}
 
+/// Fetches `bytes` and returns the error, after checking that the cache is empty and that
+/// nothing appeared beside it.
+fn refuse(bytes: &[u8]) -> ImageError {
+    refuse_pinned(bytes, None)
+}
+
+fn refuse_pinned(bytes: &[u8], sha256: Option<&str>) -> ImageError {
+    let (sandbox, outcome) = fetch_file(bytes, sha256);
+    let error = outcome.expect_err("hostile image must be refused");
+    let cache_dir = sandbox.path().join("cache");
     for sub in ["sha256", "tmp", "leases", "refs"] {
         let left: Vec<_> = std::fs::read_dir(cache_dir.join(sub)).unwrap().collect();
         assert!(left.is_empty(), "{sub}/ not empty after refusing: {error}");
@@ -225,26 +237,21 @@ fn with_layer(layer: Vec<u8>) -> Vec<u8> {
     with(Entry::file("layer.qcow2", layer))
 }
 
-#[test]
-fn qcow2_layer_backed_by_a_host_file() {
-    let layer = qemu_img_create(
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            "/etc/passwd",
-            "-u",
-            "layer.qcow2",
-            "1M",
-        ],
-        "layer.qcow2",
-    );
+/// Makes a layer with `qemu-img create ARGS layer.qcow2 1M` (ARGS space-separated), packs it
+/// into an otherwise valid image and returns why it was refused.
+fn layer_refusal(create_args: &str) -> String {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend(create_args.split(' '));
+    args.extend(["layer.qcow2", "1M"]);
+    let layer = qemu_img_create(&args, "layer.qcow2");
     let (file, reason) = disk_error(&with_layer(layer));
     assert_eq!(file, "layer.qcow2");
+    reason
+}
+
+#[test]
+fn qcow2_layer_backed_by_a_host_file() {
+    let reason = layer_refusal("-F raw -b /etc/passwd -u");
     assert!(
         reason.contains("backing file is \"/etc/passwd\""),
         "{reason}"
@@ -253,65 +260,19 @@ fn qcow2_layer_backed_by_a_host_file() {
 
 #[test]
 fn qcow2_layer_backed_by_a_json_pseudo_protocol() {
-    let backing = r#"json:{"driver":"file","filename":"/etc/passwd"}"#;
-    let layer = qemu_img_create(
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            backing,
-            "-u",
-            "layer.qcow2",
-            "1M",
-        ],
-        "layer.qcow2",
-    );
-    let (_, reason) = disk_error(&with_layer(layer));
+    let reason = layer_refusal(r#"-F raw -b json:{"driver":"file","filename":"/etc/passwd"} -u"#);
     assert!(reason.contains("json:"), "{reason}");
 }
 
 #[test]
 fn qcow2_layer_with_an_external_data_file() {
-    let layer = qemu_img_create(
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=data.raw",
-            "layer.qcow2",
-            "1M",
-        ],
-        "layer.qcow2",
-    );
-    let (_, reason) = disk_error(&with_layer(layer));
+    let reason = layer_refusal("-o data_file=data.raw");
     assert!(reason.contains("external data file"), "{reason}");
 }
 
 #[test]
 fn qcow2_layer_with_a_non_raw_backing_format() {
-    let layer = qemu_img_create(
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            "disk.img",
-            "-u",
-            "layer.qcow2",
-            "1M",
-        ],
-        "layer.qcow2",
-    );
-    let (_, reason) = disk_error(&with_layer(layer));
+    let reason = layer_refusal("-F qcow2 -b disk.img -u");
     assert!(reason.contains("backing format"), "{reason}");
 }
 
@@ -331,14 +292,8 @@ fn a_valid_qcow2_layer_is_accepted() {
         ],
         "layer.qcow2",
     );
-    let sandbox = tempfile::tempdir().unwrap();
-    let source = sandbox.path().join("image.tar.zst");
-    std::fs::write(&source, with_layer(layer)).unwrap();
-    let cache = Cache::open(small_limits(&sandbox.path().join("cache"))).unwrap();
-    let request = ImageRequest::parse(source.to_str().unwrap(), None).unwrap();
-    let (lease, _) = cache
-        .fetch(&request, &|_| {})
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (_sandbox, outcome) = fetch_file(&with_layer(layer), None);
+    let lease = outcome.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(lease.boot_disk().1, "qcow2");
 }
 
@@ -416,20 +371,9 @@ fn data_after_the_archive() {
 
 #[test]
 fn wrong_pinned_digest() {
-    let sandbox = tempfile::tempdir().unwrap();
-    let source = sandbox.path().join("image.tar.zst");
-    std::fs::write(&source, testkit::images::valid_image()).unwrap();
-    let cache_dir = sandbox.path().join("cache");
-    let cache = Cache::open(small_limits(&cache_dir)).unwrap();
-    let request = ImageRequest::parse(source.to_str().unwrap(), Some(&"0".repeat(64))).unwrap();
-    let error = cache.fetch(&request, &|_| {}).unwrap_err();
+    let error = refuse_pinned(&testkit::images::valid_image(), Some(&"0".repeat(64)));
     assert!(
         matches!(error, ImageError::DigestMismatch { .. }),
         "{error}"
     );
-    assert_eq!(
-        std::fs::read_dir(cache_dir.join("sha256")).unwrap().count(),
-        0
-    );
-    assert_eq!(std::fs::read_dir(cache_dir.join("tmp")).unwrap().count(), 0);
 }

@@ -31,6 +31,23 @@ fn entries(dir: &Path) -> Vec<String> {
     names
 }
 
+/// `taskvm image pack --disk D --machine M --kernel K -o OUT`.
+fn pack_image(disk: &Path, machine: &Path, kernel: &Path, out: &Path) -> Output {
+    let arg = |path: &Path| path.to_str().unwrap().to_owned();
+    taskvm(&[
+        "image",
+        "pack",
+        "--disk",
+        &arg(disk),
+        "--machine",
+        &arg(machine),
+        "--kernel",
+        &arg(kernel),
+        "-o",
+        &arg(out),
+    ])
+}
+
 #[test]
 fn fetch_prints_the_digest_and_entry_then_ls_shows_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -140,18 +157,7 @@ fn pack_is_reproducible_and_its_output_fetches() {
     std::fs::write(&kernel, b"kernel bytes").unwrap();
     let pack = |out: &str| {
         let out = dir.path().join(out);
-        let output = taskvm(&[
-            "image",
-            "pack",
-            "--disk",
-            disk.to_str().unwrap(),
-            "--machine",
-            machine.to_str().unwrap(),
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let output = pack_image(&disk, &machine, &kernel, &out);
         assert!(output.status.success(), "{}", text(&output.stderr));
         (text(&output.stdout).trim().to_owned(), out)
     };
@@ -210,18 +216,7 @@ fn pack_refuses_boot_files_machine_json_does_not_name() {
     let machine = dir.path().join("machine.json");
     std::fs::write(&machine, machine_json()).unwrap();
     let out = dir.path().join("out.tar.zst");
-    let output = taskvm(&[
-        "image",
-        "pack",
-        "--disk",
-        disk.to_str().unwrap(),
-        "--machine",
-        machine.to_str().unwrap(),
-        "--kernel",
-        disk.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let output = pack_image(&disk, &machine, &disk, &out);
     assert_eq!(output.status.code(), Some(2));
     assert!(!out.exists());
 }

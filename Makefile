@@ -34,7 +34,7 @@ fmt:
 schemas:
 	TASKVM_UPDATE_SCHEMAS=1 $(CARGO) test --locked -p taskvm-schemas --test schema_files
 
-## The main job for real. Until the engine lands (issues 5-9) it validates the example
+## The main job for real. Until the engine lands (issues 6-9) it validates the example
 ## payloads instead of booting one; it says so.
 demo: deps build
 	@bash scripts/demo.sh

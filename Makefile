@@ -3,7 +3,7 @@
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all deps build test lint fmt schemas demo bench test-images clean
+.PHONY: all deps build agent test lint fmt schemas demo bench test-images clean
 
 all: build
 
@@ -15,8 +15,8 @@ deps:
 build:
 	$(CARGO) build --release --locked --bin taskvm
 
-## fmt check, clippy with -D warnings, and the whole test suite.
-test: deps lint
+## fmt check, clippy with -D warnings, and the whole test suite (which boots the test image).
+test: deps lint test-images
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --locked --no-fail-fast
 else
@@ -34,18 +34,29 @@ fmt:
 schemas:
 	TASKVM_UPDATE_SCHEMAS=1 $(CARGO) test --locked -p taskvm-schemas --test schema_files
 
-## The main job for real. Until the engine lands (issues 6-9) it validates the example
+## The main job for real. Until the engine lands (issues 7-9) it caches the test image and validates the example
 ## payloads instead of booting one; it says so.
-demo: deps build
+demo: deps build test-images
 	@bash scripts/demo.sh
 
 ## Benchmarks print ratios against a baseline measured in the same run.
-bench: deps
+bench: deps test-images
 	$(CARGO) bench --locked -p taskvm-image-manager --bench fetch
+	$(CARGO) bench --locked -p taskvm --bench boot
 
-## Test images from Debian packages (issue 6).
-test-images:
-	@echo "test-images: not built yet; arrives with issue 6." >&2; exit 1
+## The guest agent, static (glibc with crt-static), in its own target dir.
+AGENT := target/guest/x86_64-unknown-linux-gnu/release/taskvm-agent
+agent:
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
+	  $(CARGO) build --release --locked -p taskvm-guest-agent --target x86_64-unknown-linux-gnu --target-dir target/guest
+
+## Test images from pinned Debian packages; rebuilt only when an input changed.
+TEST_IMAGE := test-images/out/minimal.tar.zst
+test-images: deps build agent
+	@$(MAKE) --no-print-directory $(TEST_IMAGE)
+
+$(TEST_IMAGE): test-images/build.sh test-images/packages.lock target/release/taskvm $(AGENT)
+	test-images/build.sh target/release/taskvm $(AGENT) test-images/out
 
 clean:
 	$(CARGO) clean

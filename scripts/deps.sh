@@ -9,6 +9,12 @@ have qemu-system-x86_64 || missing+=(qemu-system-x86)
 have qemu-img || missing+=(qemu-utils)
 have zstd || missing+=(zstd)
 have curl || missing+=(curl)
+have lz4 || missing+=(lz4)
+have cpio || missing+=(cpio)
+have mkfs.ext4 || missing+=(e2fsprogs)
+have python3 || missing+=(python3)
+have ip || missing+=(iproute2)
+have debugfs || missing+=(e2fsprogs)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -6,6 +6,7 @@
 //! - [`machine`]: the virtual hardware, [`Machine`], a partial definition layered by
 //!   [`precedence`] and sized by [`sizing`] against a host's [`MachineLimits`] ([`limits`]).
 //! - [`config`]: the worker's [`WorkerConfig`].
+//! - [`protocol`]: what the guest agent and the metadata service say to each other.
 //! - [`migrate`]: reading `machine.json` files of any known version.
 //! - [`document`]: the published JSON Schemas and parsing that reports every broken rule by
 //!   JSON pointer ([`violations`]).
@@ -21,6 +22,7 @@ pub mod machine;
 pub mod migrate;
 pub mod payload;
 pub mod precedence;
+pub mod protocol;
 pub mod sizing;
 mod string_enum;
 pub mod violations;

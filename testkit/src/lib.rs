@@ -4,6 +4,12 @@
 //!   answers conditional requests and can misbehave on purpose (slow, truncated, 5xx).
 //! - [`images`]: image tarballs built entry by entry, hostile ones included, and real disk
 //!   files made with `qemu-img`.
+//! - [`metadata`]: a scripted peer for the guest agent's protocol.
+//! - [`netns`]: a network namespace with a tap device, for booting a guest in a test.
+//! - [`guest`]: the QEMU command line that boots a test image by hand (until the engine does).
 
+pub mod guest;
 pub mod http;
 pub mod images;
+pub mod metadata;
+pub mod netns;

@@ -1,0 +1,79 @@
+//! The agent's life: take the task, run it while serving actions, report, and wait for the
+//! worker to say it is done.
+
+use std::io;
+use std::sync::atomic::AtomicI32;
+use std::sync::Arc;
+use std::thread::sleep;
+use std::time::Duration;
+
+use schemas::protocol::Report;
+
+use crate::actions::{handle, Next};
+use crate::client::Client;
+use crate::markers::marker;
+use crate::run::run;
+
+/// Runs one task through the metadata service at `url`; returns when the worker asks for a
+/// shutdown.
+pub fn serve(url: &str) -> io::Result<()> {
+    let client = Arc::new(Client::new(url)?);
+    crate::markers::banner();
+    marker("ready");
+    let task = client.wait_for_task();
+    marker("running");
+    let process_group = Arc::new(AtomicI32::new(0));
+    let (done_sender, done) = std::sync::mpsc::channel();
+    {
+        let (client, process_group) = (client.clone(), process_group.clone());
+        std::thread::spawn(move || {
+            serve_actions(&client, &process_group);
+            let _ = done_sender.send(());
+        });
+    }
+
+    let exit_code = match client.log() {
+        Ok(mut log) => {
+            let code = run(&task, &mut log, &process_group);
+            if let Err(error) = log.finish() {
+                eprintln!("taskvm-agent: log upload failed: {error}");
+            }
+            code
+        }
+        Err(error) => {
+            eprintln!("taskvm-agent: cannot stream the log: {error}");
+            run(&task, &mut io::sink(), &process_group)
+        }
+    };
+    report_with_retries(&client, Report { exit_code });
+    marker(&format!("done exit={exit_code}"));
+    let _ = done.recv();
+    Ok(())
+}
+
+fn report_with_retries(client: &Client, report: Report) {
+    for attempt in 0..50 {
+        match client.report(report) {
+            Ok(200..=299) | Ok(409) => return,
+            Ok(status) => eprintln!("taskvm-agent: report answered {status}"),
+            Err(error) if attempt == 0 => eprintln!("taskvm-agent: report failed: {error}"),
+            Err(_) => {}
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls for actions until one says to shut down.
+fn serve_actions(client: &Client, process_group: &AtomicI32) {
+    loop {
+        match client.next_action() {
+            Ok(Some(action)) => match handle(client, &action, process_group) {
+                Ok(Next::Shutdown) => return,
+                Ok(Next::Continue) => {}
+                Err(error) => eprintln!("taskvm-agent: action {} failed: {error}", action.id),
+            },
+            Ok(None) => {}
+            Err(_) => sleep(Duration::from_millis(100)),
+        }
+    }
+}

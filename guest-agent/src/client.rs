@@ -1,0 +1,122 @@
+//! The protocol client: the agent's side of `schemas::protocol`.
+
+use std::io::{self, Read};
+use std::thread::sleep;
+use std::time::Duration;
+
+use schemas::protocol::{Action, Execute, Report, API_PREFIX};
+
+use crate::http::{ChunkedBody, Endpoint};
+
+/// First wait after a failed request while the service is unreachable.
+const FIRST_RETRY: Duration = Duration::from_millis(10);
+/// Longest wait between attempts.
+const MAX_RETRY: Duration = Duration::from_millis(200);
+
+/// Talks to the metadata service.
+pub struct Client {
+    endpoint: Endpoint,
+}
+
+impl Client {
+    /// A client for the service at `url` (`http://host[:port]`).
+    pub fn new(url: &str) -> io::Result<Self> {
+        Ok(Client {
+            endpoint: Endpoint::parse(url)?,
+        })
+    }
+
+    fn path(name: &str) -> String {
+        format!("{API_PREFIX}/{name}")
+    }
+
+    /// Asks for the task until one comes. While the service is unreachable the agent retries
+    /// with a back-off from 10 ms to 200 ms, so the first request goes out as soon as the
+    /// network is up.
+    pub fn wait_for_task(&self) -> Execute {
+        let mut delay = FIRST_RETRY;
+        loop {
+            match self
+                .endpoint
+                .request("GET", &Self::path("execute"), "text/plain", b"")
+            {
+                Ok(response) if response.status == 200 => {
+                    match serde_json::from_slice::<Execute>(&response.body) {
+                        Ok(task) => return task,
+                        Err(error) => eprintln!("taskvm-agent: unreadable task: {error}"),
+                    }
+                }
+                Ok(response) if response.status == 204 => {
+                    delay = FIRST_RETRY;
+                    continue;
+                }
+                Ok(_) | Err(_) => {}
+            }
+            sleep(delay);
+            delay = (delay * 2).min(MAX_RETRY);
+        }
+    }
+
+    /// Starts streaming the command's output.
+    pub fn log(&self) -> io::Result<ChunkedBody> {
+        ChunkedBody::start(
+            &self.endpoint,
+            "POST",
+            &Self::path("log"),
+            "application/octet-stream",
+        )
+    }
+
+    /// Reports how the command ended (`success` for exit code 0, else `failed`); returns the
+    /// HTTP status (409 when a report was already made).
+    pub fn report(&self, report: Report) -> io::Result<u16> {
+        let name = if report.exit_code == 0 {
+            "success"
+        } else {
+            "failed"
+        };
+        let body = serde_json::to_vec(&report).map_err(io::Error::other)?;
+        let response =
+            self.endpoint
+                .request("PUT", &Self::path(name), "application/json", &body)?;
+        Ok(response.status)
+    }
+
+    /// Long-polls for an action; `None` when the poll ended without one.
+    pub fn next_action(&self) -> io::Result<Option<Action>> {
+        let response = self
+            .endpoint
+            .request("GET", &Self::path("poll"), "text/plain", b"")?;
+        match response.status {
+            200 => serde_json::from_slice(&response.body)
+                .map(Some)
+                .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Answers action `id` with `body`, streamed.
+    pub fn reply(&self, id: &str, content_type: &str, mut body: impl Read) -> io::Result<u16> {
+        let path = format!("{}?id={}", Self::path("reply"), url_escape(id));
+        let mut stream = ChunkedBody::start(&self.endpoint, "POST", &path, content_type)?;
+        io::copy(&mut body, &mut stream)?;
+        Ok(stream.finish()?.status)
+    }
+
+    /// Starts a streamed answer to action `id` (for tar streams written as they are made).
+    pub fn reply_stream(&self, id: &str, content_type: &str) -> io::Result<ChunkedBody> {
+        let path = format!("{}?id={}", Self::path("reply"), url_escape(id));
+        ChunkedBody::start(&self.endpoint, "POST", &path, content_type)
+    }
+}
+
+fn url_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

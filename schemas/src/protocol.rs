@@ -1,0 +1,114 @@
+//! The guest ↔ worker protocol: what the guest agent and the metadata service say to each
+//! other over HTTP at `http://169.254.169.254/engine/v1/`.
+//!
+//! It keeps taskcluster-worker's shape, so its guest tools speak it too:
+//!
+//! | request | meaning |
+//! |---|---|
+//! | `GET  /engine/v1/execute` | long-polls for the task: 200 [`Execute`], or 204 to ask again |
+//! | `POST /engine/v1/log` | the command's output, as a chunked body, streamed while it runs |
+//! | `PUT  /engine/v1/success`, `PUT /engine/v1/failed` | the [`Report`]; a second report is 409 |
+//! | `GET  /engine/v1/ping` | 200 while the service is up |
+//! | `GET  /engine/v1/poll` | long-polls for an [`Action`]: 200 with one, or 204 to ask again |
+//! | `POST /engine/v1/reply?id=ID` | the answer to action `ID`: file bytes, a tar stream, or JSON |
+//!
+//! Replies carry `Content-Type`: `application/octet-stream` (a file), `application/x-tar` (a
+//! directory), `application/json` ([`FolderListing`] or [`ReplyError`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Path prefix of every protocol request.
+pub const API_PREFIX: &str = "/engine/v1";
+/// The metadata service's address as the guest sees it.
+pub const METADATA_ADDRESS: &str = "169.254.169.254";
+
+/// The task the guest is to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Execute {
+    /// Argument vector; `command[0]` is looked up on `PATH`.
+    pub command: Vec<String>,
+    /// Environment variables, added to the agent's base environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Run the command on a pseudo-terminal instead of pipes.
+    #[serde(default)]
+    pub tty: bool,
+}
+
+/// How the command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// The exit code, or 128 + the signal number when a signal ended it.
+    pub exit_code: i32,
+}
+
+/// Something the worker asks the guest to do while (or after) the command runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Action {
+    /// Identifies the reply.
+    pub id: String,
+    /// What to do.
+    #[serde(flatten)]
+    pub kind: ActionKind,
+}
+
+/// The actions a guest agent performs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ActionKind {
+    /// Send a file's bytes, or a directory as a tar stream.
+    GetArtifact {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// List a directory.
+    ListFolder {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Send a signal to the command's process group.
+    KillProcess {
+        /// Signal number (default 9).
+        #[serde(default = "default_signal")]
+        signal: i32,
+    },
+    /// Flush file systems and power the VM off.
+    Shutdown,
+}
+
+fn default_signal() -> i32 {
+    9
+}
+
+/// The entries of a directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FolderListing {
+    /// Entries, sorted by name.
+    pub entries: Vec<FolderEntry>,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FolderEntry {
+    /// File name.
+    pub name: String,
+    /// Whether it is a directory.
+    pub directory: bool,
+    /// Size in bytes (files).
+    pub size: u64,
+}
+
+/// An action that could not be carried out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplyError {
+    /// Why, e.g. `"/tmp/x: No such file or directory"`.
+    pub error: String,
+}

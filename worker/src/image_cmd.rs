@@ -231,11 +231,13 @@ fn report(subject: &str, error: &ImageError) -> Outcome {
     }
 }
 
-/// A progress bar on a terminal, a line per tenth otherwise.
+/// A progress bar on a terminal; otherwise a line per tenth, but only for transfers that take
+/// long enough to need one (nothing before 2 s, then at most a line every 2 s).
 struct ProgressReporter {
     bar: Option<ProgressBar>,
     name: String,
-    last_tenth: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
+    last_line: std::sync::Mutex<(u64, std::time::Instant)>,
 }
 
 impl ProgressReporter {
@@ -251,10 +253,12 @@ impl ProgressReporter {
             bar.set_message(name.to_owned());
             bar
         });
+        let now = std::time::Instant::now();
         ProgressReporter {
             bar,
             name: name.to_owned(),
-            last_tenth: 0.into(),
+            started: now,
+            last_line: std::sync::Mutex::new((0, now)),
         }
     }
 
@@ -265,11 +269,13 @@ impl ProgressReporter {
             }
             bar.set_position(progress.bytes);
         } else if let Some(total) = progress.total.filter(|t| *t > 0) {
+            let pause = std::time::Duration::from_secs(2);
             let tenth = progress.bytes * 10 / total;
-            let previous = self
-                .last_tenth
-                .fetch_max(tenth, std::sync::atomic::Ordering::Relaxed);
-            if tenth > previous {
+            let Ok(mut last) = self.last_line.lock() else {
+                return;
+            };
+            if tenth > last.0 && self.started.elapsed() >= pause && last.1.elapsed() >= pause {
+                *last = (tenth, std::time::Instant::now());
                 eprintln!(
                     "taskvm: {}: {}% of {}",
                     self.name,

@@ -66,7 +66,7 @@ install -m 0755 "$agent" "$initrd/init"
 for module in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_mmio \
               pci:drivers/virtio/virtio_pci_legacy_dev pci:drivers/virtio/virtio_pci_modern_dev \
               pci:drivers/virtio/virtio_pci drivers/block/virtio_blk net/core/failover \
-              drivers/net/net_failover drivers/net/virtio_net; do
+              drivers/net/net_failover drivers/net/virtio_net drivers/misc/pvpanic/pvpanic-mmio; do
   path=${module#pci:}
   cp "$modules/$path.ko" "$initrd/modules/"
   prefix=${module%%drivers/*}; prefix=${prefix%%net/*}
@@ -106,7 +106,8 @@ mkfs.ext4 -q -F -b 4096 -L taskvm-root -U 7a5c0f3e-0000-4000-8000-7461736b766d \
 (cd "$root" && find . -printf "sif /%P ctime @$SOURCE_DATE_EPOCH\n") > "$work/ctimes.debugfs"
 debugfs -w -f "$work/ctimes.debugfs" "$work/disk.img" > /dev/null 2>&1
 
-# 5. machine.json: microvm, direct boot, the fast command line (the engine adds the host's
+# 5. machine.json: microvm, direct boot, the fast command line (loglevel=1 so that panics still
+#    reach the console; the engine adds the host's
 #    tsc_early_khz).
 cat > "$work/machine.json" <<JSON
 {
@@ -128,7 +129,7 @@ cat > "$work/machine.json" <<JSON
   "boot": {
     "kernel": "vmlinux",
     "initrd": "initrd.img",
-    "append": "root=/dev/vda console=ttyS0 quiet loglevel=0 tsc=reliable no_timer_check noreplace-smp rcupdate.rcu_expedited=1 i8042.noaux i8042.nokbd i8042.nopnp i8042.dumbkbd mitigations=off nokaslr audit=0 random.trust_cpu=on cryptomgr.notests panic=-1 reboot=t"
+    "append": "root=/dev/vda console=ttyS0 quiet loglevel=1 tsc=reliable no_timer_check noreplace-smp rcupdate.rcu_expedited=1 i8042.noaux i8042.nokbd i8042.nopnp i8042.dumbkbd mitigations=off nokaslr audit=0 random.trust_cpu=on cryptomgr.notests panic=-1 reboot=t"
   }
 }
 JSON

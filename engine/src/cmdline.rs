@@ -1,0 +1,290 @@
+//! The QEMU command line: a pure function from a resolved machine and the VM's settings to an
+//! argument vector. No shell is involved, every drive has an explicit format, and every value
+//! that reaches an option string was validated by the `schemas` crate (no commas, no `=`).
+
+use std::path::PathBuf;
+
+use schemas::machine::{
+    Chipset, GraphicsAdapter, KeyboardDevice, MouseDevice, NetworkDevice, SoundDevice,
+    StorageDevice, TabletDevice, UsbController,
+};
+use schemas::ResolvedMachine;
+use thiserror::Error;
+
+/// Which accelerator runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accelerator {
+    /// Hardware virtualisation.
+    Kvm,
+    /// QEMU's multi-threaded software emulation.
+    Tcg,
+}
+
+/// The guest's network backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Netdev {
+    /// A tap device the worker opened, passed to QEMU as file descriptor `fd`.
+    TapFd(i32),
+    /// QEMU's user-mode network with `restrict=on` (no host access, no egress).
+    RestrictedUser,
+}
+
+/// Everything besides the machine that decides the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchSpec {
+    /// VM name, used for `-name` and the process name (`taskvm-<name>`).
+    pub name: String,
+    /// Accelerator.
+    pub accelerator: Accelerator,
+    /// The root disk: the VM's own qcow2 overlay.
+    pub disk: PathBuf,
+    /// Kernel, initrd and command line for direct boot (from the image's `boot`).
+    pub boot: Option<BootFiles>,
+    /// System UUID (the machine's pinned one, or a fresh one).
+    pub uuid: String,
+    /// NIC MAC address (the machine's pinned one, or a fresh one).
+    pub mac: String,
+    /// Network backend.
+    pub netdev: Netdev,
+    /// Where the serial console is written.
+    pub serial_log: PathBuf,
+    /// QMP socket.
+    pub qmp_socket: PathBuf,
+    /// VNC socket (used when the machine has graphics).
+    pub vnc_socket: PathBuf,
+    /// The host's TSC frequency, for `tsc_early_khz=` on direct boots.
+    pub tsc_khz: Option<u64>,
+}
+
+/// Paths of direct-boot files and the kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootFiles {
+    /// Kernel.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub append: String,
+}
+
+/// A machine whose devices do not fit together.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CmdlineError {
+    /// Two settings of the machine exclude each other.
+    #[error("machine: {0}")]
+    Incompatible(String),
+}
+
+/// The full argument vector (without the program name).
+pub fn qemu_args(
+    machine: &ResolvedMachine,
+    spec: &LaunchSpec,
+) -> Result<Vec<String>, CmdlineError> {
+    let m = machine.machine();
+    let chipset = m.chipset.unwrap_or(Chipset::Q35);
+    check_compatible(machine, spec)?;
+    let mut args = Args::default();
+
+    args.push([
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+    ]);
+    args.push([
+        "-name",
+        &format!("{},process=taskvm-{}", spec.name, spec.name),
+    ]);
+    args.push([
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
+    args.push(["-machine", chipset.as_str()]);
+    args.push(match spec.accelerator {
+        Accelerator::Kvm => ["-accel", "kvm"],
+        Accelerator::Tcg => ["-accel", "tcg,thread=multi"],
+    });
+    let mut cpu = m.cpu.map_or("qemu64", |cpu| cpu.as_str()).to_owned();
+    for flag in m.flags.iter().flatten() {
+        cpu.push(',');
+        if flag.starts_with(['+', '-']) {
+            cpu.push_str(flag);
+        } else {
+            cpu.push('+');
+            cpu.push_str(flag);
+        }
+    }
+    args.push(["-cpu", &cpu]);
+    let topology = machine.topology();
+    args.push([
+        "-smp",
+        &format!(
+            "cpus={},sockets={},cores={},threads={}",
+            topology.vcpus(),
+            topology.sockets,
+            topology.cores,
+            topology.threads
+        ),
+    ]);
+    args.push(["-m", &format!("{}M", machine.memory_mib())]);
+    args.push(["-uuid", &spec.uuid]);
+
+    // Panics end QEMU with a failure status, after the GUEST_PANICKED event.
+    args.push(["-action", "panic=exit-failure"]);
+    args.push(["-device", "pvpanic"]);
+
+    let bus = match chipset {
+        Chipset::Microvm => "device",
+        _ => "pci",
+    };
+    let drive = format!(
+        "id=disk0,file={},format=qcow2,if=none,discard=unmap",
+        spec.disk.display()
+    );
+    args.push(["-drive", &drive]);
+    args.push([
+        "-device",
+        &match m.storage.unwrap_or(StorageDevice::VirtioBlkPci) {
+            StorageDevice::VirtioBlkPci | StorageDevice::VirtioBlkDevice => {
+                format!("virtio-blk-{bus},drive=disk0")
+            }
+            StorageDevice::Nvme => "nvme,drive=disk0,serial=taskvm-disk0".to_owned(),
+        },
+    ]);
+
+    args.push([
+        "-netdev",
+        &match spec.netdev {
+            Netdev::TapFd(fd) => format!("tap,id=net0,fd={fd}"),
+            Netdev::RestrictedUser => "user,id=net0,restrict=on".to_owned(),
+        },
+    ]);
+    let nic = match m.network.unwrap_or(NetworkDevice::VirtioNetPci) {
+        NetworkDevice::VirtioNetPci | NetworkDevice::VirtioNetDevice => format!("virtio-net-{bus}"),
+        other => other.as_str().to_owned(),
+    };
+    args.push(["-device", &format!("{nic},netdev=net0,mac={}", spec.mac)]);
+
+    let graphics = m.graphics.unwrap_or(GraphicsAdapter::None);
+    args.push([
+        "-vga",
+        match graphics {
+            GraphicsAdapter::Vga => "std",
+            GraphicsAdapter::VmwareSvga => "vmware",
+            GraphicsAdapter::QxlVga => "qxl",
+            GraphicsAdapter::VirtioVga => "virtio",
+            GraphicsAdapter::None => "none",
+        },
+    ]);
+    if graphics != GraphicsAdapter::None {
+        args.push(["-vnc", &format!("unix:{}", spec.vnc_socket.display())]);
+        if let Some(layout) = m.keyboard_layout {
+            args.push(["-k", layout.as_str()]);
+        }
+    }
+    push_input_devices(&mut args, machine);
+    push_sound(&mut args, m.sound.unwrap_or(SoundDevice::None));
+
+    if let Some(boot) = &spec.boot {
+        args.push(["-kernel", &boot.kernel.display().to_string()]);
+        if let Some(initrd) = &boot.initrd {
+            args.push(["-initrd", &initrd.display().to_string()]);
+        }
+        let mut append = boot.append.clone();
+        if let Some(khz) = spec.tsc_khz {
+            append.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        args.push(["-append", append.trim()]);
+    }
+
+    args.push([
+        "-chardev",
+        &format!("file,id=serial0,path={}", spec.serial_log.display()),
+    ]);
+    args.push(["-serial", "chardev:serial0"]);
+    args.push([
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", spec.qmp_socket.display()),
+    ]);
+    Ok(args.0)
+}
+
+fn push_input_devices(args: &mut Args, machine: &ResolvedMachine) {
+    let m = machine.machine();
+    if let Some(controller) = m.usb.filter(|usb| *usb != UsbController::None) {
+        args.push(["-device", &format!("{},id=usb0", controller.as_str())]);
+    }
+    if m.keyboard == Some(KeyboardDevice::UsbKbd) {
+        args.push(["-device", "usb-kbd"]);
+    }
+    if m.mouse == Some(MouseDevice::UsbMouse) {
+        args.push(["-device", "usb-mouse"]);
+    }
+    if m.tablet == Some(TabletDevice::UsbTablet) {
+        args.push(["-device", "usb-tablet"]);
+    }
+}
+
+fn push_sound(args: &mut Args, sound: SoundDevice) {
+    if sound == SoundDevice::None {
+        return;
+    }
+    args.push(["-audiodev", "none,id=snd0"]);
+    match sound.as_str().split_once('/') {
+        Some((codec, controller)) => {
+            args.push(["-device", controller]);
+            args.push(["-device", &format!("{codec},audiodev=snd0")]);
+        }
+        None => args.push(["-device", &format!("{},audiodev=snd0", sound.as_str())]),
+    }
+}
+
+fn check_compatible(machine: &ResolvedMachine, spec: &LaunchSpec) -> Result<(), CmdlineError> {
+    let m = machine.machine();
+    let chipset = m.chipset.unwrap_or(Chipset::Q35);
+    let fail = |text: &str| Err(CmdlineError::Incompatible(text.to_owned()));
+    let uses_usb = m.keyboard == Some(KeyboardDevice::UsbKbd)
+        || m.mouse == Some(MouseDevice::UsbMouse)
+        || m.tablet == Some(TabletDevice::UsbTablet);
+    if uses_usb && m.usb.is_none_or(|usb| usb == UsbController::None) {
+        return fail("a USB keyboard, mouse or tablet needs a usb controller");
+    }
+    if chipset == Chipset::Microvm {
+        if spec.boot.is_none() {
+            return fail("chipset microvm boots only with boot.kernel (direct kernel boot)");
+        }
+        if matches!(
+            m.network,
+            Some(NetworkDevice::Rtl8139 | NetworkDevice::E1000)
+        ) {
+            return fail("chipset microvm has no PCI bus: use network virtio-net-device");
+        }
+        if m.storage == Some(StorageDevice::Nvme) {
+            return fail("chipset microvm has no PCI bus: use storage virtio-blk-device");
+        }
+        if m.graphics.is_some_and(|g| g != GraphicsAdapter::None) {
+            return fail("chipset microvm has no display: use graphics none");
+        }
+        if m.usb.is_some_and(|usb| usb != UsbController::None)
+            || m.sound.is_some_and(|s| s != SoundDevice::None)
+        {
+            return fail("chipset microvm has no PCI bus for usb or sound: use none");
+        }
+    } else if matches!(m.network, Some(NetworkDevice::VirtioNetDevice))
+        || matches!(m.storage, Some(StorageDevice::VirtioBlkDevice))
+    {
+        return fail("virtio-*-device (virtio-mmio) needs chipset microvm; use virtio-*-pci");
+    }
+    Ok(())
+}
+
+/// An argument vector under construction.
+#[derive(Default)]
+struct Args(Vec<String>);
+
+impl Args {
+    fn push<const N: usize>(&mut self, items: [&str; N]) {
+        self.0.extend(items.iter().map(|item| (*item).to_owned()));
+    }
+}

@@ -1,0 +1,25 @@
+//! taskvm's engine: one sandboxed, throwaway QEMU VM per task, from start to guaranteed
+//! cleanup. It takes an image lease, a resolved machine and the host's settings; it knows
+//! nothing about queues or tasks.
+//!
+//! # Layout
+//! - [`cmdline`]: the QEMU argument vector, a pure function (golden-file tested).
+//! - [`runtime`]: the VM's private runtime directory (sockets, logs, overlay).
+//! - [`overlay`]: the per-VM qcow2 overlay on the leased image.
+//! - [`process`]: starting QEMU as an unprivileged user in its own process group, tied to
+//!   the worker's life; killing and reaping it.
+//! - [`qmp`]: the QMP connection (the `qapi` crate) and its events.
+//! - [`vm`]: [`VirtualMachine`], which owns all of the above and removes it on drop.
+
+#![warn(clippy::unwrap_used)]
+
+pub mod cmdline;
+pub mod overlay;
+pub mod process;
+pub mod qmp;
+pub mod runtime;
+pub mod vm;
+
+pub use vm::{ExitKind, VirtualMachine, VmError, VmSettings};
+
+pub use cmdline::{qemu_args, Accelerator, BootFiles, LaunchSpec, Netdev};

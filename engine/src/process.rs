@@ -1,0 +1,121 @@
+//! The QEMU process: started already as the unprivileged user (not with `-runas`, which
+//! together with `-sandbox elevateprivileges=deny` dies with SIGSYS), in its own process
+//! group, killed by the kernel if the worker dies, and killed and reaped when dropped.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::process::Stdio;
+
+use rustix::process::{kill_process_group, Pid, Signal};
+use tokio::process::{Child, Command};
+
+/// A running QEMU.
+#[derive(Debug)]
+pub struct QemuProcess {
+    child: Child,
+    pid: u32,
+}
+
+/// Who QEMU runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+impl QemuProcess {
+    /// Starts `program` with `args`; standard error goes to `stderr_log`.
+    #[allow(unsafe_code)]
+    pub fn spawn(
+        program: &str,
+        args: &[String],
+        run_as: Option<RunAs>,
+        stderr_log: &Path,
+    ) -> io::Result<Self> {
+        let stderr = File::create(stderr_log)?;
+        if let Some(user) = run_as {
+            std::os::unix::fs::chown(stderr_log, Some(user.uid), Some(user.gid))?;
+        }
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(user) = run_as {
+            // std drops supplementary groups too when it changes the uid as root.
+            command.uid(user.uid).gid(user.gid);
+        }
+        // SAFETY: between fork and exec, only the async-signal-safe prctl(PR_SET_PDEATHSIG).
+        unsafe {
+            command.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+                Ok(())
+            });
+        }
+        let child = command.spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| io::Error::other("QEMU exited before its pid was known"))?;
+        Ok(QemuProcess { child, pid })
+    }
+
+    /// The process id (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits for QEMU to exit.
+    pub async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Whether it has exited, without waiting.
+    pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// Sends SIGKILL to QEMU's process group.
+    pub fn kill(&self) {
+        if let Some(group) = Pid::from_raw(self.pid as i32) {
+            let _ = kill_process_group(group, Signal::KILL);
+        }
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// The uid and gid of `user` (a name from `/etc/passwd`, or a number).
+pub fn lookup_user(user: &str) -> io::Result<RunAs> {
+    if let Ok(uid) = user.parse::<u32>() {
+        return Ok(RunAs { uid, gid: uid });
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    passwd
+        .lines()
+        .map(|line| line.split(':').collect::<Vec<_>>())
+        .find(|fields| fields.len() >= 4 && fields[0] == user)
+        .and_then(|fields| {
+            Some(RunAs {
+                uid: fields[2].parse().ok()?,
+                gid: fields[3].parse().ok()?,
+            })
+        })
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no user {user:?} in /etc/passwd"),
+            )
+        })
+}

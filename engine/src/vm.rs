@@ -1,0 +1,388 @@
+//! A `VirtualMachine` owns everything one VM uses — the image lease, its runtime directory
+//! and overlay, the QEMU process and the QMP connection — and releases all of it when dropped:
+//! QEMU's process group is killed and the directory removed.
+
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use image_manager::Lease;
+use qapi::qmp;
+use rand::Rng;
+use schemas::ResolvedMachine;
+use thiserror::Error;
+
+use crate::cmdline::{qemu_args, Accelerator, BootFiles, CmdlineError, LaunchSpec, Netdev};
+use crate::overlay::create_overlay;
+use crate::process::{QemuProcess, RunAs};
+use crate::qmp::Qmp;
+use crate::runtime::RuntimeDir;
+
+/// Lines of QEMU's standard error kept in a start-up error.
+const STDERR_TAIL: usize = 20;
+/// Most bytes of a log returned by [`VirtualMachine::serial_output`].
+const LOG_LIMIT: u64 = 4 << 20;
+
+/// Host-side settings of a VM.
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    /// Directory under which the VM's runtime directory is made.
+    pub runtime_parent: PathBuf,
+    /// Unique name of the VM (becomes the runtime directory's and QEMU process's name).
+    pub name: String,
+    /// Accelerator.
+    pub accelerator: Accelerator,
+    /// The unprivileged user QEMU runs as (None: as the worker itself).
+    pub run_as: Option<RunAs>,
+    /// Network backend.
+    pub netdev: Netdev,
+    /// The QEMU binary.
+    pub qemu: String,
+    /// The host's TSC frequency for `tsc_early_khz=`.
+    pub tsc_khz: Option<u64>,
+    /// How long QEMU may take to open its QMP socket.
+    pub start_timeout: Duration,
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitKind {
+    /// The guest powered itself off.
+    PoweredOff,
+    /// The guest rebooted (QEMU runs with `-no-reboot`, so that ends it too).
+    Rebooted,
+    /// The guest kernel panicked.
+    Panicked,
+    /// [`VirtualMachine::kill`] ended it.
+    Killed,
+    /// QEMU ended for another reason (a crash, a signal from elsewhere).
+    Crashed {
+        /// QEMU's exit status, as text.
+        status: String,
+        /// The last lines of QEMU's standard error.
+        stderr_tail: String,
+    },
+}
+
+/// Why a VM could not be started or driven.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// The machine's devices do not fit together.
+    #[error(transparent)]
+    Machine(#[from] CmdlineError),
+    /// Setting up the runtime directory or overlay failed.
+    #[error("preparing the VM: {0}")]
+    Setup(io::Error),
+    /// QEMU did not start.
+    #[error("QEMU did not start: {reason}\nQEMU said:\n{stderr_tail}\nargv: {argv}")]
+    Start {
+        /// What went wrong.
+        reason: String,
+        /// The last lines of QEMU's standard error.
+        stderr_tail: String,
+        /// The command line, for reproducing it by hand.
+        argv: String,
+    },
+    /// A QMP command failed.
+    #[error("QMP: {0}")]
+    Qmp(io::Error),
+}
+
+/// One running VM. Fields drop in order: QEMU is killed before its directory is removed.
+pub struct VirtualMachine {
+    qemu: QemuProcess,
+    qmp: Qmp,
+    killed: bool,
+    argv: Vec<String>,
+    runtime: RuntimeDir,
+    lease: Lease,
+}
+
+impl VirtualMachine {
+    /// Starts a VM of `machine` on the leased image (the lease is held until the VM is dropped)
+    /// and waits until QEMU answers on QMP.
+    pub async fn start(
+        lease: Lease,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+    ) -> Result<Self, VmError> {
+        let runtime = RuntimeDir::create(
+            &settings.runtime_parent,
+            &settings.name,
+            owner(settings.run_as),
+        )
+        .map_err(VmError::Setup)?;
+        let (base, format) = lease.boot_disk();
+        create_overlay(&base, format, &runtime.overlay()).map_err(VmError::Setup)?;
+        if let Some(user) = settings.run_as {
+            std::os::unix::fs::chown(runtime.overlay(), Some(user.uid), Some(user.gid))
+                .map_err(VmError::Setup)?;
+        }
+        let m = machine.machine();
+        let boot = m.boot.as_ref().map(|boot| BootFiles {
+            kernel: lease.dir().join(&boot.kernel),
+            initrd: boot.initrd.as_ref().map(|initrd| lease.dir().join(initrd)),
+            append: boot.append.clone().unwrap_or_default(),
+        });
+        let spec = LaunchSpec {
+            name: settings.name.clone(),
+            accelerator: settings.accelerator,
+            disk: runtime.overlay(),
+            boot,
+            uuid: m.uuid.clone().unwrap_or_else(random_uuid),
+            mac: m.mac.clone().unwrap_or_else(random_mac),
+            netdev: settings.netdev.clone(),
+            serial_log: runtime.serial_log(),
+            qmp_socket: runtime.qmp_socket(),
+            vnc_socket: runtime.vnc_socket(),
+            tsc_khz: settings.tsc_khz,
+        };
+        let argv = qemu_args(machine, &spec)?;
+        let start_error = |reason: String, runtime: &RuntimeDir| VmError::Start {
+            reason,
+            stderr_tail: tail(&runtime.qemu_log(), STDERR_TAIL),
+            argv: format!("{} {}", settings.qemu, argv.join(" ")),
+        };
+        let mut qemu =
+            QemuProcess::spawn(&settings.qemu, &argv, settings.run_as, &runtime.qemu_log())
+                .map_err(|error| {
+                    start_error(format!("cannot run {}: {error}", settings.qemu), &runtime)
+                })?;
+        let qmp_socket = runtime.qmp_socket();
+        let qmp = tokio::select! {
+            connected = Qmp::connect(&qmp_socket, settings.start_timeout) => connected,
+            status = qemu.wait() => Err(io::Error::other(match status {
+                Ok(status) => format!("QEMU exited at start: {status}"),
+                Err(error) => error.to_string(),
+            })),
+        };
+        let qmp = match qmp {
+            Ok(qmp) => qmp,
+            Err(error) => {
+                qemu.kill();
+                let _ = qemu.wait().await;
+                return Err(start_error(error.to_string(), &runtime));
+            }
+        };
+        Ok(VirtualMachine {
+            qemu,
+            qmp,
+            killed: false,
+            argv,
+            runtime,
+            lease,
+        })
+    }
+
+    /// The QEMU argument vector this VM was started with.
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+
+    /// The VM's runtime directory.
+    pub fn runtime_dir(&self) -> &Path {
+        self.runtime.path()
+    }
+
+    /// The lease of the image the VM runs.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.qemu.pid()
+    }
+
+    /// The VNC socket (present when the machine has graphics).
+    pub fn vnc_socket(&self) -> PathBuf {
+        self.runtime.vnc_socket()
+    }
+
+    /// The serial console's output so far (at most the last 4 MiB, truncation marked).
+    pub fn serial_output(&self) -> String {
+        read_bounded(&self.runtime.serial_log(), LOG_LIMIT)
+    }
+
+    /// QEMU's own messages so far (bounded like the serial output).
+    pub fn qemu_output(&self) -> String {
+        read_bounded(&self.runtime.qemu_log(), LOG_LIMIT)
+    }
+
+    /// Waits until the serial console shows `marker`, QEMU exits, or `timeout` passes;
+    /// returns whether the marker appeared.
+    pub async fn wait_for_serial(&mut self, marker: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.serial_output().contains(marker) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline || !matches!(self.qemu.try_wait(), Ok(None))
+            {
+                return self.serial_output().contains(marker);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Pauses the guest (`stop`).
+    pub async fn suspend(&self) -> Result<(), VmError> {
+        self.qmp
+            .execute(qmp::stop {})
+            .await
+            .map(drop)
+            .map_err(VmError::Qmp)
+    }
+
+    /// Resumes a paused guest (`cont`).
+    pub async fn resume(&self) -> Result<(), VmError> {
+        self.qmp
+            .execute(qmp::cont {})
+            .await
+            .map(drop)
+            .map_err(VmError::Qmp)
+    }
+
+    /// Resets the guest (`system_reset`); with `-no-reboot` this ends the VM.
+    pub async fn reset(&self) -> Result<(), VmError> {
+        self.qmp
+            .execute(qmp::system_reset {})
+            .await
+            .map(drop)
+            .map_err(VmError::Qmp)
+    }
+
+    /// Whether the guest is running, and QEMU's run state.
+    pub async fn status(&self) -> Result<(bool, String), VmError> {
+        self.qmp.status().await.map_err(VmError::Qmp)
+    }
+
+    /// Writes the screen to a PPM file in the runtime directory with QMP `screendump` and
+    /// returns its path.
+    pub async fn screendump(&self) -> Result<PathBuf, VmError> {
+        let path = self.runtime.path().join("screendump.ppm");
+        let command = qmp::screendump {
+            filename: path.display().to_string(),
+            device: None,
+            head: None,
+            format: None,
+        };
+        self.qmp.execute(command).await.map_err(VmError::Qmp)?;
+        Ok(path)
+    }
+
+    /// Kills QEMU (SIGKILL to its process group) and waits for it.
+    pub async fn kill(&mut self) {
+        self.killed = true;
+        self.qemu.kill();
+        let _ = self.qemu.wait().await;
+    }
+
+    /// Waits for the VM to end and says how it ended.
+    pub async fn wait(&mut self) -> ExitKind {
+        let status = self.qemu.wait().await;
+        // The events arrive before QEMU exits; let the reader reach the end of the stream.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !self.qmp.record().closed && tokio::time::Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(50), self.qmp.changed()).await;
+        }
+        let record = self.qmp.record();
+        if self.killed {
+            return ExitKind::Killed;
+        }
+        // pvpanic reports panics once its driver is loaded; before that the kernel's own
+        // message on the console is the evidence.
+        if record.panicked || self.serial_output().contains("Kernel panic - not syncing") {
+            return ExitKind::Panicked;
+        }
+        match &record.shutdown {
+            Some((true, cause)) if cause == "guest-shutdown" => return ExitKind::PoweredOff,
+            Some((true, cause)) if cause == "guest-reset" => return ExitKind::Rebooted,
+            _ => {}
+        }
+        ExitKind::Crashed {
+            status: match status {
+                Ok(status) => status.to_string(),
+                Err(error) => error.to_string(),
+            },
+            stderr_tail: tail(&self.runtime.qemu_log(), STDERR_TAIL),
+        }
+    }
+}
+
+fn owner(run_as: Option<RunAs>) -> Option<(u32, u32)> {
+    run_as.map(|user| (user.uid, user.gid))
+}
+
+/// A random (version 4) UUID, lower case.
+fn random_uuid() -> String {
+    let mut bytes: [u8; 16] = rand::rng().random();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// A random locally administered unicast MAC address.
+fn random_mac() -> String {
+    let mut bytes: [u8; 6] = rand::rng().random();
+    bytes[0] = (bytes[0] & 0xfc) | 0x02;
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The last `lines` lines of a file.
+fn tail(path: &Path, lines: usize) -> String {
+    let text = read_bounded(path, 64 * 1024);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A file's text, or its last `limit` bytes with a marker when it is longer.
+fn read_bounded(path: &Path, limit: u64) -> String {
+    let Ok(mut file) = fs::File::open(path) else {
+        return String::new();
+    };
+    let length = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut text = String::new();
+    if length > limit {
+        let _ = file.seek(SeekFrom::Start(length - limit));
+        text.push_str(&format!(
+            "[taskvm: {} earlier bytes not shown]\n",
+            length - limit
+        ));
+    }
+    let mut bytes = Vec::new();
+    let _ = file.take(limit).read_to_end(&mut bytes);
+    text.push_str(&String::from_utf8_lossy(&bytes));
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_match_the_machine_patterns() {
+        for _ in 0..100 {
+            let mac = random_mac();
+            let first = u8::from_str_radix(&mac[..2], 16).unwrap();
+            assert_eq!(first & 0x03, 0x02, "{mac}: locally administered unicast");
+            let uuid = random_uuid();
+            assert_eq!(uuid.len(), 36);
+            assert_eq!(&uuid[14..15], "4");
+        }
+        assert_ne!(random_mac(), random_mac());
+    }
+}

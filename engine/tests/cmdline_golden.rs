@@ -1,0 +1,171 @@
+//! The QEMU command line for representative machines, compared with readable golden files
+//! under `tests/golden/` (one argument per line). `TASKVM_UPDATE_GOLDEN=1` rewrites them;
+//! review the diff before committing.
+
+use std::path::PathBuf;
+
+use engine::cmdline::CmdlineError;
+use engine::{qemu_args, Accelerator, BootFiles, LaunchSpec, Netdev};
+use schemas::{migrate_machine_definition, resolve_machine, Machine, MachineLayers, MachineLimits};
+use serde_json::json;
+
+fn machine(definition: serde_json::Value) -> Machine {
+    migrate_machine_definition(&definition).unwrap_or_else(|v| panic!("{v}"))
+}
+
+fn resolved(image: &Machine, limits: MachineLimits) -> schemas::ResolvedMachine {
+    resolve_machine(
+        MachineLayers {
+            image: Some(image),
+            ..MachineLayers::default()
+        },
+        &limits,
+    )
+    .unwrap()
+}
+
+fn spec(accelerator: Accelerator, boot: Option<BootFiles>, netdev: Netdev) -> LaunchSpec {
+    let run = PathBuf::from("/run/taskvm/vm-1");
+    LaunchSpec {
+        name: "vm-1".into(),
+        accelerator,
+        disk: run.join("disk.qcow2"),
+        boot,
+        uuid: "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0".into(),
+        mac: "02:00:00:12:34:56".into(),
+        netdev,
+        serial_log: run.join("serial.log"),
+        qmp_socket: run.join("qmp.sock"),
+        vnc_socket: run.join("vnc.sock"),
+        tsc_khz: Some(2_445_406),
+    }
+}
+
+fn check_golden(name: &str, args: &[String]) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.args"));
+    let text = args.join("\n") + "\n";
+    if std::env::var_os("TASKVM_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let golden = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(
+        text,
+        golden,
+        "{} differs (TASKVM_UPDATE_GOLDEN=1 rewrites it)",
+        path.display()
+    );
+}
+
+fn limits(max_memory: u32, max_cpus: u32) -> MachineLimits {
+    MachineLimits {
+        max_memory,
+        max_cpus,
+        default_threads: 1,
+    }
+}
+
+#[test]
+fn minimal_test_image_on_microvm_with_a_tap_fd() {
+    let image = machine(json!({
+        "version": 1, "chipset": "microvm", "cpu": "qemu64", "memory": 256, "threads": 1, "cores": 1,
+        "sockets": 1, "network": "virtio-net-device", "storage": "virtio-blk-device", "graphics": "none",
+        "usb": "none", "sound": "none", "keyboard": "none", "mouse": "none", "tablet": "none",
+        "boot": {"kernel": "vmlinux", "initrd": "initrd.img", "append": "root=/dev/vda console=ttyS0 quiet"}
+    }));
+    let boot = BootFiles {
+        kernel: "/cache/sha256/ab/vmlinux".into(),
+        initrd: Some("/cache/sha256/ab/initrd.img".into()),
+        append: "root=/dev/vda console=ttyS0 quiet".into(),
+    };
+    let args = qemu_args(
+        &resolved(&image, limits(1024, 2)),
+        &spec(Accelerator::Tcg, Some(boot), Netdev::TapFd(3)),
+    )
+    .unwrap();
+    check_golden("microvm-minimal", &args);
+}
+
+#[test]
+fn taskcluster_worker_v1_machine_on_kvm() {
+    let image = machine(json!({
+        "version": 1, "chipset": "pc-i440fx-2.8", "cpu": "host", "flags": ["+ssse3", "x2apic", "-avx"],
+        "memory": 2048, "usb": "nec-usb-xhci", "network": "e1000", "storage": "virtio-blk-pci",
+        "graphics": "qxl-vga", "sound": "hda-duplex/ich9-intel-hda", "keyboard": "usb-kbd",
+        "keyboardLayout": "de-ch", "mouse": "usb-mouse", "tablet": "usb-tablet"
+    }));
+    let args = qemu_args(
+        &resolved(
+            &image,
+            MachineLimits {
+                max_memory: 4096,
+                max_cpus: 8,
+                default_threads: 2,
+            },
+        ),
+        &spec(Accelerator::Kvm, None, Netdev::TapFd(4)),
+    )
+    .unwrap();
+    check_golden("pc-taskcluster-worker-v1", &args);
+}
+
+#[test]
+fn q35_display_with_vnc_and_nvme() {
+    let image = machine(json!({
+        "version": 1, "chipset": "q35", "graphics": "VGA", "storage": "nvme", "sound": "AC97",
+        "network": "virtio-net-pci"
+    }));
+    let args = qemu_args(
+        &resolved(&image, limits(512, 2)),
+        &spec(Accelerator::Tcg, None, Netdev::RestrictedUser),
+    )
+    .unwrap();
+    check_golden("q35-display", &args);
+}
+
+#[test]
+fn incompatible_devices_are_refused_with_the_reason() {
+    let cases = [
+        (
+            json!({"version": 1, "chipset": "microvm", "graphics": "VGA"}),
+            "no display",
+        ),
+        (
+            json!({"version": 1, "chipset": "microvm", "network": "e1000"}),
+            "virtio-net-device",
+        ),
+        (
+            json!({"version": 1, "chipset": "q35", "storage": "virtio-blk-device"}),
+            "needs chipset microvm",
+        ),
+        (
+            json!({"version": 1, "tablet": "usb-tablet", "usb": "none"}),
+            "usb controller",
+        ),
+    ];
+    let boot = BootFiles {
+        kernel: "/k".into(),
+        initrd: None,
+        append: String::new(),
+    };
+    for (definition, expected) in cases {
+        let image = machine(definition.clone());
+        let error = qemu_args(
+            &resolved(&image, limits(256, 1)),
+            &spec(Accelerator::Tcg, Some(boot.clone()), Netdev::RestrictedUser),
+        )
+        .expect_err("incompatible machine");
+        let CmdlineError::Incompatible(reason) = &error;
+        assert!(reason.contains(expected), "{definition}: {error}");
+    }
+    let microvm = machine(
+        json!({"version": 1, "chipset": "microvm", "network": "virtio-net-device", "storage": "virtio-blk-device", "graphics": "none", "usb": "none", "sound": "none"}),
+    );
+    let error = qemu_args(
+        &resolved(&microvm, limits(256, 1)),
+        &spec(Accelerator::Tcg, None, Netdev::RestrictedUser),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("direct kernel boot"), "{error}");
+}

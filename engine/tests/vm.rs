@@ -1,0 +1,219 @@
+//! VirtualMachine against real QEMU under TCG with the minimal test image.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use engine::process::lookup_user;
+use engine::{Accelerator, ExitKind, Netdev, VirtualMachine, VmSettings};
+use image_manager::{Cache, ImageRequest, Lease};
+use schemas::config::CacheConfig;
+use schemas::{resolve_machine, Machine, MachineLayers, MachineLimits, ResolvedMachine};
+use testkit::guest::{host_tsc_khz, minimal_image};
+
+const READY: &str = "taskvm-agent: ready";
+
+/// A scratch directory the sandbox user can traverse, a cache in it, and the minimal image.
+struct Fixture {
+    scratch: tempfile::TempDir,
+    cache: Cache,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let scratch = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cache = Cache::open(CacheConfig {
+            dir: scratch.path().join("cache"),
+            ..CacheConfig::default()
+        })
+        .unwrap();
+        Fixture { scratch, cache }
+    }
+
+    fn lease(&self) -> Lease {
+        let request = ImageRequest::parse(minimal_image().to_str().unwrap(), None).unwrap();
+        self.cache.fetch(&request, &|_| {}).unwrap().0
+    }
+
+    fn settings(&self, name: &str) -> VmSettings {
+        let root = rustix::process::geteuid().is_root();
+        VmSettings {
+            runtime_parent: self.scratch.path().join("run"),
+            name: name.to_owned(),
+            accelerator: Accelerator::Tcg,
+            run_as: root.then(|| lookup_user("nobody").unwrap()),
+            netdev: Netdev::RestrictedUser,
+            qemu: "qemu-system-x86_64".into(),
+            tsc_khz: host_tsc_khz(),
+            start_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+fn resolved(lease: &Lease, tweak: impl FnOnce(&mut Machine)) -> ResolvedMachine {
+    let mut image = lease.machine().clone();
+    tweak(&mut image);
+    let limits = MachineLimits {
+        max_memory: 1024,
+        max_cpus: 1,
+        default_threads: 1,
+    };
+    resolve_machine(
+        MachineLayers {
+            image: Some(&image),
+            ..MachineLayers::default()
+        },
+        &limits,
+    )
+    .unwrap()
+}
+
+fn sha256_of(path: &Path) -> String {
+    let output = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn boots_sandboxed_to_the_agent_and_leaves_nothing_behind() {
+    let fixture = Fixture::new();
+    let lease = fixture.lease();
+    let base = lease.disk_path();
+    let base_digest = sha256_of(&base);
+    let machine = resolved(&lease, |_| {});
+    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings("boot"))
+        .await
+        .unwrap();
+    assert!(
+        vm.wait_for_serial(READY, Duration::from_secs(60)).await,
+        "serial:\n{}",
+        vm.serial_output()
+    );
+
+    let pid = vm.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    if rustix::process::geteuid().is_root() {
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        let nobody = lookup_user("nobody").unwrap().uid.to_string();
+        assert!(
+            uid_line.split_whitespace().skip(1).all(|id| id == nobody),
+            "{uid_line}"
+        );
+    }
+    assert!(
+        status.contains("Seccomp:\t2"),
+        "QEMU runs under its seccomp sandbox"
+    );
+    let mode = std::fs::metadata(vm.runtime_dir())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+
+    let runtime = vm.runtime_dir().to_path_buf();
+    vm.kill().await;
+    assert_eq!(vm.wait().await, ExitKind::Killed);
+    drop(vm);
+    assert!(!runtime.exists(), "runtime directory removed");
+    assert!(!process_exists(pid), "QEMU gone");
+    assert_eq!(
+        sha256_of(&base),
+        base_digest,
+        "the cached image is byte-identical"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropping_a_booting_vm_kills_it_and_removes_its_files() {
+    let fixture = Fixture::new();
+    let lease = fixture.lease();
+    let machine = resolved(&lease, |_| {});
+    let vm = VirtualMachine::start(lease, &machine, &fixture.settings("drop"))
+        .await
+        .unwrap();
+    let (pid, runtime) = (vm.pid(), vm.runtime_dir().to_path_buf());
+    drop(vm);
+    for _ in 0..200 {
+        if !process_exists(pid)
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains(") Z "),
+        "QEMU still running: {state}"
+    );
+    assert!(!runtime.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn suspend_and_resume() {
+    let fixture = Fixture::new();
+    let lease = fixture.lease();
+    let machine = resolved(&lease, |_| {});
+    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings("pause"))
+        .await
+        .unwrap();
+    assert!(vm.wait_for_serial(READY, Duration::from_secs(60)).await);
+    vm.suspend().await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), (false, "paused".to_owned()));
+    vm.resume().await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), (true, "running".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_panic_is_reported_as_such() {
+    let fixture = Fixture::new();
+    let lease = fixture.lease();
+    // No stage 1: the kernel cannot mount its root and panics.
+    let machine = resolved(&lease, |m| {
+        let boot = m.boot.as_mut().unwrap();
+        boot.append = Some(format!(
+            "{} rdinit=/nonexistent",
+            boot.append.clone().unwrap_or_default()
+        ));
+    });
+    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings("panic"))
+        .await
+        .unwrap();
+    let kind = tokio::time::timeout(Duration::from_secs(60), vm.wait())
+        .await
+        .expect("the panicking guest ended");
+    assert_eq!(kind, ExitKind::Panicked, "serial:\n{}", vm.serial_output());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_qemu_that_cannot_start_reports_its_stderr_and_argv() {
+    let fixture = Fixture::new();
+    let lease = fixture.lease();
+    let machine = resolved(&lease, |m| m.memory = Some(1024));
+    let mut settings = fixture.settings("bad");
+    settings.qemu = "/bin/false".into();
+    let error = VirtualMachine::start(lease, &machine, &settings)
+        .await
+        .err()
+        .expect("cannot start");
+    let text = error.to_string();
+    assert!(
+        text.contains("QEMU did not start") && text.contains("argv: /bin/false -nodefaults"),
+        "{text}"
+    );
+    assert!(
+        !fixture.scratch.path().join("run/bad").exists(),
+        "nothing left behind"
+    );
+}

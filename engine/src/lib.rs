@@ -9,6 +9,8 @@
 //! - [`process`]: starting QEMU as an unprivileged user in its own process group, tied to
 //!   the worker's life; killing and reaping it.
 //! - [`qmp`]: the QMP connection (the `qapi` crate) and its events.
+//! - [`records`]: what each VM created, on disk, and the start-up [`records::sweep`] that
+//!   cleans up after a worker killed with `kill -9`.
 //! - [`vm`]: [`VirtualMachine`], which owns all of the above and removes it on drop.
 
 #![warn(clippy::unwrap_used)]
@@ -17,6 +19,7 @@ pub mod cmdline;
 pub mod overlay;
 pub mod process;
 pub mod qmp;
+pub mod records;
 pub mod runtime;
 pub mod vm;
 

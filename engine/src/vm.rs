@@ -17,6 +17,7 @@ use crate::cmdline::{qemu_args, Accelerator, BootFiles, CmdlineError, LaunchSpec
 use crate::overlay::create_overlay;
 use crate::process::{QemuProcess, RunAs};
 use crate::qmp::Qmp;
+use crate::records::{process_start_ticks, RecordFile, VmRecord};
 use crate::runtime::RuntimeDir;
 
 /// Lines of QEMU's standard error kept in a start-up error.
@@ -43,6 +44,8 @@ pub struct VmSettings {
     pub tsc_khz: Option<u64>,
     /// How long QEMU may take to open its QMP socket.
     pub start_timeout: Duration,
+    /// Where the VM's record goes, for the crash-recovery sweep (None: no record).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// How a VM ended.
@@ -96,6 +99,7 @@ pub struct VirtualMachine {
     killed: bool,
     argv: Vec<String>,
     runtime: RuntimeDir,
+    _record: Option<RecordFile>,
     lease: Lease,
 }
 
@@ -113,6 +117,16 @@ impl VirtualMachine {
             owner(settings.run_as),
         )
         .map_err(VmError::Setup)?;
+        let mut record = VmRecord {
+            name: settings.name.clone(),
+            pid: None,
+            start_ticks: None,
+            runtime_dir: runtime.path().to_path_buf(),
+        };
+        let record_file = match &settings.state_dir {
+            Some(state_dir) => Some(RecordFile::write(state_dir, &record).map_err(VmError::Setup)?),
+            None => None,
+        };
         let (base, format) = lease.boot_disk();
         create_overlay(&base, format, &runtime.overlay()).map_err(VmError::Setup)?;
         if let Some(user) = settings.run_as {
@@ -149,6 +163,11 @@ impl VirtualMachine {
                 .map_err(|error| {
                     start_error(format!("cannot run {}: {error}", settings.qemu), &runtime)
                 })?;
+        if let Some(file) = &record_file {
+            record.pid = Some(qemu.pid());
+            record.start_ticks = process_start_ticks(qemu.pid());
+            file.update(&record).map_err(VmError::Setup)?;
+        }
         let qmp_socket = runtime.qmp_socket();
         let qmp = tokio::select! {
             connected = Qmp::connect(&qmp_socket, settings.start_timeout) => connected,
@@ -171,6 +190,7 @@ impl VirtualMachine {
             killed: false,
             argv,
             runtime,
+            _record: record_file,
             lease,
         })
     }

@@ -48,6 +48,7 @@ impl Fixture {
             qemu: "qemu-system-x86_64".into(),
             tsc_khz: host_tsc_khz(),
             start_timeout: Duration::from_secs(10),
+            state_dir: Some(self.scratch.path().join("state")),
         }
     }
 }
@@ -215,5 +216,92 @@ async fn a_qemu_that_cannot_start_reports_its_stderr_and_argv() {
     assert!(
         !fixture.scratch.path().join("run/bad").exists(),
         "nothing left behind"
+    );
+}
+
+/// Not a test by itself: the owner process of `kill_9_of_the_owner_then_a_sweep_cleans_up`,
+/// run as a child of that test (it starts a VM and waits to be killed).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by kill_9_of_the_owner_then_a_sweep_cleans_up"]
+async fn owner_process_for_the_kill_9_test() {
+    let Ok(scratch) = std::env::var("TASKVM_TEST_OWNER_DIR") else {
+        return;
+    };
+    let fixture = Fixture {
+        cache: Cache::open(CacheConfig {
+            dir: Path::new(&scratch).join("cache"),
+            ..CacheConfig::default()
+        })
+        .unwrap(),
+        scratch: tempfile::TempDir::new_in(&scratch).unwrap(),
+    };
+    let lease = fixture.lease();
+    let machine = resolved(&lease, |_| {});
+    let mut settings = fixture.settings("owned");
+    settings.runtime_parent = Path::new(&scratch).join("run");
+    settings.state_dir = Some(Path::new(&scratch).join("state"));
+    let _vm = VirtualMachine::start(lease, &machine, &settings)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(120)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut owner = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "owner_process_for_the_kill_9_test",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("TASKVM_TEST_OWNER_DIR", scratch.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = scratch.path().join("state");
+    let record_path = engine::records::records_dir(&state).join("owned.record");
+    let mut pid = None;
+    for _ in 0..600 {
+        let text = std::fs::read_to_string(&record_path).unwrap_or_default();
+        if let Some(found) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("pid="))
+            .filter(|p| !p.is_empty())
+        {
+            pid = found.parse::<u32>().ok();
+            if scratch.path().join("run/owned/qmp.sock").exists() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let qemu_pid = pid.expect("the owner recorded its QEMU");
+    owner.kill().unwrap(); // SIGKILL: no destructor runs
+    owner.wait().unwrap();
+    assert!(
+        scratch.path().join("run/owned").exists(),
+        "the dead owner left its runtime dir"
+    );
+
+    let report = engine::records::sweep(&state).unwrap();
+    assert_eq!(report.records, 1);
+    assert_eq!(report.removed_dirs, [scratch.path().join("run/owned")]);
+    for _ in 0..100 {
+        if !process_exists(qemu_pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!process_exists(qemu_pid), "QEMU of the dead owner is gone");
+    assert!(!scratch.path().join("run/owned").exists());
+    assert_eq!(
+        std::fs::read_dir(engine::records::records_dir(&state))
+            .unwrap()
+            .count(),
+        0
     );
 }

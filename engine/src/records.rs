@@ -1,0 +1,190 @@
+//! What the engine created, written down so that the next start can clean up after a worker
+//! that died with `kill -9`: one small JSON file per VM under `STATE/vms/`, written before QEMU
+//! starts and removed when the VM is dropped.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use rustix::process::{kill_process_group, Pid, Signal};
+
+/// A VM's record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRecord {
+    /// The VM's name.
+    pub name: String,
+    /// QEMU's process (and process group) id, once known.
+    pub pid: Option<u32>,
+    /// QEMU's start time in clock ticks since boot (`/proc/PID/stat` field 22), so that a
+    /// reused pid is never mistaken for it.
+    pub start_ticks: Option<u64>,
+    /// The VM's runtime directory.
+    pub runtime_dir: PathBuf,
+}
+
+impl VmRecord {
+    fn to_text(&self) -> String {
+        format!(
+            "name={}\npid={}\nstart_ticks={}\nruntime_dir={}\n",
+            self.name,
+            self.pid.map_or(String::new(), |p| p.to_string()),
+            self.start_ticks.map_or(String::new(), |t| t.to_string()),
+            self.runtime_dir.display()
+        )
+    }
+
+    fn parse(text: &str) -> Option<VmRecord> {
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_owned)
+        };
+        Some(VmRecord {
+            name: field("name")?,
+            pid: field("pid").and_then(|p| p.parse().ok()),
+            start_ticks: field("start_ticks").and_then(|t| t.parse().ok()),
+            runtime_dir: PathBuf::from(field("runtime_dir")?),
+        })
+    }
+}
+
+/// The directory of records under a state directory.
+pub fn records_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("vms")
+}
+
+/// A written record; removed on drop.
+#[derive(Debug)]
+pub struct RecordFile {
+    path: PathBuf,
+}
+
+impl RecordFile {
+    /// Writes `record` (atomically) under `state_dir`.
+    pub fn write(state_dir: &Path, record: &VmRecord) -> io::Result<Self> {
+        let dir = records_dir(state_dir);
+        fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{}.record", record.name));
+        let temporary = dir.join(format!(".{}.tmp", record.name));
+        fs::write(&temporary, record.to_text())?;
+        fs::rename(&temporary, &path)?;
+        Ok(RecordFile { path })
+    }
+
+    /// Rewrites the record (e.g. once QEMU's pid is known).
+    pub fn update(&self, record: &VmRecord) -> io::Result<()> {
+        let temporary = self.path.with_extension("tmp");
+        fs::write(&temporary, record.to_text())?;
+        fs::rename(&temporary, &self.path)
+    }
+}
+
+impl Drop for RecordFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// QEMU's start time in clock ticks, from `/proc/PID/stat`.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What a sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Leftover QEMU process groups killed.
+    pub killed: Vec<u32>,
+    /// Runtime directories removed.
+    pub removed_dirs: Vec<PathBuf>,
+    /// Records removed.
+    pub records: usize,
+}
+
+/// Kills and removes whatever the records under `state_dir` describe: the leftovers of a worker
+/// that died. Call it at start-up, before any VM of this worker runs.
+pub fn sweep(state_dir: &Path) -> io::Result<SweepReport> {
+    let mut report = SweepReport::default();
+    let dir = records_dir(state_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(report),
+        Err(error) => return Err(error),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(record) = fs::read_to_string(&path)
+            .ok()
+            .as_deref()
+            .and_then(VmRecord::parse)
+        else {
+            let _ = fs::remove_file(&path);
+            continue;
+        };
+        if let (Some(pid), Some(ticks)) = (record.pid, record.start_ticks) {
+            // Only the very process that was recorded: same pid and same start time.
+            if process_start_ticks(pid) == Some(ticks) {
+                if let Some(group) = Pid::from_raw(pid as i32) {
+                    let _ = kill_process_group(group, Signal::KILL);
+                    report.killed.push(pid);
+                }
+            }
+        }
+        if record.runtime_dir.exists() && fs::remove_dir_all(&record.runtime_dir).is_ok() {
+            report.removed_dirs.push(record.runtime_dir.clone());
+        }
+        fs::remove_file(&path)?;
+        report.records += 1;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let record = VmRecord {
+            name: "task-1".into(),
+            pid: Some(42),
+            start_ticks: Some(123_456),
+            runtime_dir: "/run/taskvm/task-1".into(),
+        };
+        assert_eq!(VmRecord::parse(&record.to_text()), Some(record));
+    }
+
+    #[test]
+    fn start_ticks_of_this_process() {
+        let ticks = process_start_ticks(std::process::id()).unwrap();
+        assert!(ticks > 0);
+    }
+
+    #[test]
+    fn a_sweep_removes_dirs_and_records_but_never_a_reused_pid() {
+        let state = tempfile::tempdir().unwrap();
+        let runtime = state.path().join("run-x");
+        fs::create_dir(&runtime).unwrap();
+        let me = std::process::id();
+        // A record naming this very process with a wrong start time: a reused pid.
+        let record = VmRecord {
+            name: "x".into(),
+            pid: Some(me),
+            start_ticks: Some(1),
+            runtime_dir: runtime.clone(),
+        };
+        std::mem::forget(RecordFile::write(state.path(), &record).unwrap());
+        let report = sweep(state.path()).unwrap();
+        assert_eq!(
+            report.killed,
+            Vec::<u32>::new(),
+            "not killed: the start time differs"
+        );
+        assert_eq!(report.removed_dirs, std::slice::from_ref(&runtime));
+        assert!(!runtime.exists());
+        assert_eq!(fs::read_dir(records_dir(state.path())).unwrap().count(), 0);
+    }
+}

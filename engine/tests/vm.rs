@@ -11,6 +11,7 @@ use image_manager::{Cache, ImageRequest, Lease};
 use schemas::config::CacheConfig;
 use schemas::{resolve_machine, Machine, MachineLayers, MachineLimits, ResolvedMachine};
 use testkit::guest::{host_tsc_khz, minimal_image};
+use testkit::images::sha256_file;
 
 const READY: &str = "taskvm-agent: ready";
 
@@ -71,15 +72,6 @@ fn resolved(lease: &Lease, tweak: impl FnOnce(&mut Machine)) -> ResolvedMachine 
     .unwrap()
 }
 
-fn sha256_of(path: &Path) -> String {
-    let output = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -89,7 +81,7 @@ async fn boots_sandboxed_to_the_agent_and_leaves_nothing_behind() {
     let fixture = Fixture::new();
     let lease = fixture.lease();
     let base = lease.disk_path();
-    let base_digest = sha256_of(&base);
+    let base_digest = sha256_file(&base);
     let machine = resolved(&lease, |_| {});
     let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings("boot"))
         .await
@@ -128,7 +120,7 @@ async fn boots_sandboxed_to_the_agent_and_leaves_nothing_behind() {
     assert!(!runtime.exists(), "runtime directory removed");
     assert!(!process_exists(pid), "QEMU gone");
     assert_eq!(
-        sha256_of(&base),
+        sha256_file(&base),
         base_digest,
         "the cached image is byte-identical"
     );

@@ -134,3 +134,18 @@ pub fn incompressible_image(bytes: usize) -> Vec<u8> {
         Entry::file("disk.img", disk),
     ])
 }
+
+/// The sha256 of a file, in hex (with `sha256sum`, so the check does not share code with the
+/// cache it checks).
+pub fn sha256_file(path: &Path) -> String {
+    let output = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
+    assert!(output.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}

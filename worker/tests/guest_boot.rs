@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use image_manager::{Cache, ImageRequest, Lease};
 use schemas::config::CacheConfig;
 use testkit::guest::{display_image, flavour_argv, minimal_image, BootFiles, Flavour};
+use testkit::images::sha256_file;
 use testkit::metadata::MetadataPeer;
 use testkit::netns::{TestNetwork, TAP};
 
@@ -90,19 +91,10 @@ fn wait_exit(qemu: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     }
 }
 
-fn sha256_of(path: &Path) -> String {
-    let output = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 #[test]
 fn echo_hello_end_to_end_through_the_agent() {
     let guest = Guest::prepare(&minimal_image());
-    let base_digest = sha256_of(&guest.lease.disk_path());
+    let base_digest = sha256_file(&guest.lease.disk_path());
     let network = TestNetwork::create("169.254.169.254/16");
     let listener = network.bind("169.254.169.254:80");
     let peer = MetadataPeer::serve(
@@ -149,7 +141,7 @@ fn echo_hello_end_to_end_through_the_agent() {
         );
     }
     assert_eq!(
-        sha256_of(&guest.lease.disk_path()),
+        sha256_file(&guest.lease.disk_path()),
         base_digest,
         "every write went to the overlay"
     );

@@ -1,0 +1,244 @@
+//! `make bench` for the engine, measured in one run (TCG, minimal test image):
+//! - spawn → QMP ready, and spawn → `taskvm-agent: ready` through `VirtualMachine` (sandbox,
+//!   unprivileged user, overlay, QMP) against bare `qemu-system-x86_64` with the same kernel,
+//!   initrd, disk and devices to the same marker (the engine's overhead; goal ≤ +10 %);
+//! - overlay creation on a 1 GiB and a 20 GiB sparse base (should be equal);
+//! - QMP screendump of the display image (goal ≤ 50 ms).
+//!
+//! `TASKVM_BENCH_BOOTS` sets the number of boots of each kind (default 10).
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use engine::overlay::create_overlay;
+use engine::process::lookup_user;
+use engine::{Accelerator, Netdev, VirtualMachine, VmSettings};
+use image_manager::{Cache, ImageRequest};
+use schemas::config::CacheConfig;
+use schemas::{resolve_machine, MachineLayers, MachineLimits};
+use testkit::guest::{
+    display_image, flavour_argv, host_tsc_khz, minimal_image, BootFiles, Flavour,
+};
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let boots: usize = std::env::var("TASKVM_BENCH_BOOTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let scratch = tempfile::tempdir().expect("scratch");
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let cache = Cache::open(CacheConfig {
+        dir: scratch.path().join("cache"),
+        ..CacheConfig::default()
+    })
+    .expect("cache");
+    let fetch = |path: std::path::PathBuf| {
+        cache
+            .fetch(
+                &ImageRequest::parse(path.to_str().expect("path"), None).expect("ref"),
+                &|_| {},
+            )
+            .expect("fetch")
+            .0
+    };
+    let limits = MachineLimits {
+        max_memory: 1024,
+        max_cpus: 1,
+        default_threads: 1,
+    };
+    let settings = |name: String| VmSettings {
+        runtime_parent: scratch.path().join("run"),
+        name,
+        accelerator: Accelerator::Tcg,
+        run_as: rustix::process::geteuid()
+            .is_root()
+            .then(|| lookup_user("nobody").expect("nobody")),
+        netdev: Netdev::RestrictedUser,
+        qemu: "qemu-system-x86_64".into(),
+        tsc_khz: host_tsc_khz(),
+        start_timeout: Duration::from_secs(10),
+        state_dir: None,
+    };
+    println!("engine benchmark: {boots} boots each, TCG, minimal image");
+
+    let (mut to_qmp, mut engine_ready, mut bare_ready) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..boots {
+        let lease = fetch(minimal_image());
+        let machine = resolve_machine(
+            MachineLayers {
+                image: Some(lease.machine()),
+                ..MachineLayers::default()
+            },
+            &limits,
+        )
+        .expect("machine");
+        let (kernel, initrd) = (
+            lease.kernel_path().expect("kernel"),
+            lease.initrd_path().expect("initrd"),
+        );
+        let append = lease
+            .machine()
+            .boot
+            .as_ref()
+            .and_then(|b| b.append.clone())
+            .unwrap_or_default();
+        let base = lease.disk_path();
+
+        let started = Instant::now();
+        let mut vm = VirtualMachine::start(lease, &machine, &settings(format!("bench-{round}")))
+            .await
+            .expect("start");
+        to_qmp.push(started.elapsed());
+        if vm
+            .wait_for_serial("taskvm-agent: ready", Duration::from_secs(30))
+            .await
+        {
+            engine_ready.push(started.elapsed());
+        }
+        vm.kill().await;
+        drop(vm);
+
+        let overlay = scratch.path().join("bare.qcow2");
+        let _ = std::fs::remove_file(&overlay);
+        create_overlay(&base, "raw", &overlay).expect("overlay");
+        let files = BootFiles {
+            kernel: &kernel,
+            initrd: &initrd,
+            disk: &overlay,
+            append: &append,
+        };
+        if let Some(time) = bare_boot(&flavour_argv(
+            Flavour::Minimal,
+            &files,
+            "user,id=n0,restrict=on",
+        )) {
+            bare_ready.push(time);
+        }
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "start (dir, overlay, spawn) -> QMP ready median {:7.1} ms  p95 {:7.1} ms",
+        ms(pct(&to_qmp, 50)),
+        ms(pct(&to_qmp, 95))
+    );
+    println!(
+        "spawn -> agent ready (VirtualMachine)  median {:7.1} ms  p95 {:7.1} ms  ({} of {boots})",
+        ms(pct(&engine_ready, 50)),
+        ms(pct(&engine_ready, 95)),
+        engine_ready.len()
+    );
+    println!(
+        "spawn -> agent ready (bare QEMU)       median {:7.1} ms  p95 {:7.1} ms  ({} of {boots})",
+        ms(pct(&bare_ready, 50)),
+        ms(pct(&bare_ready, 95)),
+        bare_ready.len()
+    );
+    let ratio = pct(&engine_ready, 50).as_secs_f64() / pct(&bare_ready, 50).as_secs_f64();
+    println!(
+        "engine overhead over bare QEMU: {ratio:.2}x ({:+.0} %; goal <= +10 %)",
+        (ratio - 1.0) * 100.0
+    );
+
+    for gib in [1u64, 20] {
+        let base = scratch.path().join(format!("base-{gib}.raw"));
+        std::fs::File::create(&base)
+            .expect("base")
+            .set_len(gib << 30)
+            .expect("truncate");
+        let times: Vec<Duration> = (0..10)
+            .map(|i| {
+                let overlay = scratch.path().join(format!("ov-{gib}-{i}.qcow2"));
+                let started = Instant::now();
+                create_overlay(&base, "raw", &overlay).expect("overlay");
+                started.elapsed()
+            })
+            .collect();
+        println!(
+            "overlay on a {gib:>2} GiB sparse base: median {:.1} ms",
+            ms(pct(&times, 50))
+        );
+    }
+
+    let lease = fetch(display_image());
+    let display_limits = MachineLimits {
+        max_memory: 512,
+        max_cpus: 1,
+        default_threads: 1,
+    };
+    let machine = resolve_machine(
+        MachineLayers {
+            image: Some(lease.machine()),
+            ..MachineLayers::default()
+        },
+        &display_limits,
+    )
+    .expect("machine");
+    let mut vm = VirtualMachine::start(lease, &machine, &settings("bench-display".into()))
+        .await
+        .expect("start");
+    if vm
+        .wait_for_serial("taskvm-agent: ready", Duration::from_secs(60))
+        .await
+    {
+        let times: Vec<Duration> = {
+            let mut times = Vec::new();
+            for _ in 0..10 {
+                let started = Instant::now();
+                vm.screendump().await.expect("screendump");
+                times.push(started.elapsed());
+            }
+            times
+        };
+        println!(
+            "QMP screendump (720x400 PPM): median {:.1} ms (goal <= 50 ms)",
+            ms(pct(&times, 50))
+        );
+    }
+    vm.kill().await;
+}
+
+fn bare_boot(argv: &[String]) -> Option<Duration> {
+    let started = Instant::now();
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(argv)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut stdout = qemu.stdout.take()?;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buffer[..n]);
+            if seen.windows(19).any(|w| w == b"taskvm-agent: ready") {
+                let _ = sender.send(Instant::now());
+                break;
+            }
+        }
+    });
+    let reached = receiver
+        .recv_timeout(Duration::from_secs(30))
+        .ok()
+        .map(|at| at - started);
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    reached
+}
+
+fn pct(values: &[Duration], percent: usize) -> Duration {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) * percent / 100).min(sorted.len() - 1)]
+}

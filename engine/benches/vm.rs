@@ -7,9 +7,7 @@
 //!
 //! `TASKVM_BENCH_BOOTS` sets the number of boots of each kind (default 10).
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use engine::overlay::create_overlay;
@@ -199,39 +197,6 @@ async fn main() {
         );
     }
     vm.kill().await;
-}
-
-fn bare_boot(argv: &[String]) -> Option<Duration> {
-    let started = Instant::now();
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(argv)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let mut stdout = qemu.stdout.take()?;
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buffer = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buffer) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buffer[..n]);
-            if seen.windows(19).any(|w| w == b"taskvm-agent: ready") {
-                let _ = sender.send(Instant::now());
-                break;
-            }
-        }
-    });
-    let reached = receiver
-        .recv_timeout(Duration::from_secs(30))
-        .ok()
-        .map(|at| at - started);
-    let _ = qemu.kill();
-    let _ = qemu.wait();
-    reached
 }
 
 fn pct(values: &[Duration], percent: usize) -> Duration {

@@ -94,3 +94,42 @@ pub fn flavour_argv(flavour: Flavour, files: &BootFiles<'_>, netdev: &str) -> Ve
     ]);
     argv
 }
+
+/// Spawns `qemu-system-x86_64 ARGV` (serial console on standard output) and returns the time
+/// until `marker` appears, or `None` when it does not within `timeout` (a hang). QEMU is killed
+/// either way.
+pub fn time_to_marker(
+    argv: &[String],
+    marker: &str,
+    timeout: std::time::Duration,
+) -> Option<std::time::Duration> {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    let mut qemu = std::process::Command::new("qemu-system-x86_64")
+        .args(argv)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut stdout = qemu.stdout.take()?;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let marker = marker.as_bytes().to_vec();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buffer[..n]);
+            if seen.windows(marker.len()).any(|w| w == marker) {
+                let _ = sender.send(std::time::Instant::now());
+                break;
+            }
+        }
+    });
+    let reached = receiver.recv_timeout(timeout).ok().map(|at| at - started);
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    reached
+}

@@ -4,14 +4,13 @@
 //!
 //! `TASKVM_BENCH_BOOTS` sets the number of boots of each kind (default 10).
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use image_manager::{Cache, ImageRequest};
 use schemas::config::CacheConfig;
-use testkit::guest::{minimal_image, tcg_argv, BootFiles};
+use testkit::guest::{minimal_image, tcg_argv, time_to_marker, BootFiles};
 
 /// A boot that has not reached its marker by then counts as a hang.
 const HANG: Duration = Duration::from_secs(30);
@@ -108,36 +107,9 @@ fn make_overlay(base: &Path, overlay: &Path) {
     assert!(status.success());
 }
 
-/// Spawns QEMU and returns the time until `marker` appears on the serial console.
+/// Boots `files` and returns the time until `marker` appears on the serial console.
 fn boot_to(files: &BootFiles<'_>, marker: &str) -> Option<Duration> {
-    let started = Instant::now();
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(tcg_argv(files, "user,id=n0,restrict=on"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu");
-    let mut stdout = qemu.stdout.take().expect("stdout");
-    let (sender, receiver) = std::sync::mpsc::channel();
-    let marker = marker.as_bytes().to_vec();
-    std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buffer = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buffer) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buffer[..n]);
-            if seen.windows(marker.len()).any(|w| w == marker) {
-                let _ = sender.send(Instant::now());
-                break;
-            }
-        }
-    });
-    let reached = receiver.recv_timeout(HANG).ok().map(|at| at - started);
-    let _ = qemu.kill();
-    let _ = qemu.wait();
-    reached
+    time_to_marker(&tcg_argv(files, "user,id=n0,restrict=on"), marker, HANG)
 }
 
 fn median(values: &[Duration]) -> Duration {

@@ -109,11 +109,8 @@ async fn main() {
             disk: &overlay,
             append: &append,
         };
-        if let Some(time) = bare_boot(&flavour_argv(
-            Flavour::Minimal,
-            &files,
-            "user,id=n0,restrict=on",
-        )) {
+        let argv = flavour_argv(Flavour::Minimal, &files, "user,id=n0,restrict=on");
+        if let Some(time) = time_to_marker(&argv, "taskvm-agent: ready", Duration::from_secs(30)) {
             bare_ready.push(time);
         }
     }

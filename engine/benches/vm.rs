@@ -17,7 +17,7 @@ use image_manager::{Cache, ImageRequest};
 use schemas::config::CacheConfig;
 use schemas::{resolve_machine, MachineLayers, MachineLimits};
 use testkit::guest::{
-    display_image, flavour_argv, host_tsc_khz, minimal_image, BootFiles, Flavour,
+    display_image, flavour_argv, host_tsc_khz, minimal_image, time_to_marker, BootFiles, Flavour,
 };
 
 #[tokio::main(flavor = "multi_thread")]

@@ -111,8 +111,12 @@ impl Qmp {
     }
 }
 
-fn serde_json_name<T: std::fmt::Debug>(value: &T) -> String {
-    format!("{value:?}").replace('_', "-")
+/// The name QEMU uses for an enum value (its serde name, e.g. `guest-shutdown`).
+fn serde_json_name<T: serde::Serialize + std::fmt::Debug>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => format!("{value:?}"),
+    }
 }
 
 fn apply(record: &mut EventRecord, event: &qmp::Event) {

@@ -31,6 +31,14 @@ fn entries(dir: &Path) -> Vec<String> {
     names
 }
 
+/// `taskvm image fetch REFERENCE --cache CACHE EXTRA…`.
+fn fetch(reference: &str, cache: &Path, extra: &[&str]) -> Output {
+    let cache = cache.to_str().unwrap();
+    let mut args = vec!["image", "fetch", reference, "--cache", cache];
+    args.extend_from_slice(extra);
+    taskvm(&args)
+}
+
 /// `taskvm image pack --disk D --machine M --kernel K -o OUT`.
 fn pack_image(disk: &Path, machine: &Path, kernel: &Path, out: &Path) -> Output {
     let arg = |path: &Path| path.to_str().unwrap().to_owned();
@@ -54,13 +62,7 @@ fn fetch_prints_the_digest_and_entry_then_ls_shows_it() {
     let source = dir.path().join("minimal.tar.zst");
     std::fs::write(&source, valid_image()).unwrap();
     let cache = dir.path().join("cache");
-    let output = taskvm(&[
-        "image",
-        "fetch",
-        source.to_str().unwrap(),
-        "--cache",
-        cache.to_str().unwrap(),
-    ]);
+    let output = fetch(source.to_str().unwrap(), &cache, &[]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let stdout = text(&output.stdout);
     let (digest, entry) = stdout.trim().split_once(' ').unwrap();
@@ -89,13 +91,7 @@ fn a_hostile_image_is_one_line_naming_the_entry_and_exit_2() {
     ));
     std::fs::write(&source, image(&entries)).unwrap();
     let cache = dir.path().join("cache");
-    let output = taskvm(&[
-        "image",
-        "fetch",
-        source.to_str().unwrap(),
-        "--cache",
-        cache.to_str().unwrap(),
-    ]);
+    let output = fetch(source.to_str().unwrap(), &cache, &[]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = text(&output.stderr);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains("% of")).collect();
@@ -174,15 +170,11 @@ fn pack_is_reproducible_and_its_output_fetches() {
     );
 
     let cache = dir.path().join("cache");
-    let output = taskvm(&[
-        "image",
-        "fetch",
+    let output = fetch(
         first_path.to_str().unwrap(),
-        "--sha256",
-        &first[7..],
-        "--cache",
-        cache.to_str().unwrap(),
-    ]);
+        &cache,
+        &["--sha256", &first[7..]],
+    );
     assert!(output.status.success(), "{}", text(&output.stderr));
     let entry = text(&output.stdout)
         .trim()
@@ -255,7 +247,7 @@ fn kill_9_mid_fetch_then_a_new_fetch_leaves_a_valid_cache() {
     );
 
     server.route("/big", Behaviour::Normal(incompressible_image(4 << 20)));
-    let output = taskvm(&["image", "fetch", &url, "--cache", cache.to_str().unwrap()]);
+    let output = fetch(&url, &cache, &[]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(
         entries(&cache.join("tmp")).is_empty(),
@@ -270,15 +262,9 @@ fn gc_with_sizes_reports_what_it_removed() {
     let source = dir.path().join("a.tar.zst");
     std::fs::write(&source, valid_image()).unwrap();
     let cache = dir.path().join("cache");
-    assert!(taskvm(&[
-        "image",
-        "fetch",
-        source.to_str().unwrap(),
-        "--cache",
-        cache.to_str().unwrap()
-    ])
-    .status
-    .success());
+    assert!(fetch(source.to_str().unwrap(), &cache, &[])
+        .status
+        .success());
     let output = taskvm(&[
         "image",
         "gc",

@@ -11,6 +11,7 @@
 //! - [`qmp`]: the QMP connection (the `qapi` crate) and its events.
 //! - [`records`]: what each VM created, on disk, and the start-up [`records::sweep`] that
 //!   cleans up after a worker killed with `kill -9`.
+//! - [`screenshot`]: the screen over VNC as an RGBA image or PNG.
 //! - [`vm`]: [`VirtualMachine`], which owns all of the above and removes it on drop.
 
 #![warn(clippy::unwrap_used)]
@@ -21,6 +22,7 @@ pub mod process;
 pub mod qmp;
 pub mod records;
 pub mod runtime;
+pub mod screenshot;
 pub mod vm;
 
 pub use vm::{ExitKind, VirtualMachine, VmError, VmSettings};

@@ -7,6 +7,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use image::RgbaImage;
 use image_manager::Lease;
 use qapi::qmp;
 use rand::Rng;
@@ -19,6 +20,7 @@ use crate::process::{QemuProcess, RunAs};
 use crate::qmp::Qmp;
 use crate::records::{process_start_ticks, RecordFile, VmRecord};
 use crate::runtime::RuntimeDir;
+use crate::screenshot::ScreenshotError;
 
 /// Lines of QEMU's standard error kept in a start-up error.
 const STDERR_TAIL: usize = 20;
@@ -290,6 +292,12 @@ impl VirtualMachine {
         };
         self.qmp.execute(command).await.map_err(VmError::Qmp)?;
         Ok(path)
+    }
+
+    /// The screen as an RGBA image, read over the VM's VNC socket (the machine needs
+    /// graphics). Gives up after `timeout`.
+    pub async fn screenshot(&self, timeout: Duration) -> Result<RgbaImage, ScreenshotError> {
+        crate::screenshot::capture(&self.runtime.vnc_socket(), timeout).await
     }
 
     /// Kills QEMU (SIGKILL to its process group) and waits for it.

@@ -10,7 +10,7 @@ use engine::{Accelerator, ExitKind, Netdev, VirtualMachine, VmSettings};
 use image_manager::{Cache, ImageRequest, Lease};
 use schemas::config::CacheConfig;
 use schemas::{resolve_machine, Machine, MachineLayers, MachineLimits, ResolvedMachine};
-use testkit::guest::{host_tsc_khz, minimal_image};
+use testkit::guest::{display_image, host_tsc_khz, minimal_image};
 use testkit::images::sha256_file;
 
 const READY: &str = "taskvm-agent: ready";
@@ -34,7 +34,11 @@ impl Fixture {
     }
 
     fn lease(&self) -> Lease {
-        let request = ImageRequest::parse(minimal_image().to_str().unwrap(), None).unwrap();
+        self.lease_of(&minimal_image())
+    }
+
+    fn lease_of(&self, image: &Path) -> Lease {
+        let request = ImageRequest::parse(image.to_str().unwrap(), None).unwrap();
         self.cache.fetch(&request, &|_| {}).unwrap().0
     }
 
@@ -166,6 +170,43 @@ async fn suspend_and_resume() {
     assert_eq!(vm.status().await.unwrap(), (false, "paused".to_owned()));
     vm.resume().await.unwrap();
     assert_eq!(vm.status().await.unwrap(), (true, "running".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vnc_screenshot_equals_the_qmp_screendump_pixel_for_pixel() {
+    let fixture = Fixture::new();
+    let lease = fixture.lease_of(&display_image());
+    let machine = resolved(&lease, |_| {});
+    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings("screen"))
+        .await
+        .unwrap();
+    assert!(
+        vm.wait_for_serial(READY, Duration::from_secs(90)).await,
+        "serial:\n{}",
+        vm.serial_output()
+    );
+    // The banner is drawn before the marker; a paused guest keeps the frame (and the
+    // text cursor's blink phase, which follows the guest clock) still for both readers.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    vm.suspend().await.unwrap();
+
+    let through_vnc = vm.screenshot(Duration::from_secs(10)).await.unwrap();
+    let dump = vm.screendump().await.unwrap();
+    let oracle = image::open(&dump).unwrap().to_rgba8();
+    assert_eq!(through_vnc.dimensions(), oracle.dimensions());
+    assert_eq!(through_vnc.dimensions(), (720, 400), "VGA text mode");
+    let differing = through_vnc
+        .pixels()
+        .zip(oracle.pixels())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(differing, 0, "pixels that differ from the screendump");
+    // Not a blank screen that would match anything: the banner's red bar is there.
+    assert_eq!(through_vnc.get_pixel(360, 8).0, [168, 0, 0, 255]);
+
+    let png = engine::screenshot::encode_png(&through_vnc).unwrap();
+    let decoded = image::load_from_memory(&png).unwrap().to_rgba8();
+    assert_eq!(decoded, through_vnc, "the PNG holds the same pixels");
 }
 
 #[tokio::test(flavor = "multi_thread")]

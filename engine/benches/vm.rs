@@ -11,6 +11,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
+use engine::cgroup::CgroupHost;
 use engine::overlay::create_overlay;
 use engine::process::lookup_user;
 use engine::{Accelerator, Netdev, VirtualMachine, VmSettings};
@@ -59,6 +60,7 @@ async fn main() {
         netdev: Netdev::RestrictedUser,
         qemu: "qemu-system-x86_64".into(),
         tsc_khz: host_tsc_khz(),
+        cgroups: CgroupHost::detect().ok(),
         start_timeout: Duration::from_secs(10),
         state_dir: None,
     };

@@ -3,6 +3,7 @@
 //! nothing about queues or tasks.
 //!
 //! # Layout
+//! - [`cgroup`]: per-VM memory, CPU and pid limits (cgroup v2, or v1 on hybrid hosts).
 //! - [`cmdline`]: the QEMU argument vector, a pure function (golden-file tested).
 //! - [`runtime`]: the VM's private runtime directory (sockets, logs, overlay).
 //! - [`overlay`]: the per-VM qcow2 overlay on the leased image.
@@ -16,6 +17,7 @@
 
 #![warn(clippy::unwrap_used)]
 
+pub mod cgroup;
 pub mod cmdline;
 pub mod overlay;
 pub mod process;

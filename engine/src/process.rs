@@ -7,8 +7,13 @@ use std::io;
 use std::path::Path;
 use std::process::Stdio;
 
-use rustix::process::{kill_process_group, Pid, Signal};
+use rustix::process::{kill_process_group, Gid, Pid, Resource, Rlimit, Signal, Uid};
 use tokio::process::{Child, Command};
+
+use crate::cgroup::VmCgroup;
+
+/// QEMU's open-file limit: its disks, sockets and event descriptors, with room to spare.
+const OPEN_FILES: u64 = 4096;
 
 /// A running QEMU.
 #[derive(Debug)]
@@ -27,12 +32,16 @@ pub struct RunAs {
 }
 
 impl QemuProcess {
-    /// Starts `program` with `args`; standard error goes to `stderr_log`.
+    /// Starts `program` with `args`; standard error goes to `stderr_log`. With `run_as`, the
+    /// child drops to that user (plus `extra_groups`) before exec; with `cgroup`, it joins
+    /// that group first, while still privileged enough to.
     #[allow(unsafe_code)]
     pub fn spawn(
         program: &str,
         args: &[String],
         run_as: Option<RunAs>,
+        extra_groups: &[u32],
+        cgroup: Option<&VmCgroup>,
         stderr_log: &Path,
     ) -> io::Result<Self> {
         let stderr = File::create(stderr_log)?;
@@ -47,14 +56,47 @@ impl QemuProcess {
             .stderr(Stdio::from(stderr))
             .process_group(0)
             .kill_on_drop(true);
-        if let Some(user) = run_as {
-            // std drops supplementary groups too when it changes the uid as root.
-            command.uid(user.uid).gid(user.gid);
-        }
-        // SAFETY: between fork and exec, only the async-signal-safe prctl(PR_SET_PDEATHSIG).
+        // Everything the child needs is made here, before fork: it must not allocate.
+        let cgroup = cgroup.map(VmCgroup::try_clone).transpose()?;
+        let credentials = run_as.map(|user| {
+            let groups: Vec<Gid> = extra_groups.iter().map(|&g| Gid::from_raw(g)).collect();
+            (Uid::from_raw(user.uid), Gid::from_raw(user.gid), groups)
+        });
+        let parent = rustix::process::getpid();
+        // Never above what the worker itself may have: an unprivileged child cannot raise it.
+        let ceiling = rustix::process::getrlimit(Resource::Nofile)
+            .maximum
+            .map_or(OPEN_FILES, |hard| hard.min(OPEN_FILES));
+        let open_files = Rlimit {
+            current: Some(ceiling),
+            maximum: Some(ceiling),
+        };
+        // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
+        // (write, setgroups, setresgid, setresuid, setrlimit, prctl, getppid) on data prepared before fork.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
+                if let Some(cgroup) = &cgroup {
+                    cgroup.join_self()?;
+                }
+                if let Some((uid, gid, groups)) = &credentials {
+                    rustix::thread::set_thread_groups(groups)?;
+                    rustix::thread::set_thread_res_gid(*gid, *gid, *gid)?;
+                    rustix::thread::set_thread_res_uid(*uid, *uid, *uid)?;
+                }
+                // A crashing QEMU must not write the guest's memory to a core file.
+                let no_core = Rlimit {
+                    current: Some(0),
+                    maximum: Some(0),
+                };
+                rustix::process::setrlimit(Resource::Core, no_core)?;
+                rustix::process::setrlimit(Resource::Nofile, open_files)?;
+                // After the uid change, which would clear it.
                 rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+                if rustix::process::getppid() != Some(parent) {
+                    return Err(io::Error::other(
+                        "the worker exited while QEMU was starting",
+                    ));
+                }
                 Ok(())
             });
         }

@@ -6,7 +6,11 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use rustix::process::{kill_process_group, Pid, Signal};
+
+use crate::cgroup::{remove_group, GROUP_PREFIX};
 
 /// A VM's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,17 +24,23 @@ pub struct VmRecord {
     pub start_ticks: Option<u64>,
     /// The VM's runtime directory.
     pub runtime_dir: PathBuf,
+    /// The VM's control groups (one directory per hierarchy).
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl VmRecord {
     fn to_text(&self) -> String {
-        format!(
+        let mut text = format!(
             "name={}\npid={}\nstart_ticks={}\nruntime_dir={}\n",
             self.name,
             self.pid.map_or(String::new(), |p| p.to_string()),
             self.start_ticks.map_or(String::new(), |t| t.to_string()),
             self.runtime_dir.display()
-        )
+        );
+        for group in &self.cgroups {
+            text.push_str(&format!("cgroup={}\n", group.display()));
+        }
+        text
     }
 
     fn parse(text: &str) -> Option<VmRecord> {
@@ -44,6 +54,11 @@ impl VmRecord {
             pid: field("pid").and_then(|p| p.parse().ok()),
             start_ticks: field("start_ticks").and_then(|t| t.parse().ok()),
             runtime_dir: PathBuf::from(field("runtime_dir")?),
+            cgroups: text
+                .lines()
+                .filter_map(|line| line.strip_prefix("cgroup="))
+                .map(PathBuf::from)
+                .collect(),
         })
     }
 }
@@ -100,6 +115,8 @@ pub struct SweepReport {
     pub killed: Vec<u32>,
     /// Runtime directories removed.
     pub removed_dirs: Vec<PathBuf>,
+    /// Control groups removed.
+    pub removed_cgroups: Vec<PathBuf>,
     /// Records removed.
     pub records: usize,
 }
@@ -133,6 +150,16 @@ pub fn sweep(state_dir: &Path) -> io::Result<SweepReport> {
                 }
             }
         }
+        for group in &record.cgroups {
+            // Only groups this crate names; a non-empty group cannot be removed anyway.
+            let ours = group
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(GROUP_PREFIX));
+            if ours && group.exists() && remove_group(group, Duration::from_secs(2)) {
+                report.removed_cgroups.push(group.clone());
+            }
+        }
         if record.runtime_dir.exists() && fs::remove_dir_all(&record.runtime_dir).is_ok() {
             report.removed_dirs.push(record.runtime_dir.clone());
         }
@@ -153,6 +180,10 @@ mod tests {
             pid: Some(42),
             start_ticks: Some(123_456),
             runtime_dir: "/run/taskvm/task-1".into(),
+            cgroups: vec![
+                "/sys/fs/cgroup/memory/taskvm-task-1".into(),
+                "/sys/fs/cgroup/pids/taskvm-task-1".into(),
+            ],
         };
         assert_eq!(VmRecord::parse(&record.to_text()), Some(record));
     }
@@ -175,6 +206,7 @@ mod tests {
             pid: Some(me),
             start_ticks: Some(1),
             runtime_dir: runtime.clone(),
+            cgroups: vec![],
         };
         std::mem::forget(RecordFile::write(state.path(), &record).unwrap());
         let report = sweep(state.path()).unwrap();

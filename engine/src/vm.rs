@@ -14,6 +14,7 @@ use rand::Rng;
 use schemas::ResolvedMachine;
 use thiserror::Error;
 
+use crate::cgroup::{CgroupHost, CgroupLimits, VmCgroup};
 use crate::cmdline::{qemu_args, Accelerator, BootFiles, CmdlineError, LaunchSpec, Netdev};
 use crate::overlay::create_overlay;
 use crate::process::{QemuProcess, RunAs};
@@ -48,6 +49,9 @@ pub struct VmSettings {
     pub start_timeout: Duration,
     /// Where the VM's record goes, for the crash-recovery sweep (None: no record).
     pub state_dir: Option<PathBuf>,
+    /// The host's control groups, for per-VM limits (None: no limits; see
+    /// [`CgroupHost::detect`] for why a host may have none).
+    pub cgroups: Option<CgroupHost>,
 }
 
 /// How a VM ended.
@@ -100,6 +104,7 @@ pub struct VirtualMachine {
     qmp: Qmp,
     killed: bool,
     argv: Vec<String>,
+    cgroup: Option<VmCgroup>,
     runtime: RuntimeDir,
     _record: Option<RecordFile>,
     lease: Lease,
@@ -119,11 +124,22 @@ impl VirtualMachine {
             owner(settings.run_as),
         )
         .map_err(VmError::Setup)?;
+        let cgroup = match &settings.cgroups {
+            Some(host) => {
+                let cpus = u64::from(machine.topology().vcpus());
+                let limits = CgroupLimits::for_machine(u64::from(machine.memory_mib()), cpus);
+                Some(host.create(&settings.name, limits).map_err(|error| {
+                    VmError::Setup(io::Error::other(format!("control group: {error}")))
+                })?)
+            }
+            None => None,
+        };
         let mut record = VmRecord {
             name: settings.name.clone(),
             pid: None,
             start_ticks: None,
             runtime_dir: runtime.path().to_path_buf(),
+            cgroups: cgroup.as_ref().map_or(Vec::new(), |g| g.dirs().to_vec()),
         };
         let record_file = match &settings.state_dir {
             Some(state_dir) => Some(RecordFile::write(state_dir, &record).map_err(VmError::Setup)?),
@@ -160,11 +176,19 @@ impl VirtualMachine {
             stderr_tail: tail(&runtime.qemu_log(), STDERR_TAIL),
             argv: format!("{} {}", settings.qemu, argv.join(" ")),
         };
-        let mut qemu =
-            QemuProcess::spawn(&settings.qemu, &argv, settings.run_as, &runtime.qemu_log())
-                .map_err(|error| {
-                    start_error(format!("cannot run {}: {error}", settings.qemu), &runtime)
-                })?;
+        let extra_groups = match (settings.accelerator, settings.run_as) {
+            (Accelerator::Kvm, Some(_)) => kvm_group().into_iter().collect(),
+            _ => Vec::new(),
+        };
+        let mut qemu = QemuProcess::spawn(
+            &settings.qemu,
+            &argv,
+            settings.run_as,
+            &extra_groups,
+            cgroup.as_ref(),
+            &runtime.qemu_log(),
+        )
+        .map_err(|error| start_error(format!("cannot run {}: {error}", settings.qemu), &runtime))?;
         if let Some(file) = &record_file {
             record.pid = Some(qemu.pid());
             record.start_ticks = process_start_ticks(qemu.pid());
@@ -191,6 +215,7 @@ impl VirtualMachine {
             qmp,
             killed: false,
             argv,
+            cgroup,
             runtime,
             _record: record_file,
             lease,
@@ -215,6 +240,11 @@ impl VirtualMachine {
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.qemu.pid()
+    }
+
+    /// The VM's control group, when the host offers them.
+    pub fn cgroup(&self) -> Option<&VmCgroup> {
+        self.cgroup.as_ref()
     }
 
     /// The VNC socket (present when the machine has graphics).
@@ -337,6 +367,14 @@ impl VirtualMachine {
             stderr_tail: tail(&self.runtime.qemu_log(), STDERR_TAIL),
         }
     }
+}
+
+/// The group owning `/dev/kvm`, when it is not root's: the unprivileged QEMU needs it as a
+/// supplementary group to use KVM.
+fn kvm_group() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let gid = fs::metadata("/dev/kvm").ok()?.gid();
+    (gid != 0).then_some(gid)
 }
 
 fn owner(run_as: Option<RunAs>) -> Option<(u32, u32)> {

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use engine::cgroup::{CgroupHost, CgroupLimits};
 use engine::process::lookup_user;
 use engine::{Accelerator, ExitKind, Netdev, VirtualMachine, VmSettings};
 use image_manager::{Cache, ImageRequest, Lease};
@@ -54,6 +55,8 @@ impl Fixture {
             tsc_khz: host_tsc_khz(),
             start_timeout: Duration::from_secs(10),
             state_dir: Some(self.scratch.path().join("state")),
+            // As root on Linux the host must offer them; a failure here is a finding.
+            cgroups: root.then(|| CgroupHost::detect().unwrap()),
         }
     }
 }
@@ -106,6 +109,16 @@ async fn boots_sandboxed_to_the_agent_and_leaves_nothing_behind() {
             "{uid_line}"
         );
     }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "no core dumps of guest memory: {core}"
+    );
     assert!(
         status.contains("Seccomp:\t2"),
         "QEMU runs under its seccomp sandbox"
@@ -117,12 +130,48 @@ async fn boots_sandboxed_to_the_agent_and_leaves_nothing_behind() {
         & 0o777;
     assert_eq!(mode, 0o700);
 
+    let groups = if rustix::process::geteuid().is_root() {
+        let groups_line = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
+        assert_eq!(groups_line.trim(), "Groups:", "no supplementary groups");
+        let cgroup = vm.cgroup().expect("a control group when root");
+        assert!(cgroup.contains(pid), "QEMU is in its group");
+        let limits = CgroupLimits::for_machine(
+            u64::from(machine.memory_mib()),
+            u64::from(machine.topology().vcpus()),
+        );
+        let memory: u64 = cgroup
+            .dirs()
+            .iter()
+            .find_map(|dir| {
+                std::fs::read_to_string(dir.join("memory.max"))
+                    .or_else(|_| std::fs::read_to_string(dir.join("memory.limit_in_bytes")))
+                    .ok()
+            })
+            .expect("a memory limit file")
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(memory, limits.memory_bytes);
+        let pids = cgroup
+            .dirs()
+            .iter()
+            .find_map(|dir| std::fs::read_to_string(dir.join("pids.max")).ok())
+            .expect("a pids limit file");
+        assert_eq!(pids.trim(), limits.pids.to_string());
+        cgroup.dirs().to_vec()
+    } else {
+        Vec::new()
+    };
+
     let runtime = vm.runtime_dir().to_path_buf();
     vm.kill().await;
     assert_eq!(vm.wait().await, ExitKind::Killed);
     drop(vm);
     assert!(!runtime.exists(), "runtime directory removed");
     assert!(!process_exists(pid), "QEMU gone");
+    for group in groups {
+        assert!(!group.exists(), "{} removed", group.display());
+    }
     assert_eq!(
         sha256_file(&base),
         base_digest,
@@ -139,7 +188,11 @@ async fn dropping_a_booting_vm_kills_it_and_removes_its_files() {
         .await
         .unwrap();
     let (pid, runtime) = (vm.pid(), vm.runtime_dir().to_path_buf());
+    let groups = vm.cgroup().map_or(Vec::new(), |g| g.dirs().to_vec());
     drop(vm);
+    for group in groups {
+        assert!(!group.exists(), "{} removed", group.display());
+    }
     for _ in 0..200 {
         if !process_exists(pid)
             || std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -323,6 +376,12 @@ async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
     let report = engine::records::sweep(&state).unwrap();
     assert_eq!(report.records, 1);
     assert_eq!(report.removed_dirs, [scratch.path().join("run/owned")]);
+    if rustix::process::geteuid().is_root() {
+        assert!(!report.removed_cgroups.is_empty(), "the VM's groups swept");
+        for group in &report.removed_cgroups {
+            assert!(!group.exists());
+        }
+    }
     for _ in 0..100 {
         if !process_exists(qemu_pid) {
             break;

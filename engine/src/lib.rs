@@ -3,6 +3,7 @@
 //! nothing about queues or tasks.
 //!
 //! # Layout
+//! - [`accel`]: KVM or TCG; `auto` probes KVM with a boot watchdog and caches the verdict.
 //! - [`cgroup`]: per-VM memory, CPU and pid limits (cgroup v2, or v1 on hybrid hosts).
 //! - [`cmdline`]: the QEMU argument vector, a pure function (golden-file tested).
 //! - [`runtime`]: the VM's private runtime directory (sockets, logs, overlay).
@@ -17,6 +18,7 @@
 
 #![warn(clippy::unwrap_used)]
 
+pub mod accel;
 pub mod cgroup;
 pub mod cmdline;
 pub mod overlay;

@@ -371,7 +371,7 @@ impl VirtualMachine {
 
 /// The group owning `/dev/kvm`, when it is not root's: the unprivileged QEMU needs it as a
 /// supplementary group to use KVM.
-fn kvm_group() -> Option<u32> {
+pub(crate) fn kvm_group() -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
     let gid = fs::metadata("/dev/kvm").ok()?.gid();
     (gid != 0).then_some(gid)

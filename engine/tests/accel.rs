@@ -1,0 +1,149 @@
+//! The accelerator probe against real QEMU: a probe guest boots under TCG, the watchdog
+//! catches a guest that does not come up, and `auto` caches its verdict per host.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use engine::accel::{decide, probe_boot, Decision, ProbeOutcome, ProbeSpec};
+use engine::process::lookup_user;
+use engine::Accelerator;
+use image_manager::{Cache, ImageRequest, Lease};
+use schemas::config::{Accel, CacheConfig};
+use testkit::guest::{host_tsc_khz, minimal_image};
+
+struct Fixture {
+    scratch: tempfile::TempDir,
+    _lease: Lease,
+    kernel: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let scratch = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cache = Cache::open(CacheConfig {
+            dir: scratch.path().join("cache"),
+            ..CacheConfig::default()
+        })
+        .unwrap();
+        let request = ImageRequest::parse(minimal_image().to_str().unwrap(), None).unwrap();
+        let lease = cache.fetch(&request, &|_| {}).unwrap().0;
+        let kernel = lease
+            .kernel_path()
+            .expect("the minimal image boots a kernel");
+        Fixture {
+            scratch,
+            _lease: lease,
+            kernel,
+        }
+    }
+
+    fn spec(&self, watchdog: Duration) -> ProbeSpec {
+        ProbeSpec {
+            qemu: "qemu-system-x86_64".into(),
+            kernel: self.kernel.clone(),
+            run_as: rustix::process::geteuid()
+                .is_root()
+                .then(|| lookup_user("nobody").unwrap()),
+            scratch: self.scratch.path().join("probe"),
+            tsc_khz: host_tsc_khz(),
+            watchdog,
+        }
+    }
+
+    fn probe_dir_is_empty(&self) -> bool {
+        std::fs::read_dir(self.scratch.path().join("probe"))
+            .map(|entries| entries.count() == 0)
+            .unwrap_or(true)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_probe_guest_boots_under_tcg() {
+    let fixture = Fixture::new();
+    let outcome = probe_boot(Accelerator::Tcg, &fixture.spec(Duration::from_secs(60))).await;
+    assert!(
+        matches!(outcome, ProbeOutcome::Booted { .. }),
+        "{outcome:?}"
+    );
+    assert!(fixture.probe_dir_is_empty(), "the probe cleans up");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_watchdog_calls_a_guest_that_does_not_come_up_in_time_hung() {
+    let fixture = Fixture::new();
+    // Under TCG the kernel needs about a second; 200 ms is a hang by this watchdog.
+    let outcome = probe_boot(Accelerator::Tcg, &fixture.spec(Duration::from_millis(200))).await;
+    assert_eq!(outcome, ProbeOutcome::Hung);
+    assert!(
+        fixture.probe_dir_is_empty(),
+        "the hung probe is killed and removed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_qemu_that_cannot_run_the_probe_is_a_failure_with_its_reason() {
+    let fixture = Fixture::new();
+    let mut spec = fixture.spec(Duration::from_secs(30));
+    spec.kernel = fixture.scratch.path().join("no-such-kernel");
+    let outcome = probe_boot(Accelerator::Tcg, &spec).await;
+    match outcome {
+        ProbeOutcome::Failed { reason } => assert!(reason.contains("no-such-kernel"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_probes_once_per_host_and_reuses_the_cached_verdict() {
+    let fixture = Fixture::new();
+    let cache = fixture.scratch.path().join("state/accel.json");
+    let spec = fixture.spec(Duration::from_secs(10));
+    let first = decide(Accel::Auto, &cache, Some(&spec)).await;
+    if first.accelerator == Accelerator::Tcg {
+        let notice = first
+            .notice
+            .as_deref()
+            .expect("falling back to TCG is announced");
+        assert!(!notice.contains('\n'), "one line: {notice}");
+    }
+    let mut verdict: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cache).expect("the verdict is stored")).unwrap();
+
+    // A stored verdict for this host is used as it is, without a new probe.
+    verdict["kvm_usable"] = false.into();
+    verdict["reason"] = "recorded-earlier".into();
+    std::fs::write(&cache, serde_json::to_vec(&verdict).unwrap()).unwrap();
+    let second = decide(Accel::Auto, &cache, Some(&spec)).await;
+    assert_eq!(second.accelerator, Accelerator::Tcg);
+    assert!(second.notice.unwrap().contains("recorded-earlier"));
+
+    // A verdict from another host is not.
+    verdict["host"] = "another host".into();
+    std::fs::write(&cache, serde_json::to_vec(&verdict).unwrap()).unwrap();
+    let third = decide(Accel::Auto, &cache, Some(&spec)).await;
+    assert_eq!(third.accelerator, first.accelerator);
+    assert!(!third
+        .notice
+        .unwrap_or_default()
+        .contains("recorded-earlier"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forced_choices_never_probe() {
+    let fixture = Fixture::new();
+    let cache = fixture.scratch.path().join("state/accel.json");
+    for (choice, accelerator) in [
+        (Accel::Kvm, Accelerator::Kvm),
+        (Accel::Tcg, Accelerator::Tcg),
+    ] {
+        assert_eq!(
+            decide(choice, &cache, None).await,
+            Decision {
+                accelerator,
+                notice: None
+            }
+        );
+    }
+    assert!(!cache.exists());
+}

@@ -61,6 +61,7 @@ async fn main() {
         qemu: "qemu-system-x86_64".into(),
         tsc_khz: host_tsc_khz(),
         cgroups: CgroupHost::detect().ok(),
+        network: None,
         start_timeout: Duration::from_secs(10),
         state_dir: None,
     };

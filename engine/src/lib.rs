@@ -7,6 +7,11 @@
 //! - [`cgroup`]: per-VM memory, CPU and pid limits (cgroup v2, or v1 on hybrid hosts).
 //! - [`cmdline`]: the QEMU argument vector, a pure function (golden-file tested).
 //! - [`runtime`]: the VM's private runtime directory (sockets, logs, overlay).
+//! - [`netns`]: the VM's own network namespace and the tap device in it.
+//! - [`metadata`]: the per-VM HTTP service, its listener inside the VM's namespace.
+//! - [`session`]: the guest protocol (`/engine/v1/`) and cloud-init metadata as a handler.
+//! - [`dhcp`]: a DHCP responder for stock cloud images.
+//! - [`network`]: all of these for one VM, owned as one.
 //! - [`overlay`]: the per-VM qcow2 overlay on the leased image.
 //! - [`process`]: starting QEMU as an unprivileged user in its own process group, tied to
 //!   the worker's life; killing and reaping it.
@@ -14,6 +19,7 @@
 //! - [`records`]: what each VM created, on disk, and the start-up [`records::sweep`] that
 //!   cleans up after a worker killed with `kill -9`.
 //! - [`screenshot`]: the screen over VNC as an RGBA image or PNG.
+//! - [`tsc`]: the host's TSC frequency for the guest's command line.
 //! - [`vm`]: [`VirtualMachine`], which owns all of the above and removes it on drop.
 
 #![warn(clippy::unwrap_used)]
@@ -21,12 +27,18 @@
 pub mod accel;
 pub mod cgroup;
 pub mod cmdline;
+pub mod dhcp;
+pub mod metadata;
+pub mod netns;
+pub mod network;
 pub mod overlay;
 pub mod process;
 pub mod qmp;
 pub mod records;
 pub mod runtime;
 pub mod screenshot;
+pub mod session;
+pub mod tsc;
 pub mod vm;
 
 pub use vm::{ExitKind, VirtualMachine, VmError, VmSettings};

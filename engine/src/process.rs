@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::process::Stdio;
 
@@ -34,7 +35,8 @@ pub struct RunAs {
 impl QemuProcess {
     /// Starts `program` with `args`; standard error goes to `stderr_log`. With `run_as`, the
     /// child drops to that user (plus `extra_groups`) before exec; with `cgroup`, it joins
-    /// that group first, while still privileged enough to.
+    /// that group first, while still privileged enough to. `inherit` stays open in QEMU under
+    /// the same number (for `-netdev tap,fd=N`).
     #[allow(unsafe_code)]
     pub fn spawn(
         program: &str,
@@ -42,6 +44,7 @@ impl QemuProcess {
         run_as: Option<RunAs>,
         extra_groups: &[u32],
         cgroup: Option<&VmCgroup>,
+        inherit: Option<BorrowedFd<'_>>,
         stderr_log: &Path,
     ) -> io::Result<Self> {
         let stderr = File::create(stderr_log)?;
@@ -63,6 +66,7 @@ impl QemuProcess {
             (Uid::from_raw(user.uid), Gid::from_raw(user.gid), groups)
         });
         let parent = rustix::process::getpid();
+        let inherit = inherit.map(|fd| fd.as_raw_fd());
         // Never above what the worker itself may have: an unprivileged child cannot raise it.
         let ceiling = rustix::process::getrlimit(Resource::Nofile)
             .maximum
@@ -72,9 +76,14 @@ impl QemuProcess {
             maximum: Some(ceiling),
         };
         // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
-        // (write, setgroups, setresgid, setresuid, setrlimit, prctl, getppid) on data prepared before fork.
+        // (fcntl, write, setgroups, setresgid, setresuid, setrlimit, prctl, getppid) on data prepared before fork.
         unsafe {
             command.pre_exec(move || {
+                if let Some(fd) = inherit {
+                    // SAFETY: the descriptor is open: the caller's borrow outlives spawn().
+                    let fd = BorrowedFd::borrow_raw(fd);
+                    rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+                }
                 if let Some(cgroup) = &cgroup {
                     cgroup.join_self()?;
                 }

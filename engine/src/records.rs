@@ -11,6 +11,7 @@ use std::time::Duration;
 use rustix::process::{kill_process_group, Pid, Signal};
 
 use crate::cgroup::{remove_group, GROUP_PREFIX};
+use crate::netns::{delete_namespace, namespace_path, NAMESPACE_PREFIX};
 
 /// A VM's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +27,8 @@ pub struct VmRecord {
     pub runtime_dir: PathBuf,
     /// The VM's control groups (one directory per hierarchy).
     pub cgroups: Vec<PathBuf>,
+    /// The VM's network namespace.
+    pub netns: Option<String>,
 }
 
 impl VmRecord {
@@ -39,6 +42,9 @@ impl VmRecord {
         );
         for group in &self.cgroups {
             text.push_str(&format!("cgroup={}\n", group.display()));
+        }
+        if let Some(netns) = &self.netns {
+            text.push_str(&format!("netns={netns}\n"));
         }
         text
     }
@@ -59,6 +65,7 @@ impl VmRecord {
                 .filter_map(|line| line.strip_prefix("cgroup="))
                 .map(PathBuf::from)
                 .collect(),
+            netns: field("netns"),
         })
     }
 }
@@ -117,6 +124,8 @@ pub struct SweepReport {
     pub removed_dirs: Vec<PathBuf>,
     /// Control groups removed.
     pub removed_cgroups: Vec<PathBuf>,
+    /// Network namespaces deleted.
+    pub removed_namespaces: Vec<String>,
     /// Records removed.
     pub records: usize,
 }
@@ -160,6 +169,16 @@ pub fn sweep(state_dir: &Path) -> io::Result<SweepReport> {
                 report.removed_cgroups.push(group.clone());
             }
         }
+        if let Some(name) = record.netns.as_deref() {
+            // Only namespaces this crate names.
+            if name.starts_with(NAMESPACE_PREFIX)
+                && !name.contains('/')
+                && namespace_path(name).exists()
+                && delete_namespace(name)
+            {
+                report.removed_namespaces.push(name.to_owned());
+            }
+        }
         if record.runtime_dir.exists() && fs::remove_dir_all(&record.runtime_dir).is_ok() {
             report.removed_dirs.push(record.runtime_dir.clone());
         }
@@ -184,6 +203,7 @@ mod tests {
                 "/sys/fs/cgroup/memory/taskvm-task-1".into(),
                 "/sys/fs/cgroup/pids/taskvm-task-1".into(),
             ],
+            netns: Some("taskvm-task-1".into()),
         };
         assert_eq!(VmRecord::parse(&record.to_text()), Some(record));
     }
@@ -207,6 +227,7 @@ mod tests {
             start_ticks: Some(1),
             runtime_dir: runtime.clone(),
             cgroups: vec![],
+            netns: None,
         };
         std::mem::forget(RecordFile::write(state.path(), &record).unwrap());
         let report = sweep(state.path()).unwrap();

@@ -4,7 +4,9 @@
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use image::RgbaImage;
@@ -16,6 +18,9 @@ use thiserror::Error;
 
 use crate::cgroup::{CgroupHost, CgroupLimits, VmCgroup};
 use crate::cmdline::{qemu_args, Accelerator, BootFiles, CmdlineError, LaunchSpec, Netdev};
+use crate::metadata::Handler;
+use crate::netns::{namespace_name, NetworkError};
+use crate::network::{NetworkSettings, VmNetwork};
 use crate::overlay::create_overlay;
 use crate::process::{QemuProcess, RunAs};
 use crate::qmp::Qmp;
@@ -39,7 +44,7 @@ pub struct VmSettings {
     pub accelerator: Accelerator,
     /// The unprivileged user QEMU runs as (None: as the worker itself).
     pub run_as: Option<RunAs>,
-    /// Network backend.
+    /// Network backend when `network` is None.
     pub netdev: Netdev,
     /// The QEMU binary.
     pub qemu: String,
@@ -52,6 +57,8 @@ pub struct VmSettings {
     /// The host's control groups, for per-VM limits (None: no limits; see
     /// [`CgroupHost::detect`] for why a host may have none).
     pub cgroups: Option<CgroupHost>,
+    /// An isolated network with a metadata service (replaces `netdev`); None: `netdev`.
+    pub network: Option<NetworkSettings>,
 }
 
 /// How a VM ended.
@@ -93,6 +100,9 @@ pub enum VmError {
         /// The command line, for reproducing it by hand.
         argv: String,
     },
+    /// The VM's network could not be made.
+    #[error("VM network: {0}")]
+    Network(#[from] NetworkError),
     /// A QMP command failed.
     #[error("QMP: {0}")]
     Qmp(io::Error),
@@ -104,6 +114,7 @@ pub struct VirtualMachine {
     qmp: Qmp,
     killed: bool,
     argv: Vec<String>,
+    network: Option<VmNetwork>,
     cgroup: Option<VmCgroup>,
     runtime: RuntimeDir,
     _record: Option<RecordFile>,
@@ -140,9 +151,18 @@ impl VirtualMachine {
             start_ticks: None,
             runtime_dir: runtime.path().to_path_buf(),
             cgroups: cgroup.as_ref().map_or(Vec::new(), |g| g.dirs().to_vec()),
+            netns: settings
+                .network
+                .as_ref()
+                .map(|_| namespace_name(&settings.name)),
         };
         let record_file = match &settings.state_dir {
             Some(state_dir) => Some(RecordFile::write(state_dir, &record).map_err(VmError::Setup)?),
+            None => None,
+        };
+        // Recorded before it exists, so that a crash in between still gets it swept.
+        let network = match &settings.network {
+            Some(network) => Some(VmNetwork::create(&settings.name, network)?),
             None => None,
         };
         let (base, format) = lease.boot_disk();
@@ -155,7 +175,14 @@ impl VirtualMachine {
         let boot = m.boot.as_ref().map(|boot| BootFiles {
             kernel: lease.dir().join(&boot.kernel),
             initrd: boot.initrd.as_ref().map(|initrd| lease.dir().join(initrd)),
-            append: boot.append.clone().unwrap_or_default(),
+            append: match &network {
+                Some(network) => format!(
+                    "{} {}",
+                    boot.append.clone().unwrap_or_default(),
+                    network.kernel_parameter()
+                ),
+                None => boot.append.clone().unwrap_or_default(),
+            },
         });
         let spec = LaunchSpec {
             name: settings.name.clone(),
@@ -164,7 +191,10 @@ impl VirtualMachine {
             boot,
             uuid: m.uuid.clone().unwrap_or_else(random_uuid),
             mac: m.mac.clone().unwrap_or_else(random_mac),
-            netdev: settings.netdev.clone(),
+            netdev: match &network {
+                Some(network) => Netdev::TapFd(network.tap().as_raw_fd()),
+                None => settings.netdev.clone(),
+            },
             serial_log: runtime.serial_log(),
             qmp_socket: runtime.qmp_socket(),
             vnc_socket: runtime.vnc_socket(),
@@ -186,6 +216,7 @@ impl VirtualMachine {
             settings.run_as,
             &extra_groups,
             cgroup.as_ref(),
+            network.as_ref().map(|network| network.tap()),
             &runtime.qemu_log(),
         )
         .map_err(|error| start_error(format!("cannot run {}: {error}", settings.qemu), &runtime))?;
@@ -215,6 +246,7 @@ impl VirtualMachine {
             qmp,
             killed: false,
             argv,
+            network,
             cgroup,
             runtime,
             _record: record_file,
@@ -240,6 +272,19 @@ impl VirtualMachine {
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.qemu.pid()
+    }
+
+    /// Sets the handler of the VM's metadata service (seed 001's `SetHTTPHandler`); a VM
+    /// without an isolated network has no metadata service and ignores it.
+    pub fn set_http_handler(&self, handler: Arc<dyn Handler>) {
+        if let Some(network) = &self.network {
+            network.set_handler(handler);
+        }
+    }
+
+    /// The VM's isolated network, if it has one.
+    pub fn network(&self) -> Option<&VmNetwork> {
+        self.network.as_ref()
     }
 
     /// The VM's control group, when the host offers them.

@@ -57,6 +57,7 @@ impl Fixture {
             state_dir: Some(self.scratch.path().join("state")),
             // As root on Linux the host must offer them; a failure here is a finding.
             cgroups: root.then(|| CgroupHost::detect().unwrap()),
+            network: None,
         }
     }
 }
@@ -326,6 +327,9 @@ async fn owner_process_for_the_kill_9_test() {
     let mut settings = fixture.settings("owned");
     settings.runtime_parent = Path::new(&scratch).join("run");
     settings.state_dir = Some(Path::new(&scratch).join("state"));
+    if rustix::process::geteuid().is_root() {
+        settings.network = Some(engine::network::NetworkSettings::default());
+    }
     let _vm = VirtualMachine::start(lease, &machine, &settings)
         .await
         .unwrap();
@@ -377,6 +381,12 @@ async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
     assert_eq!(report.records, 1);
     assert_eq!(report.removed_dirs, [scratch.path().join("run/owned")]);
     if rustix::process::geteuid().is_root() {
+        assert_eq!(
+            report.removed_namespaces,
+            ["taskvm-owned"],
+            "the VM's network swept"
+        );
+        assert!(!Path::new("/run/netns/taskvm-owned").exists());
         assert!(!report.removed_cgroups.is_empty(), "the VM's groups swept");
         for group in &report.removed_cgroups {
             assert!(!group.exists());

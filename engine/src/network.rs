@@ -1,0 +1,136 @@
+//! A VM's isolated network, owned as one: its namespace, the tap QEMU uses, the metadata
+//! service listening at 169.254.169.254:80 inside the namespace and the DHCP responder.
+//!
+//! Isolation is structural: the namespace holds only the tap and a loopback, has forwarding
+//! and IPv6 off, and no route, veth or bridge leads out of it. Whatever the guest sends —
+//! to the host's addresses, to other VMs, to any network — has nowhere to go; the only
+//! sockets in the namespace are the metadata listener and the DHCP responder.
+
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use schemas::protocol::METADATA_ADDRESS;
+use tokio::task::JoinHandle;
+
+use crate::dhcp;
+use crate::metadata::{Handler, MetadataService, ServiceLimits};
+use crate::netns::{check_privileges, open_tap, Namespace, NetworkError, TAP_NAME};
+
+/// The guest address our agent uses when told nothing else.
+pub const DEFAULT_GUEST_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 2);
+/// The link's prefix length (169.254.0.0/16).
+pub const PREFIX_LEN: u8 = 16;
+
+/// How a VM's network is set up.
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    /// The guest's address (on the kernel command line for our agent, by DHCP for others).
+    pub guest_address: Ipv4Addr,
+    /// Limits of the metadata service.
+    pub limits: ServiceLimits,
+    /// Whether to answer DHCP.
+    pub dhcp: bool,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        NetworkSettings {
+            guest_address: DEFAULT_GUEST_ADDRESS,
+            limits: ServiceLimits::default(),
+            dhcp: true,
+        }
+    }
+}
+
+/// One VM's network. Dropping it stops the services and deletes the namespace.
+pub struct VmNetwork {
+    service: MetadataService,
+    dhcp: Option<JoinHandle<()>>,
+    tap: OwnedFd,
+    guest_address: Ipv4Addr,
+    namespace: Namespace,
+}
+
+impl VmNetwork {
+    /// Creates the namespace `taskvm-NAME` with its tap and services. Must run inside a
+    /// tokio runtime.
+    pub fn create(name: &str, settings: &NetworkSettings) -> Result<Self, NetworkError> {
+        check_privileges()?;
+        let metadata: Ipv4Addr = METADATA_ADDRESS
+            .parse()
+            .unwrap_or(Ipv4Addr::new(169, 254, 169, 254));
+        let namespace = Namespace::create(name)?;
+        let tap = namespace.run_inside(|| open_tap(TAP_NAME))?;
+        namespace.ip(&[
+            "addr",
+            "add",
+            &format!("{metadata}/{PREFIX_LEN}"),
+            "dev",
+            TAP_NAME,
+        ])?;
+        namespace.ip(&["link", "set", TAP_NAME, "up"])?;
+        let want_dhcp = settings.dhcp;
+        let (listener, dhcp_socket) = namespace.run_inside(move || {
+            let listener = TcpListener::bind(SocketAddrV4::new(metadata, 80))?;
+            let dhcp_socket = if want_dhcp {
+                Some(dhcp::bind(TAP_NAME)?)
+            } else {
+                None
+            };
+            Ok((listener, dhcp_socket))
+        })?;
+        let service = MetadataService::start(listener, settings.limits).map_err(|source| {
+            NetworkError::Io {
+                action: "starting the metadata service".into(),
+                source,
+            }
+        })?;
+        let dhcp = dhcp_socket.map(|socket| {
+            tokio::spawn(dhcp::serve(
+                socket,
+                dhcp::Lease {
+                    address: settings.guest_address,
+                    prefix_len: PREFIX_LEN,
+                    server: metadata,
+                    seconds: 86_400,
+                },
+            ))
+        });
+        Ok(VmNetwork {
+            service,
+            dhcp,
+            tap,
+            guest_address: settings.guest_address,
+            namespace,
+        })
+    }
+
+    /// The tap's descriptor, for QEMU's `-netdev tap,fd=N`.
+    pub fn tap(&self) -> BorrowedFd<'_> {
+        self.tap.as_fd()
+    }
+
+    /// The namespace's name.
+    pub fn namespace(&self) -> &str {
+        self.namespace.name()
+    }
+
+    /// Sets the handler of the VM's metadata requests.
+    pub fn set_handler(&self, handler: Arc<dyn Handler>) {
+        self.service.set_handler(handler);
+    }
+
+    /// The kernel parameter that tells our agent its address.
+    pub fn kernel_parameter(&self) -> String {
+        format!("taskvm.ip={}/{PREFIX_LEN}", self.guest_address)
+    }
+}
+
+impl Drop for VmNetwork {
+    fn drop(&mut self) {
+        if let Some(dhcp) = &self.dhcp {
+            dhcp.abort();
+        }
+    }
+}

@@ -10,7 +10,7 @@ use image_manager::{
 use indicatif::{ProgressBar, ProgressStyle};
 use schemas::config::CacheConfig;
 
-use crate::exit::Outcome;
+use taskvm::exit::Outcome;
 
 /// Subcommands of `taskvm image`.
 #[derive(Debug, Subcommand)]

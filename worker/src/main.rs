@@ -6,8 +6,8 @@
 #![warn(clippy::unwrap_used)]
 
 mod documents;
-mod exit;
 mod image_cmd;
+mod run_cmd;
 mod validate;
 
 use std::path::PathBuf;
@@ -16,8 +16,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use schemas::DocumentKind;
 
-use crate::exit::Outcome;
 use crate::validate::ValidateKind;
+use taskvm::exit::Outcome;
 
 /// Runs each CI task in its own throwaway, sandboxed QEMU virtual machine.
 #[derive(Debug, Parser)]
@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         command: image_cmd::ImageCommand,
     },
+    /// Run one task in a fresh VM: its output on stdout, its resolution as the exit status.
+    ///
+    /// Exit status: 0 completed, 1 failed, 2 malformed payload, 3 internal error or another
+    /// exception (canceled).
+    Run(run_cmd::RunArgs),
     /// Check a task payload (or machine.json, or configuration) and print `ok` or every error.
     ///
     /// Exit status: 0 valid, 2 invalid.
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
             Outcome::Success
         }
         Command::Image { command } => image_cmd::run(command),
+        Command::Run(args) => run_cmd::run(args),
         Command::Validate { file, kind, config } => run_validate(&file, kind, config.as_deref()),
     };
     outcome.into()

@@ -1,0 +1,186 @@
+//! `taskvm run TASK.json`: one task, locally, its log on stdout, its artifacts in a directory,
+//! its resolution as the exit code. Ctrl-C or SIGTERM cancels it cleanly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use schemas::config::Accel;
+use schemas::parse_payload;
+use tokio::sync::watch;
+
+use taskvm::exit::Outcome;
+use taskvm::task::host::Host;
+use taskvm::task::log::{Echo, TaskLog};
+use taskvm::task::resolution::ExceptionReason;
+use taskvm::task::{run_task, TaskRequest};
+
+/// Arguments of `taskvm run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The task payload (JSON).
+    task: PathBuf,
+    /// Image cache directory (default: the configuration's cache.dir).
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// Where to put the task's artifacts, logs and screenshot (default: not kept).
+    #[arg(long, value_name = "DIR")]
+    artifacts: Option<PathBuf>,
+    /// Worker configuration (limits, machine defaults, sandbox user…).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory: VM records for the crash sweep, the KVM verdict (default: the
+    /// configuration's stateDir).
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// Accelerator (default: the configuration's accel, `auto` unless set).
+    #[arg(long, value_enum)]
+    accel: Option<AccelArg>,
+}
+
+/// `--accel`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AccelArg {
+    /// KVM when a probe boot works on this host, TCG otherwise.
+    Auto,
+    /// KVM, or fail.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl From<AccelArg> for Accel {
+    fn from(value: AccelArg) -> Self {
+        match value {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        }
+    }
+}
+
+/// Runs `taskvm run`.
+pub fn run(args: RunArgs) -> Outcome {
+    let mut config = match crate::documents::load_config(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(violations) => {
+            eprintln!("taskvm: invalid configuration:\n{violations}");
+            return Outcome::Malformed;
+        }
+    };
+    if let Some(cache) = args.cache {
+        config.cache.dir = cache;
+    }
+    if let Some(state) = args.state {
+        config.state_dir = state;
+    }
+    if let Some(accel) = args.accel {
+        config.accel = accel.into();
+    }
+    let kept = args.artifacts.is_some();
+    let artifacts = match prepare_artifacts(args.artifacts.as_deref()) {
+        Ok(dir) => dir,
+        Err(error) => {
+            eprintln!("taskvm: artifacts directory: {error}");
+            return Outcome::Internal;
+        }
+    };
+    let log = match TaskLog::create(&artifacts.path().join("live.log"), Echo::Terminal) {
+        Ok(log) => log,
+        Err(error) => {
+            eprintln!("taskvm: cannot write the task log: {error}");
+            return Outcome::Internal;
+        }
+    };
+    // The payload first: a malformed one is the user's to fix, whatever this host can do.
+    let payload =
+        match crate::documents::read_document(&args.task).and_then(|value| parse_payload(&value)) {
+            Ok(payload) => payload,
+            Err(violations) => {
+                for line in violations.to_string().lines() {
+                    log.note(line);
+                }
+                log.note("resolved exception/malformed-payload: the payload is malformed");
+                return Outcome::Malformed;
+            }
+        };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("taskvm: cannot start the async runtime: {error}");
+            return Outcome::Internal;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let host = match Host::prepare(config, &|line| log.note(line)) {
+            Ok(host) => Arc::new(host),
+            Err(error) => {
+                log.note(&format!("this host cannot run tasks: {error}"));
+                return Outcome::Internal;
+            }
+        };
+        let (stop, stop_signal) = watch::channel(None);
+        tokio::spawn(async move {
+            let reason = wait_for_signal().await;
+            let _ = stop.send(Some(reason));
+            // Keep the sender: dropping it would look like "no more signals".
+            std::future::pending::<()>().await;
+        });
+        let request = TaskRequest {
+            payload,
+            name: format!("task-{:08x}", rand::random::<u32>()),
+            artifacts_dir: artifacts.path().to_path_buf(),
+        };
+        let outcome = run_task(host, request, &log, stop_signal).await;
+        if let Some(error) = log.write_error() {
+            eprintln!("taskvm: warning: the task log is incomplete: {error}");
+        }
+        outcome.resolution.outcome()
+    });
+    if kept {
+        eprintln!("taskvm: artifacts in {}", artifacts.path().display());
+    }
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    outcome
+}
+
+/// Ctrl-C or SIGTERM.
+async fn wait_for_signal() -> ExceptionReason {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).ok();
+    let mut terminate = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        Some(()) = async { interrupt.as_mut()?.recv().await } => {}
+        Some(()) = async { terminate.as_mut()?.recv().await } => {}
+    }
+    eprintln!("taskvm: signal received: canceling the task");
+    ExceptionReason::Canceled
+}
+
+/// The artifacts directory: the one given (created), or a temporary one removed at exit.
+enum ArtifactsDir {
+    Kept(PathBuf),
+    Temporary(tempfile::TempDir),
+}
+
+impl ArtifactsDir {
+    fn path(&self) -> &Path {
+        match self {
+            ArtifactsDir::Kept(path) => path,
+            ArtifactsDir::Temporary(dir) => dir.path(),
+        }
+    }
+}
+
+fn prepare_artifacts(dir: Option<&Path>) -> std::io::Result<ArtifactsDir> {
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            Ok(ArtifactsDir::Kept(dir.to_path_buf()))
+        }
+        None => Ok(ArtifactsDir::Temporary(tempfile::tempdir()?)),
+    }
+}

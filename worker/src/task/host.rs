@@ -1,0 +1,177 @@
+//! What a worker prepares once and all its tasks share: directories, the image cache, the
+//! sandbox user, control groups, the accelerator verdict — and the start-up sweep that
+//! removes what a worker killed with `kill -9` left behind.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use engine::accel::{decide, ProbeSpec};
+use engine::cgroup::CgroupHost;
+use engine::process::{lookup_user, RunAs};
+use engine::Accelerator;
+use image_manager::{Cache, Lease};
+use schemas::config::Accel;
+use schemas::WorkerConfig;
+use thiserror::Error;
+use tokio::sync::OnceCell;
+
+/// Why the host cannot run tasks.
+#[derive(Debug, Error)]
+pub enum HostError {
+    /// A directory could not be made.
+    #[error("cannot create {path}: {source}")]
+    Directory {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// VMs need privileges this process lacks.
+    #[error(transparent)]
+    Privileges(#[from] engine::netns::NetworkError),
+    /// The sandbox user does not exist.
+    #[error("sandbox user {user:?}: {source}")]
+    User {
+        /// The configured user.
+        user: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The image cache could not be opened.
+    #[error("image cache: {0}")]
+    Cache(#[from] image_manager::ImageError),
+    /// The sweep failed.
+    #[error("start-up sweep of {path}: {source}")]
+    Sweep {
+        /// The state directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// The shared, prepared host.
+pub struct Host {
+    /// The configuration tasks run under.
+    pub config: WorkerConfig,
+    /// The image cache.
+    pub cache: Cache,
+    /// The user QEMU runs as (None when the worker is not root).
+    pub run_as: Option<RunAs>,
+    /// Per-VM control groups, when the host has them.
+    pub cgroups: Option<CgroupHost>,
+    /// The QEMU binary.
+    pub qemu: String,
+    /// The host's TSC frequency.
+    pub tsc_khz: Option<u64>,
+    accel: OnceCell<Accelerator>,
+}
+
+impl Host {
+    /// Prepares the host for `config`: sweeps leftovers of a crashed worker, creates the
+    /// directories, opens the cache. `notice` receives one line per thing worth knowing.
+    pub fn prepare(config: WorkerConfig, notice: &dyn Fn(&str)) -> Result<Host, HostError> {
+        engine::netns::check_privileges()?;
+        let state = &config.state_dir;
+        make_dir(state)?;
+        let report = engine::records::sweep(state).map_err(|source| HostError::Sweep {
+            path: state.clone(),
+            source,
+        })?;
+        if report.records > 0 {
+            notice(&format!(
+                "swept {} VM(s) a previous worker left: {} QEMU process(es) killed, {} \
+                 directories, {} control groups, {} network namespaces removed",
+                report.records,
+                report.killed.len(),
+                report.removed_dirs.len(),
+                report.removed_cgroups.len(),
+                report.removed_namespaces.len()
+            ));
+        }
+        // The VMs' own 0700 directories live here; QEMU, as the sandbox user, must be able
+        // to pass through it.
+        make_dir(&runtime_parent(state))?;
+        let run_as = if rustix::process::geteuid().is_root() {
+            let user = &config.sandbox.user;
+            Some(lookup_user(user).map_err(|source| HostError::User {
+                user: user.clone(),
+                source,
+            })?)
+        } else {
+            None
+        };
+        let cgroups = match CgroupHost::detect() {
+            Ok(host) => Some(host),
+            Err(error) => {
+                notice(&format!("VMs run without memory/CPU/pid limits: {error}"));
+                None
+            }
+        };
+        let cache = Cache::open(config.cache.clone())?;
+        Ok(Host {
+            config,
+            cache,
+            run_as,
+            cgroups,
+            qemu: "qemu-system-x86_64".to_owned(),
+            tsc_khz: engine::tsc::host_tsc_khz(),
+            accel: OnceCell::new(),
+        })
+    }
+
+    /// Where VMs' runtime directories go.
+    pub fn runtime_parent(&self) -> PathBuf {
+        runtime_parent(&self.config.state_dir)
+    }
+
+    /// The accelerator, decided on first use (an `auto` probe boots `lease`'s kernel under
+    /// KVM once per host; the verdict is cached in the state directory).
+    pub async fn accelerator(&self, lease: &Lease, notice: &dyn Fn(&str)) -> Accelerator {
+        *self
+            .accel
+            .get_or_init(|| async {
+                let spec = lease.kernel_path().map(|kernel| ProbeSpec {
+                    qemu: self.qemu.clone(),
+                    kernel,
+                    run_as: self.run_as,
+                    scratch: self.runtime_parent(),
+                    tsc_khz: self.tsc_khz,
+                    watchdog: std::time::Duration::from_secs(10),
+                });
+                let cache_file = self.config.state_dir.join("accel.json");
+                let decision = decide(self.config.accel, &cache_file, spec.as_ref()).await;
+                if let Some(line) = &decision.notice {
+                    notice(line);
+                }
+                if self.config.accel == Accel::Auto && decision.accelerator == Accelerator::Kvm {
+                    notice("using KVM");
+                }
+                decision.accelerator
+            })
+            .await
+    }
+}
+
+fn runtime_parent(state: &Path) -> PathBuf {
+    state.join("run")
+}
+
+/// Creates `path` (and parents) traversable by the sandbox user: 0755.
+fn make_dir(path: &Path) -> Result<(), HostError> {
+    let failed = |source| HostError::Directory {
+        path: path.to_owned(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .map_err(failed)?;
+    let mode = fs::metadata(path).map_err(failed)?.permissions().mode();
+    if mode & 0o005 != 0o005 {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o755)).map_err(failed)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! How a task ends, in Taskcluster's vocabulary, and the one mapping from resolutions to
+//! `taskvm run`'s exit codes.
+
+use std::fmt;
+
+use crate::exit::Outcome;
+
+/// Why a task ended in an exception rather than completing or failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExceptionReason {
+    /// The payload, its machine or its image is unusable: the task's fault, not the worker's.
+    MalformedPayload,
+    /// QEMU crashed or the host failed: the worker's fault.
+    InternalError,
+    /// Someone canceled the task.
+    Canceled,
+    /// The worker is shutting down and abandoned the task.
+    WorkerShutdown,
+}
+
+impl ExceptionReason {
+    /// Taskcluster's name for the reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExceptionReason::MalformedPayload => "malformed-payload",
+            ExceptionReason::InternalError => "internal-error",
+            ExceptionReason::Canceled => "canceled",
+            ExceptionReason::WorkerShutdown => "worker-shutdown",
+        }
+    }
+}
+
+/// A task's resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The command exited 0 and every artifact was collected.
+    Completed,
+    /// The command ran and failed: non-zero exit, maxRunTime exceeded, a missing artifact.
+    Failed,
+    /// The task could not be run as asked.
+    Exception(ExceptionReason),
+}
+
+impl Resolution {
+    /// The exit code `taskvm run` ends with.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Resolution::Completed => Outcome::Success,
+            Resolution::Failed => Outcome::Failed,
+            Resolution::Exception(ExceptionReason::MalformedPayload) => Outcome::Malformed,
+            Resolution::Exception(_) => Outcome::Internal,
+        }
+    }
+}
+
+impl fmt::Display for Resolution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Resolution::Completed => f.write_str("completed"),
+            Resolution::Failed => f.write_str("failed"),
+            Resolution::Exception(reason) => write!(f, "exception/{}", reason.as_str()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_promise() {
+        assert_eq!(Resolution::Completed.outcome() as u8, 0);
+        assert_eq!(Resolution::Failed.outcome() as u8, 1);
+        let malformed = Resolution::Exception(ExceptionReason::MalformedPayload);
+        assert_eq!(malformed.outcome() as u8, 2);
+        for reason in [
+            ExceptionReason::InternalError,
+            ExceptionReason::Canceled,
+            ExceptionReason::WorkerShutdown,
+        ] {
+            assert_eq!(Resolution::Exception(reason).outcome() as u8, 3);
+        }
+        assert_eq!(malformed.to_string(), "exception/malformed-payload");
+    }
+}

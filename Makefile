@@ -34,8 +34,7 @@ fmt:
 schemas:
 	TASKVM_UPDATE_SCHEMAS=1 $(CARGO) test --locked -p taskvm-schemas --test schema_files
 
-## The main job for real. Until the engine lands (issues 7-9) it caches the test image and validates the example
-## payloads instead of booting one; it says so.
+## The main job for real: examples/hello.json in a VM booted from the minimal test image.
 demo: deps build test-images
 	@bash scripts/demo.sh
 

@@ -57,16 +57,20 @@ pub fn open(
 }
 
 fn open_file(path: &std::path::Path, known: Option<&Validators>) -> Result<Opened, ImageError> {
-    let file = std::fs::File::open(path).map_err(|e| ImageError::io_at("open", path, e))?;
+    // A file that is not there (or not a file) is the reference's fault, like an HTTP 404.
+    let bad = |reason: String| ImageError::BadReference {
+        reference: path.display().to_string(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => bad(e.to_string()),
+        _ => ImageError::io_at("open", path, e),
+    })?;
     let metadata = file
         .metadata()
         .map_err(|e| ImageError::io_at("stat", path, e))?;
     if !metadata.is_file() {
-        return Err(ImageError::io_at(
-            "open",
-            path,
-            io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
-        ));
+        return Err(bad("not a regular file".into()));
     }
     let modified = metadata
         .modified()

@@ -220,14 +220,10 @@ fn open_cache(args: &CacheArgs) -> Result<Cache, Outcome> {
 /// malformed (2), anything else internal (3).
 fn report(subject: &str, error: &ImageError) -> Outcome {
     eprintln!("taskvm: image {subject}: {error}");
-    match error {
-        ImageError::Archive(_)
-        | ImageError::Machine(_)
-        | ImageError::Disk { .. }
-        | ImageError::DigestMismatch { .. }
-        | ImageError::BadReference { .. } => Outcome::Malformed,
-        ImageError::HttpStatus { status, .. } if (400..500).contains(status) => Outcome::Malformed,
-        _ => Outcome::Internal,
+    if taskvm::task::image_error_is_the_payloads(error) {
+        Outcome::Malformed
+    } else {
+        Outcome::Internal
     }
 }
 

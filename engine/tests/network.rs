@@ -569,6 +569,6 @@ async fn namespaces_are_named_recorded_and_swept_after_a_crash() {
     std::mem::forget(vm);
     assert!(namespaces().contains(&namespace));
     let report = engine::records::sweep(&state).unwrap();
-    assert_eq!(report.removed_namespaces, [namespace.clone()]);
+    assert_eq!(report.removed_namespaces, std::slice::from_ref(&namespace));
     assert!(!namespaces().contains(&namespace));
 }

@@ -41,6 +41,22 @@ pub enum HostError {
     /// The image cache could not be opened.
     #[error("image cache: {0}")]
     Cache(#[from] image_manager::ImageError),
+    /// The sandbox user could not reach a directory QEMU must open files in.
+    #[error(
+        "{path} is not reachable by the sandbox user (uid {uid}): {blocker} lacks search \
+         permission for others (chmod o+x it, or choose another directory)"
+    )]
+    Unreachable {
+        /// The directory QEMU needs.
+        path: PathBuf,
+        /// The ancestor that blocks it.
+        blocker: PathBuf,
+        /// The sandbox user.
+        uid: u32,
+    },
+    /// A setting asks for something this version cannot do.
+    #[error("{0}")]
+    Unsupported(String),
     /// The sweep failed.
     #[error("start-up sweep of {path}: {source}")]
     Sweep {
@@ -73,6 +89,13 @@ impl Host {
     /// directories, opens the cache. `notice` receives one line per thing worth knowing.
     pub fn prepare(config: WorkerConfig, notice: &dyn Fn(&str)) -> Result<Host, HostError> {
         engine::netns::check_privileges()?;
+        if config.network.egress {
+            return Err(HostError::Unsupported(
+                "network.egress = true is not supported yet: guests reach only their metadata \
+                 service"
+                    .into(),
+            ));
+        }
         let state = &config.state_dir;
         make_dir(state)?;
         let report = engine::records::sweep(state).map_err(|source| HostError::Sweep {
@@ -110,6 +133,12 @@ impl Host {
             }
         };
         let cache = Cache::open(config.cache.clone())?;
+        if let Some(user) = run_as {
+            // QEMU opens the cached image and its runtime directory as the sandbox user.
+            for dir in [cache.root().to_path_buf(), runtime_parent(state)] {
+                check_reachable(&dir, user.uid)?;
+            }
+        }
         Ok(Host {
             config,
             cache,
@@ -156,6 +185,30 @@ impl Host {
 
 fn runtime_parent(state: &Path) -> PathBuf {
     state.join("run")
+}
+
+/// Fails unless every ancestor of `dir` (and `dir`) lets others search it, so that `uid`
+/// (not the owner) can reach files below.
+fn check_reachable(dir: &Path, uid: u32) -> Result<(), HostError> {
+    use std::os::unix::fs::MetadataExt;
+    let absolute = fs::canonicalize(dir).map_err(|source| HostError::Directory {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for ancestor in absolute.ancestors() {
+        let Ok(metadata) = fs::metadata(ancestor) else {
+            continue;
+        };
+        let searchable = metadata.mode() & 0o001 != 0 || metadata.uid() == uid;
+        if !searchable {
+            return Err(HostError::Unreachable {
+                path: dir.to_owned(),
+                blocker: ancestor.to_owned(),
+                uid,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Creates `path` (and parents) traversable by the sandbox user: 0755.

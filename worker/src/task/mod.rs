@@ -229,6 +229,16 @@ impl Run {
         limits: LifecycleLimits,
     ) -> Result<Ended, Early> {
         let payload = &request.payload;
+        // The payload's own machine alone may break the limits; then no image is fetched.
+        // (Its explicit values are final, and the image can only add more of them.)
+        resolve_machine(
+            MachineLayers {
+                payload: payload.machine.as_ref(),
+                ..MachineLayers::default()
+            },
+            &host.config.limits,
+        )
+        .map_err(|error| malformed(limit_violation(&error, "/machine").to_string()))?;
         let lease = self.fetch(&host, payload).await?;
         self.stage_done("fetch");
         let machine = resolve_machine(

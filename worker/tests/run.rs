@@ -1,0 +1,622 @@
+//! `taskvm run` end to end, as a user runs it: real VMs under TCG on isolated networks (root
+//! only), every example payload, every resolution path, the malformed-payload corpus, and the
+//! cleanup after cancellation, crashes and `kill -9`.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::guest::{display_image, minimal_image};
+use testkit::http::{Behaviour, Server};
+use testkit::images::{image, valid_entries, Entry};
+
+/// A test's own directories: state (VM records, runtime dirs) and artifacts. The image cache
+/// is shared by all tests of a run, as a worker's would be.
+struct Scene {
+    scratch: tempfile::TempDir,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "taskvm run needs root (network namespaces, taps, the sandbox user)"
+        );
+        let scratch = tempfile::tempdir().unwrap();
+        // QEMU runs as `nobody` and must pass through to its runtime directory.
+        std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Scene { scratch }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.scratch.path().join("state")
+    }
+
+    fn artifacts(&self, name: &str) -> PathBuf {
+        self.scratch.path().join("artifacts").join(name)
+    }
+
+    /// An example payload with its image pointed at the test images of this checkout.
+    fn example(&self, name: &str) -> PathBuf {
+        let text = std::fs::read_to_string(repo_file(&format!("examples/{name}.json"))).unwrap();
+        self.payload(name, &with_test_images(&text))
+    }
+
+    fn payload(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.scratch.path().join(format!("{name}.json"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn command(&self, payload: &Path, artifacts: &str, cache: &Path) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_taskvm"));
+        command
+            .arg("run")
+            .arg(payload)
+            .arg("--cache")
+            .arg(cache)
+            .arg("--state")
+            .arg(self.state())
+            .arg("--artifacts")
+            .arg(self.artifacts(artifacts))
+            .arg("--accel")
+            .arg("tcg");
+        command
+    }
+
+    fn run(&self, payload: &Path, artifacts: &str) -> Run {
+        self.run_with_cache(payload, artifacts, &shared_cache())
+    }
+
+    fn run_with_cache(&self, payload: &Path, artifacts: &str, cache: &Path) -> Run {
+        let started = Instant::now();
+        let output = self
+            .command(payload, artifacts, cache)
+            .output()
+            .expect("run taskvm");
+        Run {
+            output,
+            took: started.elapsed(),
+            log: std::fs::read_to_string(self.artifacts(artifacts).join("live.log"))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Starts `taskvm run` and waits until the guest printed `marker`.
+    fn start_until(&self, payload: &Path, artifacts: &str, marker: &str) -> (Child, String) {
+        let mut child = self
+            .command(payload, artifacts, &shared_cache())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (names, vm_name) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("taskvm: VM ") {
+                    let _ = names.send(rest.split(':').next().unwrap_or_default().to_owned());
+                }
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let line = lines.next().expect("the guest printed the marker").unwrap();
+            if line.contains(marker) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no marker");
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        let name = vm_name.recv_timeout(Duration::from_secs(10)).unwrap();
+        (child, name)
+    }
+
+    /// What a VM of this scene could have left: records, runtime dirs, processes, namespaces.
+    fn leftovers(&self, vm: Option<&str>) -> Vec<String> {
+        let mut found = Vec::new();
+        for dir in ["vms", "run"] {
+            if let Ok(entries) = std::fs::read_dir(self.state().join(dir)) {
+                for entry in entries.flatten() {
+                    found.push(format!("{dir}/{}", entry.file_name().to_string_lossy()));
+                }
+            }
+        }
+        found.extend(processes_mentioning(&self.scratch.path().to_string_lossy()));
+        if let Some(vm) = vm {
+            let namespace = format!("taskvm-{vm}");
+            if Path::new("/run/netns").join(&namespace).exists() {
+                found.push(namespace);
+            }
+        }
+        found
+    }
+}
+
+struct Run {
+    output: Output,
+    took: Duration,
+    log: String,
+}
+
+impl Run {
+    fn code(&self) -> Option<i32> {
+        self.output.status.code()
+    }
+
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    /// The VM's name, from the `VM NAME: …` line.
+    fn vm(&self) -> Option<String> {
+        self.stderr()
+            .lines()
+            .find_map(|line| line.strip_prefix("taskvm: VM "))
+            .map(|rest| rest.split(':').next().unwrap_or_default().to_owned())
+    }
+
+    fn explain(&self) -> String {
+        format!(
+            "exit {:?} after {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.code(),
+            self.took,
+            self.stdout(),
+            self.stderr()
+        )
+    }
+}
+
+fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+fn with_test_images(payload: &str) -> String {
+    let dir = minimal_image().parent().unwrap().canonicalize().unwrap();
+    assert!(display_image().is_file());
+    payload.replace(
+        "file:///usr/share/taskvm/images/",
+        &format!("file://{}/", dir.display()),
+    )
+}
+
+/// One cache for every test of the run (fetches are single-flight across processes).
+fn shared_cache() -> PathBuf {
+    std::env::temp_dir().join("taskvm-test-cache")
+}
+
+fn processes_mentioning(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(text) && cmdline.contains("qemu") {
+            found.push(format!(
+                "process {}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
+}
+
+/// Waits up to `patience` for `check` to hold.
+fn eventually(patience: Duration, check: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + patience;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
+
+#[test]
+fn hello_prints_what_the_guest_sees_and_completes() {
+    let scene = Scene::new();
+    let run = scene.run(&scene.example("hello"), "hello");
+    assert_eq!(run.code(), Some(0), "{}", run.explain());
+    let stdout = run.stdout();
+    assert!(stdout.contains("hello from Linux 6.1"), "{stdout}");
+    assert!(stdout.contains("with 1 CPUs"), "{stdout}");
+    assert!(
+        run.log.contains("hello from Linux"),
+        "the log has the output"
+    );
+    let last = run.log.lines().last().unwrap();
+    assert!(
+        last.starts_with("[taskvm] resolved completed in ") && last.contains("boot "),
+        "timings end the log: {last}"
+    );
+    let artifacts = scene.artifacts("hello");
+    assert!(std::fs::read_to_string(artifacts.join("serial.log"))
+        .unwrap()
+        .contains("taskvm-agent: ready"));
+    assert!(artifacts.join("qemu.log").is_file());
+    assert!(
+        scene.leftovers(run.vm().as_deref()).is_empty(),
+        "{:?}",
+        scene.leftovers(run.vm().as_deref())
+    );
+}
+
+#[test]
+fn a_non_zero_exit_fails_with_exit_status_1() {
+    let scene = Scene::new();
+    let run = scene.run(&scene.example("exit-nonzero"), "fail");
+    assert_eq!(run.code(), Some(1), "{}", run.explain());
+    assert!(
+        run.stdout().contains("error: 2 tests failed"),
+        "the command's stderr is in the log"
+    );
+    assert!(
+        run.log.contains("[taskvm] the command exited with 3"),
+        "{}",
+        run.log
+    );
+    assert!(run.log.contains("[taskvm] resolved failed in "));
+}
+
+#[test]
+fn max_run_time_kills_the_command_and_fails_saying_so() {
+    let scene = Scene::new();
+    let run = scene.run(&scene.example("timeout"), "timeout");
+    assert_eq!(run.code(), Some(1), "{}", run.explain());
+    assert!(run.stdout().contains("waiting forever"));
+    assert!(
+        run.log
+            .contains("[taskvm] maxRunTime of 5 s exceeded; the task failed"),
+        "{}",
+        run.log
+    );
+    assert!(run.took < Duration::from_secs(60), "{:?}", run.took);
+    assert!(scene.leftovers(run.vm().as_deref()).is_empty());
+}
+
+#[test]
+fn artifacts_come_out_of_the_guest_as_files_and_directories() {
+    let scene = Scene::new();
+    let run = scene.run(&scene.example("artifacts"), "artifacts");
+    assert_eq!(run.code(), Some(0), "{}", run.explain());
+    let dir = scene.artifacts("artifacts").join("public");
+    assert!(std::fs::read_to_string(dir.join("report.txt"))
+        .unwrap()
+        .contains("UTC"));
+    assert!(std::fs::read_to_string(dir.join("out/uname.txt"))
+        .unwrap()
+        .starts_with("Linux"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out/logs/check.log")).unwrap(),
+        "ok\n"
+    );
+    assert!(
+        run.log.contains("[taskvm] artifact public/out: 2 file(s)"),
+        "{}",
+        run.log
+    );
+
+    // An artifact the command did not make fails the task, and the others still arrive.
+    let missing = scene.payload(
+        "missing-artifact",
+        &with_test_images(
+            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
+                "command": ["sh", "-c", "echo made > /tmp/made"], "maxRunTime": 60,
+                "artifacts": [{"type": "file", "path": "/tmp/never", "name": "never"},
+                              {"type": "file", "path": "/tmp/made", "name": "made"},
+                              {"type": "file", "path": "/tmp", "name": "wrong-kind"}]}"#,
+        ),
+    );
+    let run = scene.run(&missing, "missing");
+    assert_eq!(run.code(), Some(1), "{}", run.explain());
+    assert!(run.log.contains("artifact never is missing"), "{}", run.log);
+    assert!(run
+        .log
+        .contains("/tmp is a directory, but the payload asks for a file"));
+    assert_eq!(
+        std::fs::read_to_string(scene.artifacts("missing").join("made")).unwrap(),
+        "made\n"
+    );
+}
+
+#[test]
+fn a_screenshot_of_the_display_is_saved_as_png() {
+    let scene = Scene::new();
+    let run = scene.run(&scene.example("screenshot"), "screen");
+    assert_eq!(run.code(), Some(0), "{}", run.explain());
+    let png = std::fs::read(scene.artifacts("screen").join("screenshot.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    assert!(width >= 640 && height >= 400, "{width}x{height}");
+    assert!(run
+        .log
+        .contains(&format!("screenshot.png: {width}x{height}")));
+}
+
+#[test]
+fn the_payload_machine_overrides_memory_and_cpus() {
+    let scene = Scene::new();
+    let run = scene.run(&scene.example("machine-override"), "machine");
+    assert_eq!(run.code(), Some(0), "{}", run.explain());
+    let stdout = run.stdout();
+    assert_eq!(stdout.lines().next(), Some("2"), "nproc: {stdout}");
+    let total: u32 = stdout
+        .lines()
+        .find(|line| line.starts_with("Mem:"))
+        .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
+        .unwrap();
+    assert!(
+        (400..=512).contains(&total),
+        "512 MiB machine shows {total} MiB"
+    );
+    assert!(run.stderr().contains("512 MiB, 2 vCPU(s)"));
+}
+
+#[test]
+fn a_guest_that_powers_off_mid_task_fails() {
+    let scene = Scene::new();
+    let payload = scene.payload(
+        "poweroff",
+        &with_test_images(
+            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
+                "command": ["sh", "-c", "echo going down; sync; poweroff -f"], "maxRunTime": 60}"#,
+        ),
+    );
+    let run = scene.run(&payload, "poweroff");
+    assert_eq!(run.code(), Some(1), "{}", run.explain());
+    assert!(
+        run.log
+            .contains("the guest powered off before the command reported its exit"),
+        "{}",
+        run.log
+    );
+    assert!(scene.leftovers(run.vm().as_deref()).is_empty());
+}
+
+#[test]
+fn malformed_payloads_exit_2_naming_the_rule_and_leave_nothing_behind() {
+    let scene = Scene::new();
+    let cache = scene.scratch.path().join("private-cache");
+    let server = Server::start();
+    let mut hostile = valid_entries();
+    hostile.push(Entry::special(
+        "evil",
+        tar::EntryType::Symlink,
+        Some("/etc/passwd"),
+    ));
+    server.route("/hostile.tar.zst", Behaviour::Normal(image(&hostile)));
+    server.route("/gone.tar.zst", Behaviour::Status(404));
+    let image_ok = with_test_images(r#""file:///usr/share/taskvm/images/minimal.tar.zst""#);
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "wrong-type",
+            format!(r#"{{"image": {image_ok}, "command": "true", "maxRunTime": 60}}"#),
+            "/command",
+        ),
+        (
+            "unknown-field",
+            format!(r#"{{"image": {image_ok}, "command": ["true"], "maxRunTime": 60, "maxRuntime": 5}}"#),
+            "maxRuntime",
+        ),
+        (
+            "missing-field",
+            format!(r#"{{"image": {image_ok}, "command": ["true"]}}"#),
+            "maxRunTime",
+        ),
+        (
+            "over-limits",
+            std::fs::read_to_string(scene.example("invalid-over-limits")).unwrap(),
+            "/machine/memory: 1048576 exceeds maxMemory 1024",
+        ),
+        (
+            "bad-url",
+            r#"{"image": "ftp://example.invalid/x.tar.zst", "command": ["true"], "maxRunTime": 60}"#
+                .to_owned(),
+            "/image",
+        ),
+        (
+            "missing-file",
+            r#"{"image": "file:///nonexistent/image.tar.zst", "command": ["true"], "maxRunTime": 60}"#
+                .to_owned(),
+            "No such file",
+        ),
+        (
+            "http-404",
+            format!(
+                r#"{{"image": "{}", "command": ["true"], "maxRunTime": 60}}"#,
+                server.url("/gone.tar.zst")
+            ),
+            "HTTP 404",
+        ),
+        (
+            "hostile-image",
+            format!(
+                r#"{{"image": "{}", "command": ["true"], "maxRunTime": 60}}"#,
+                server.url("/hostile.tar.zst")
+            ),
+            "\"evil\" is a symbolic link",
+        ),
+        ("not-json", "{ this is not json".to_owned(), "JSON"),
+    ];
+    for (name, text, expected) in &cases {
+        let payload = scene.payload(name, text);
+        let run = scene.run_with_cache(&payload, name, &cache);
+        assert_eq!(run.code(), Some(2), "{name}: {}", run.explain());
+        assert!(
+            run.stderr().contains(expected),
+            "{name}: want {expected:?}\n{}",
+            run.explain()
+        );
+        assert!(run.log.contains(expected), "{name}: the log says why too");
+        assert!(run.vm().is_none(), "{name}: no VM was started");
+    }
+    assert!(
+        scene.leftovers(None).is_empty(),
+        "{:?}",
+        scene.leftovers(None)
+    );
+    for dir in ["tmp", "sha256"] {
+        let left: Vec<_> = std::fs::read_dir(cache.join(dir))
+            .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "cache {dir}/ holds {left:?}");
+    }
+}
+
+#[test]
+fn sigterm_cancels_the_task_and_removes_everything() {
+    let scene = Scene::new();
+    let payload = scene.payload(
+        "cancel",
+        &with_test_images(
+            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
+                "command": ["sh", "-c", "echo STARTED; sleep 600"], "maxRunTime": 600}"#,
+        ),
+    );
+    let (mut child, vm) = scene.start_until(&payload, "cancel", "STARTED");
+    let started = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let log = std::fs::read_to_string(scene.artifacts("cancel").join("live.log")).unwrap();
+    assert!(
+        log.contains("[taskvm] the task was canceled; the VM was killed"),
+        "{log}"
+    );
+    assert!(log.contains("resolved exception/canceled"), "{log}");
+    assert!(
+        scene.leftovers(Some(&vm)).is_empty(),
+        "{:?}",
+        scene.leftovers(Some(&vm))
+    );
+}
+
+/// QEMU's pid, from the VM's record.
+fn qemu_pid(scene: &Scene, vm: &str) -> i32 {
+    let record =
+        std::fs::read_to_string(scene.state().join("vms").join(format!("{vm}.record"))).unwrap();
+    record
+        .lines()
+        .find_map(|line| line.strip_prefix("pid="))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_qemu_crash_mid_task_is_an_internal_error() {
+    let scene = Scene::new();
+    let payload = scene.payload(
+        "crash",
+        &with_test_images(
+            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
+                "command": ["sh", "-c", "echo STARTED; sleep 600"], "maxRunTime": 600}"#,
+        ),
+    );
+    let (mut child, vm) = scene.start_until(&payload, "crash", "STARTED");
+    let pid = qemu_pid(&scene, &vm);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(3));
+    let log = std::fs::read_to_string(scene.artifacts("crash").join("live.log")).unwrap();
+    assert!(log.contains("QEMU ended unexpectedly"), "{log}");
+    assert!(log.contains("resolved exception/internal-error"), "{log}");
+    assert!(
+        scene.leftovers(Some(&vm)).is_empty(),
+        "{:?}",
+        scene.leftovers(Some(&vm))
+    );
+}
+
+#[test]
+fn kill_9_mid_task_then_the_next_run_sweeps_everything() {
+    let scene = Scene::new();
+    let payload = scene.payload(
+        "killed",
+        &with_test_images(
+            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
+                "command": ["sh", "-c", "echo STARTED; sleep 600"], "maxRunTime": 600}"#,
+        ),
+    );
+    let (mut child, vm) = scene.start_until(&payload, "killed", "STARTED");
+    let qemu = qemu_pid(&scene, &vm);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // QEMU dies with its parent (PR_SET_PDEATHSIG); the namespace, record and directory stay.
+    assert!(
+        eventually(Duration::from_secs(10), || !Path::new(&format!(
+            "/proc/{qemu}"
+        ))
+        .exists()),
+        "QEMU outlived the worker"
+    );
+    let before = scene.leftovers(Some(&vm));
+    assert!(before.contains(&format!("taskvm-{vm}")), "{before:?}");
+    assert!(before.contains(&format!("vms/{vm}.record")), "{before:?}");
+
+    let run = scene.run(&scene.example("hello"), "after");
+    assert_eq!(run.code(), Some(0), "{}", run.explain());
+    assert!(run.stderr().contains("swept 1 VM(s)"), "{}", run.explain());
+    assert!(
+        scene.leftovers(Some(&vm)).is_empty(),
+        "{:?}",
+        scene.leftovers(Some(&vm))
+    );
+}
+
+#[test]
+fn a_host_that_cannot_run_vms_says_what_is_wrong_before_any_task() {
+    let scene = Scene::new();
+    let private = scene.scratch.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let run = scene.run_with_cache(
+        &scene.example("hello"),
+        "unreachable",
+        &private.join("cache"),
+    );
+    assert_eq!(run.code(), Some(3), "{}", run.explain());
+    assert!(
+        run.stderr().contains(&format!(
+            "{} lacks search permission for others",
+            private.display()
+        )),
+        "{}",
+        run.explain()
+    );
+
+    let config = scene.payload("egress-config", r#"{"network": {"egress": true}}"#);
+    let mut command = scene.command(&scene.example("hello"), "egress", &shared_cache());
+    let output = command.arg("--config").arg(&config).output().unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("network.egress = true is not supported")
+    );
+    assert!(scene.leftovers(None).is_empty());
+}

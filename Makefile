@@ -42,6 +42,7 @@ demo: deps build test-images
 bench: deps test-images
 	$(CARGO) bench --locked -p taskvm-image-manager --bench fetch
 	$(CARGO) bench --locked -p taskvm --bench boot
+	$(CARGO) bench --locked -p taskvm --bench run
 	$(CARGO) bench --locked -p taskvm-engine --bench vm
 
 ## The guest agent, static (glibc with crt-static), in its own target dir.

@@ -1,0 +1,187 @@
+//! `make bench`: `taskvm run` end to end under TCG, measured in one run against a baseline.
+//!
+//! - warm cache: from starting `taskvm run` to the guest's first output on stdout, and to the
+//!   process's exit (the resolution), over `TASKVM_BENCH_TASKS` tasks (default 10);
+//! - cold cache: the same with an empty cache each time (the image is fetched and unpacked
+//!   from a local file);
+//! - baseline: bare `qemu-system-x86_64` with the same kernel, initrd and disk (hand-written
+//!   argv, no sandbox, no network namespace) to the agent's `ready` marker.
+//!
+//! Needs root (`taskvm run` gives each VM a network namespace).
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use image_manager::{Cache, ImageRequest};
+use schemas::config::CacheConfig;
+use testkit::guest::{minimal_image, tcg_argv, time_to_marker, BootFiles};
+
+struct Task {
+    first_output: Duration,
+    resolved: Duration,
+}
+
+fn main() {
+    if !rustix::process::geteuid().is_root() {
+        println!("run benchmark skipped: taskvm run needs root");
+        return;
+    }
+    let tasks: usize = std::env::var("TASKVM_BENCH_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let scratch = tempfile::tempdir().expect("scratch");
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let image = minimal_image().canonicalize().expect("image");
+    let payload = scratch.path().join("task.json");
+    std::fs::write(
+        &payload,
+        format!(
+            r#"{{"image": "file://{}", "command": ["echo", "first output"], "maxRunTime": 60}}"#,
+            image.display()
+        ),
+    )
+    .expect("payload");
+    println!("run benchmark: {tasks} tasks each, TCG, minimal image, `echo first output`");
+
+    let warm_cache = scratch.path().join("warm-cache");
+    run_task(&payload, &warm_cache, scratch.path()); // fills the cache
+    let mut warm = Vec::new();
+    let mut cold = Vec::new();
+    let mut bare = Vec::new();
+    let baseline = Baseline::new(&image, scratch.path());
+    for round in 0..tasks {
+        warm.push(run_task(&payload, &warm_cache, scratch.path()));
+        let cold_cache = scratch.path().join(format!("cold-cache-{round}"));
+        cold.push(run_task(&payload, &cold_cache, scratch.path()));
+        let _ = std::fs::remove_dir_all(&cold_cache);
+        if let Some(time) = baseline.boot(round) {
+            bare.push(time);
+        }
+    }
+    report("warm cache", &warm);
+    report("cold cache", &cold);
+    let bare_median = percentile(&bare, 50);
+    println!(
+        "bare qemu-system-x86_64 spawn -> agent ready: median {:.3} s, p95 {:.3} s ({} of {tasks} boots)",
+        bare_median.as_secs_f64(),
+        percentile(&bare, 95).as_secs_f64(),
+        bare.len()
+    );
+    let warm_first = percentile(&warm.iter().map(|t| t.first_output).collect::<Vec<_>>(), 50);
+    let ratio = warm_first.as_secs_f64() / bare_median.as_secs_f64();
+    println!(
+        "warm start -> first output over bare boot: {ratio:.2}x ({:+.0} %; goal <= +10 %); \
+         warm first output median {:.3} s (goal <= 1.5 s)",
+        (ratio - 1.0) * 100.0,
+        warm_first.as_secs_f64()
+    );
+}
+
+/// Runs one task; times the first stdout byte and the exit.
+fn run_task(payload: &Path, cache: &Path, scratch: &Path) -> Task {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+        .arg("run")
+        .arg(payload)
+        .arg("--cache")
+        .arg(cache)
+        .arg("--state")
+        .arg(scratch.join("state"))
+        .arg("--accel")
+        .arg("tcg")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("taskvm run");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut byte = [0u8; 1];
+    let _ = stdout.read(&mut byte);
+    let first_output = started.elapsed();
+    let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "the task completed");
+    Task {
+        first_output,
+        resolved: started.elapsed(),
+    }
+}
+
+fn report(what: &str, tasks: &[Task]) {
+    let first: Vec<Duration> = tasks.iter().map(|t| t.first_output).collect();
+    let resolved: Vec<Duration> = tasks.iter().map(|t| t.resolved).collect();
+    println!(
+        "{what}: start -> first output median {:.3} s, p95 {:.3} s; start -> resolved median {:.3} s, p95 {:.3} s",
+        percentile(&first, 50).as_secs_f64(),
+        percentile(&first, 95).as_secs_f64(),
+        percentile(&resolved, 50).as_secs_f64(),
+        percentile(&resolved, 95).as_secs_f64(),
+    );
+}
+
+/// The same kernel, initrd and disk booted by hand, to the agent's ready marker.
+struct Baseline {
+    lease: image_manager::Lease,
+    scratch: std::path::PathBuf,
+    _cache: Cache,
+}
+
+impl Baseline {
+    fn new(image: &Path, scratch: &Path) -> Baseline {
+        let cache = Cache::open(CacheConfig {
+            dir: scratch.join("baseline-cache"),
+            ..CacheConfig::default()
+        })
+        .expect("cache");
+        let request = ImageRequest::parse(image.to_str().expect("path"), None).expect("request");
+        let (lease, _) = cache.fetch(&request, &|_| {}).expect("fetch");
+        Baseline {
+            lease,
+            scratch: scratch.to_owned(),
+            _cache: cache,
+        }
+    }
+
+    fn boot(&self, round: usize) -> Option<Duration> {
+        let overlay = self.scratch.join(format!("baseline-{round}.qcow2"));
+        let status = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(self.lease.disk_path())
+            .arg(&overlay)
+            .status()
+            .expect("qemu-img");
+        assert!(status.success());
+        let append = self
+            .lease
+            .machine()
+            .boot
+            .as_ref()
+            .and_then(|b| b.append.clone())
+            .unwrap_or_default();
+        let kernel = self.lease.kernel_path().expect("kernel");
+        let initrd = self.lease.initrd_path().expect("initrd");
+        let files = BootFiles {
+            kernel: &kernel,
+            initrd: &initrd,
+            disk: &overlay,
+            append: &append,
+        };
+        let argv = tcg_argv(&files, "user,id=n0,restrict=on");
+        let time = time_to_marker(&argv, "taskvm-agent: ready", Duration::from_secs(30));
+        let _ = std::fs::remove_file(&overlay);
+        time
+    }
+}
+
+fn percentile(values: &[Duration], percent: usize) -> Duration {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) * percent / 100).min(sorted.len() - 1)]
+}

@@ -15,6 +15,7 @@ have mkfs.ext4 || missing+=(e2fsprogs)
 have python3 || missing+=(python3)
 have ip || missing+=(iproute2)
 have debugfs || missing+=(e2fsprogs)
+have nft || missing+=(nftables)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

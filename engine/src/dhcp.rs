@@ -16,6 +16,8 @@ pub struct Lease {
     pub prefix_len: u8,
     /// The responder's (and metadata service's) address.
     pub server: Ipv4Addr,
+    /// The default gateway to offer (only with egress).
+    pub router: Option<Ipv4Addr>,
     /// Lease time in seconds.
     pub seconds: u32,
 }
@@ -27,6 +29,7 @@ const FIXED_PART: usize = 236;
 
 const OPTION_PAD: u8 = 0;
 const OPTION_SUBNET_MASK: u8 = 1;
+const OPTION_ROUTER: u8 = 3;
 const OPTION_LEASE_TIME: u8 = 51;
 const OPTION_MESSAGE_TYPE: u8 = 53;
 const OPTION_SERVER_ID: u8 = 54;
@@ -98,6 +101,10 @@ pub fn answer(packet: &[u8], lease: &Lease) -> Option<Vec<u8>> {
     reply.extend_from_slice(&lease.seconds.to_be_bytes());
     reply.extend_from_slice(&[OPTION_SUBNET_MASK, 4]);
     reply.extend_from_slice(&mask.to_be_bytes());
+    if let Some(router) = lease.router {
+        reply.extend_from_slice(&[OPTION_ROUTER, 4]);
+        reply.extend_from_slice(&router.octets());
+    }
     reply.push(OPTION_END);
     // Some clients drop replies shorter than a minimal BOOTP packet.
     reply.resize(reply.len().max(300), OPTION_PAD);
@@ -143,6 +150,7 @@ mod tests {
             address: Ipv4Addr::new(169, 254, 0, 2),
             prefix_len: 16,
             server: Ipv4Addr::new(169, 254, 169, 254),
+            router: None,
             seconds: 86400,
         }
     }
@@ -163,7 +171,22 @@ mod tests {
                 .unwrap();
             assert_eq!(&options[mask_at + 2..mask_at + 6], &[255, 255, 0, 0]);
             assert!(reply.len() >= 300);
+            assert!(
+                !options.windows(2).any(|w| w == [OPTION_ROUTER, 4]),
+                "no way out"
+            );
         }
+        let with_router = Lease {
+            router: Some(Ipv4Addr::new(169, 254, 169, 254)),
+            ..lease()
+        };
+        let reply = answer(&request(DISCOVER), &with_router).unwrap();
+        let options = &reply[FIXED_PART + 4..];
+        let at = options
+            .windows(2)
+            .position(|w| w == [OPTION_ROUTER, 4])
+            .unwrap();
+        assert_eq!(&options[at + 2..at + 6], &[169, 254, 169, 254]);
     }
 
     #[test]

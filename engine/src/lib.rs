@@ -11,6 +11,7 @@
 //! - [`metadata`]: the per-VM HTTP service, its listener inside the VM's namespace.
 //! - [`session`]: the guest protocol (`/engine/v1/`) and cloud-init metadata as a handler.
 //! - [`dhcp`]: a DHCP responder for stock cloud images.
+//! - [`egress`]: opt-in NAT to other networks (never to the host itself).
 //! - [`network`]: all of these for one VM, owned as one.
 //! - [`overlay`]: the per-VM qcow2 overlay on the leased image.
 //! - [`process`]: starting QEMU as an unprivileged user in its own process group, tied to
@@ -28,6 +29,7 @@ pub mod accel;
 pub mod cgroup;
 pub mod cmdline;
 pub mod dhcp;
+pub mod egress;
 pub mod metadata;
 pub mod netns;
 pub mod network;

@@ -4,7 +4,8 @@
 //! Isolation is structural: the namespace holds only the tap and a loopback, has forwarding
 //! and IPv6 off, and no route, veth or bridge leads out of it. Whatever the guest sends —
 //! to the host's addresses, to other VMs, to any network — has nowhere to go; the only
-//! sockets in the namespace are the metadata listener and the DHCP responder.
+//! sockets in the namespace are the metadata listener and the DHCP responder. With
+//! `egress` (off unless asked for), [`crate::egress`] adds a NATed way out.
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -14,6 +15,7 @@ use schemas::protocol::METADATA_ADDRESS;
 use tokio::task::JoinHandle;
 
 use crate::dhcp;
+use crate::egress::Egress;
 use crate::metadata::{Handler, MetadataService, ServiceLimits};
 use crate::netns::{check_privileges, open_tap, Namespace, NetworkError, TAP_NAME};
 
@@ -31,6 +33,8 @@ pub struct NetworkSettings {
     pub limits: ServiceLimits,
     /// Whether to answer DHCP.
     pub dhcp: bool,
+    /// Whether the guest may reach other networks through NAT (never the host itself).
+    pub egress: bool,
 }
 
 impl Default for NetworkSettings {
@@ -39,6 +43,7 @@ impl Default for NetworkSettings {
             guest_address: DEFAULT_GUEST_ADDRESS,
             limits: ServiceLimits::default(),
             dhcp: true,
+            egress: false,
         }
     }
 }
@@ -49,6 +54,7 @@ pub struct VmNetwork {
     dhcp: Option<JoinHandle<()>>,
     tap: OwnedFd,
     guest_address: Ipv4Addr,
+    egress: Option<Egress>,
     namespace: Namespace,
 }
 
@@ -70,6 +76,11 @@ impl VmNetwork {
             TAP_NAME,
         ])?;
         namespace.ip(&["link", "set", TAP_NAME, "up"])?;
+        let egress = if settings.egress {
+            Some(Egress::create(&namespace, TAP_NAME)?)
+        } else {
+            None
+        };
         let want_dhcp = settings.dhcp;
         let (listener, dhcp_socket) = namespace.run_inside(move || {
             let listener = TcpListener::bind(SocketAddrV4::new(metadata, 80))?;
@@ -93,6 +104,7 @@ impl VmNetwork {
                     address: settings.guest_address,
                     prefix_len: PREFIX_LEN,
                     server: metadata,
+                    router: settings.egress.then_some(metadata),
                     seconds: 86_400,
                 },
             ))
@@ -102,6 +114,7 @@ impl VmNetwork {
             dhcp,
             tap,
             guest_address: settings.guest_address,
+            egress,
             namespace,
         })
     }
@@ -121,9 +134,19 @@ impl VmNetwork {
         self.service.set_handler(handler);
     }
 
-    /// The kernel parameter that tells our agent its address.
+    /// The kernel parameters that tell our agent its address (and, with egress, its
+    /// gateway: the metadata address, which the namespace routes onward).
     pub fn kernel_parameter(&self) -> String {
-        format!("taskvm.ip={}/{PREFIX_LEN}", self.guest_address)
+        let address = format!("taskvm.ip={}/{PREFIX_LEN}", self.guest_address);
+        match &self.egress {
+            Some(_) => format!("{address} taskvm.gw={METADATA_ADDRESS}"),
+            None => address,
+        }
+    }
+
+    /// The host side of the egress link, when the VM has one.
+    pub fn egress_link(&self) -> Option<&str> {
+        self.egress.as_ref().map(Egress::host_link)
     }
 }
 

@@ -179,6 +179,9 @@ pub fn sweep(state_dir: &Path) -> io::Result<SweepReport> {
                 report.removed_namespaces.push(name.to_owned());
             }
         }
+        if !report.removed_namespaces.is_empty() {
+            crate::egress::tidy_host();
+        }
         if record.runtime_dir.exists() && fs::remove_dir_all(&record.runtime_dir).is_ok() {
             report.removed_dirs.push(record.runtime_dir.clone());
         }

@@ -193,7 +193,7 @@ fn host_address() -> Option<Ipv4Addr> {
         .ok()?;
     String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter(|line| !line.contains("10.200.0."))
+        .filter(|line| !line.contains(" 10.200."))
         .find_map(|line| {
             let cidr = line.split_whitespace().nth(3)?;
             cidr.split('/').next()?.parse().ok()
@@ -201,14 +201,15 @@ fn host_address() -> Option<Ipv4Addr> {
 }
 
 /// A "rest of the network": a namespace of the test's own joined to the host namespace by a
-/// veth pair, with a listener at 10.200.0.1:80. Removed on drop.
+/// veth pair, with a listener at 10.200.SUBNET.1:80 (the host side is 10.200.SUBNET.2).
+/// Removed on drop.
 struct RestOfNetwork {
     namespace: String,
     host_side: String,
 }
 
 impl RestOfNetwork {
-    fn create() -> RestOfNetwork {
+    fn create(subnet: u8) -> RestOfNetwork {
         let id = std::process::id();
         let rest = RestOfNetwork {
             namespace: format!("taskvm-test-rest-{id}"),
@@ -231,14 +232,20 @@ impl RestOfNetwork {
             &peer,
         ]);
         ip(&["link", "set", &peer, "netns", &rest.namespace]);
-        ip(&["addr", "add", "10.200.0.2/24", "dev", &rest.host_side]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.200.{subnet}.2/24"),
+            "dev",
+            &rest.host_side,
+        ]);
         ip(&["link", "set", &rest.host_side, "up"]);
         ip(&[
             "-n",
             &rest.namespace,
             "addr",
             "add",
-            "10.200.0.1/24",
+            &format!("10.200.{subnet}.1/24"),
             "dev",
             &peer,
         ]);
@@ -252,7 +259,7 @@ impl RestOfNetwork {
                 Some(rustix::thread::LinkNameSpaceType::Network),
             )
             .unwrap();
-            TcpListener::bind("10.200.0.1:80").unwrap()
+            TcpListener::bind(format!("10.200.{subnet}.1:80")).unwrap()
         })
         .join()
         .unwrap();
@@ -288,7 +295,7 @@ async fn the_guest_reaches_its_metadata_service_and_nothing_else() {
         serve_forever(listener);
         bound
     });
-    let _rest = RestOfNetwork::create();
+    let _rest = RestOfNetwork::create(0);
 
     // A second VM, running concurrently, serving HTTP on its own address.
     let neighbour_name = vm_name("neighbour");
@@ -571,4 +578,77 @@ async fn namespaces_are_named_recorded_and_swept_after_a_crash() {
     let report = engine::records::sweep(&state).unwrap();
     assert_eq!(report.removed_namespaces, std::slice::from_ref(&namespace));
     assert!(!namespaces().contains(&namespace));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_egress_the_guest_reaches_other_networks_but_never_the_host() {
+    let fixture = Fixture::new();
+    let loopback = TcpListener::bind("127.0.0.1:0").unwrap();
+    let loopback_address = loopback.local_addr().unwrap().to_string();
+    serve_forever(loopback);
+    let rest = RestOfNetwork::create(1);
+    // The host's own end of the test network is a host address too.
+    let host_side = TcpListener::bind("10.200.1.2:0").unwrap();
+    let host_side_address = host_side.local_addr().unwrap().to_string();
+    serve_forever(host_side);
+    let mut blocked = vec![loopback_address, host_side_address];
+    blocked.extend(host_address().map(|address| {
+        let listener = TcpListener::bind((address, 0)).unwrap();
+        let bound = listener.local_addr().unwrap().to_string();
+        serve_forever(listener);
+        bound
+    }));
+    let probe = |target: &String| {
+        format!(
+            "if timeout 5 wget -q -O /dev/null http://{target}/; \
+             then echo REACHED {target}; else echo BLOCKED {target}; fi; "
+        )
+    };
+    let script: String = std::iter::once("10.200.1.1:80".to_owned())
+        .chain(blocked.iter().cloned())
+        .map(|target| probe(&target))
+        .collect::<String>()
+        + "echo metadata says $(timeout 3 wget -q -O - http://169.254.169.254/latest/meta-data/instance-id)";
+
+    let name = vm_name("egress");
+    let lease = fixture.lease();
+    let machine = resolved(&lease);
+    let mut settings = fixture.settings(&name, Ipv4Addr::new(169, 254, 0, 2));
+    if let Some(network) = settings.network.as_mut() {
+        network.egress = true;
+    }
+    let vm = VirtualMachine::start(lease, &machine, &settings)
+        .await
+        .unwrap();
+    let link = vm.network().unwrap().egress_link().unwrap().to_owned();
+    assert!(Path::new("/sys/class/net").join(&link).exists());
+    let (session, log) = GuestSession::new(SessionConfig::new(&name));
+    session.set_task(shell(&script));
+    vm.set_http_handler(session.handler());
+    let log = collect_log(log);
+    tokio::time::timeout(Duration::from_secs(180), session.wait_report())
+        .await
+        .expect("the prober reported");
+    session.perform(ActionKind::Shutdown).await.ok();
+    let text = tokio::time::timeout(Duration::from_secs(60), log)
+        .await
+        .expect("the log ended")
+        .unwrap();
+    assert!(
+        text.contains("REACHED 10.200.1.1:80"),
+        "egress works:\n{text}"
+    );
+    for target in &blocked {
+        assert!(
+            text.contains(&format!("BLOCKED {target}")),
+            "{target} is the host's and must stay unreachable:\n{text}"
+        );
+    }
+    assert!(text.contains(&format!("metadata says {name}")), "{text}");
+    drop(vm);
+    drop(rest);
+    assert!(
+        !Path::new("/sys/class/net").join(&link).exists(),
+        "the egress link goes with the VM"
+    );
 }

@@ -16,6 +16,9 @@ use crate::netlink::{interface_index, Ipv4Cidr, Netlink};
 pub const DEFAULT_ADDRESS: &str = "169.254.0.2/16";
 /// Kernel command-line parameter with the guest's address (`taskvm.ip=A.B.C.D/N`).
 const ADDRESS_PARAMETER: &str = "taskvm.ip=";
+/// Kernel command-line parameter with the default gateway (`taskvm.gw=A.B.C.D`), given only
+/// when the VM has egress; without it the guest has no route off its link.
+const GATEWAY_PARAMETER: &str = "taskvm.gw=";
 /// Kernel command-line parameter overriding the metadata service URL.
 const METADATA_PARAMETER: &str = "taskvm.metadata=";
 
@@ -38,7 +41,8 @@ pub fn run(metadata_url: &str) -> ! {
     trace(debug, "mounted");
     load_listed_modules();
     let address = parameter(&cmdline, ADDRESS_PARAMETER).unwrap_or(DEFAULT_ADDRESS);
-    if let Err(error) = configure_network(address) {
+    let gateway = parameter(&cmdline, GATEWAY_PARAMETER);
+    if let Err(error) = configure_network(address, gateway) {
         eprintln!("taskvm-agent: network: {error}");
     }
     trace(debug, "network configured");
@@ -136,14 +140,27 @@ pub fn parameter<'a>(cmdline: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|word| word.strip_prefix(name))
 }
 
-fn configure_network(address: &str) -> io::Result<()> {
+fn configure_network(address: &str, gateway: Option<&str>) -> io::Result<()> {
     let cidr: Ipv4Cidr = address.parse()?;
+    let gateway: Option<std::net::Ipv4Addr> = match gateway {
+        Some(text) => Some(text.parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("not an IPv4 gateway: {text:?}"),
+            )
+        })?),
+        None => None,
+    };
     let mut netlink = Netlink::open()?;
     netlink.link_up(interface_index("lo")?)?;
     let interface = wait_for_interface(Duration::from_secs(5))?;
     let index = interface_index(&interface)?;
     netlink.add_address(index, cidr)?;
-    netlink.link_up(index)
+    netlink.link_up(index)?;
+    match gateway {
+        Some(gateway) => netlink.add_default_route(index, gateway),
+        None => Ok(()),
+    }
 }
 
 fn wait_for_interface(timeout: Duration) -> io::Result<String> {

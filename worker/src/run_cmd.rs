@@ -1,6 +1,7 @@
 //! `taskvm run TASK.json`: one task, locally, its log on stdout, its artifacts in a directory,
 //! its resolution as the exit code. Ctrl-C or SIGTERM cancels it cleanly.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -136,12 +137,17 @@ pub fn run(args: RunArgs) -> Outcome {
         };
         let outcome = run_task(host, request, &log, stop_signal).await;
         if let Some(error) = log.write_error() {
-            eprintln!("taskvm: warning: the task log is incomplete: {error}");
+            log.note(&format!("warning: the task log is incomplete: {error}"));
         }
         outcome.resolution.outcome()
     });
     if kept {
-        eprintln!("taskvm: artifacts in {}", artifacts.path().display());
+        // Not in the log, whose last line is the resolution.
+        let _ = writeln!(
+            std::io::stderr(),
+            "taskvm: artifacts in {}",
+            artifacts.path().display()
+        );
     }
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     outcome
@@ -156,7 +162,6 @@ async fn wait_for_signal() -> ExceptionReason {
         Some(()) = async { interrupt.as_mut()?.recv().await } => {}
         Some(()) = async { terminate.as_mut()?.recv().await } => {}
     }
-    eprintln!("taskvm: signal received: canceling the task");
     ExceptionReason::Canceled
 }
 

@@ -85,14 +85,15 @@ impl Scene {
     }
 
     /// Starts `taskvm run` and waits until the guest printed `marker`.
-    fn start_until(&self, payload: &Path, artifacts: &str, marker: &str) -> (Child, String) {
-        let mut child = self
-            .command(payload, artifacts, &shared_cache())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
+    fn start_until(&self, payload: &Path, artifacts: &str, marker: &str) -> (Running, String) {
+        let mut child = Running(
+            self.command(payload, artifacts, &shared_cache())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let stderr = child.0.stderr.take().unwrap();
         let (names, vm_name) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -101,7 +102,7 @@ impl Scene {
                 }
             }
         });
-        let stdout = child.stdout.take().unwrap();
+        let stdout = child.0.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -134,6 +135,18 @@ impl Scene {
             }
         }
         found
+    }
+}
+
+/// A `taskvm run` in the background, killed if the test fails before it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
@@ -489,11 +502,11 @@ fn sigterm_cancels_the_task_and_removes_everything() {
     let (mut child, vm) = scene.start_until(&payload, "cancel", "STARTED");
     let started = Instant::now();
     rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
+        rustix::process::Pid::from_child(&child.0),
         rustix::process::Signal::TERM,
     )
     .unwrap();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(3));
     assert!(
         started.elapsed() < Duration::from_secs(15),
@@ -542,7 +555,7 @@ fn a_qemu_crash_mid_task_is_an_internal_error() {
         rustix::process::Signal::KILL,
     )
     .unwrap();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(3));
     let log = std::fs::read_to_string(scene.artifacts("crash").join("live.log")).unwrap();
     assert!(log.contains("QEMU ended unexpectedly"), "{log}");
@@ -566,8 +579,8 @@ fn kill_9_mid_task_then_the_next_run_sweeps_everything() {
     );
     let (mut child, vm) = scene.start_until(&payload, "killed", "STARTED");
     let qemu = qemu_pid(&scene, &vm);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     // QEMU dies with its parent (PR_SET_PDEATHSIG); the namespace, record and directory stay.
     assert!(
         eventually(Duration::from_secs(10), || !Path::new(&format!(
@@ -611,12 +624,41 @@ fn a_host_that_cannot_run_vms_says_what_is_wrong_before_any_task() {
         run.explain()
     );
 
-    let config = scene.payload("egress-config", r#"{"network": {"egress": true}}"#);
-    let mut command = scene.command(&scene.example("hello"), "egress", &shared_cache());
-    let output = command.arg("--config").arg(&config).output().unwrap();
-    assert_eq!(output.status.code(), Some(3));
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("network.egress = true is not supported")
-    );
     assert!(scene.leftovers(None).is_empty());
+}
+
+#[test]
+fn a_run_whose_terminal_went_away_still_resolves_and_cleans_up() {
+    let scene = Scene::new();
+    let mut child = Running(
+        scene
+            .command(&scene.example("hello"), "no-terminal", &shared_cache())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Every write to stdout or stderr now fails with EPIPE.
+    drop(child.0.stdout.take());
+    drop(child.0.stderr.take());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "taskvm run hung without a terminal"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0));
+    let log = std::fs::read_to_string(scene.artifacts("no-terminal").join("live.log")).unwrap();
+    assert!(log.contains("hello from Linux"), "{log}");
+    assert!(log.contains("[taskvm] resolved completed"), "{log}");
+    assert!(
+        scene.leftovers(None).is_empty(),
+        "{:?}",
+        scene.leftovers(None)
+    );
 }

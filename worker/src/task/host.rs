@@ -89,10 +89,10 @@ impl Host {
     /// directories, opens the cache. `notice` receives one line per thing worth knowing.
     pub fn prepare(config: WorkerConfig, notice: &dyn Fn(&str)) -> Result<Host, HostError> {
         engine::netns::check_privileges()?;
-        if config.network.egress {
+        if config.network.egress && !program_exists("nft") {
             return Err(HostError::Unsupported(
-                "network.egress = true is not supported yet: guests reach only their metadata \
-                 service"
+                "network.egress = true needs nftables (the `nft` program); install it (make deps \
+                 does) or turn egress off"
                     .into(),
             ));
         }
@@ -185,6 +185,11 @@ impl Host {
 
 fn runtime_parent(state: &Path) -> PathBuf {
     state.join("run")
+}
+
+fn program_exists(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
 }
 
 /// Fails unless every ancestor of `dir` (and `dir`) lets others search it, so that `uid`

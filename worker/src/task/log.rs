@@ -66,7 +66,9 @@ impl TaskLog {
     /// Appends one line of taskvm's own, `[taskvm] LINE`, on a line of its own.
     pub fn note(&self, line: &str) {
         if self.echo == Echo::Terminal {
-            eprintln!("taskvm: {line}");
+            // Never panic on a closed stderr (a terminal gone, a reader that died): the log
+            // file still gets the line.
+            let _ = writeln!(io::stderr().lock(), "taskvm: {line}");
         }
         self.with(|inner| {
             let separator = if inner.at_line_start { "" } else { "\n" };

@@ -263,7 +263,10 @@ impl Run {
             start_timeout: Duration::from_secs(10),
             state_dir: Some(host.config.state_dir.clone()),
             cgroups: host.cgroups.clone(),
-            network: Some(NetworkSettings::default()),
+            network: Some(NetworkSettings {
+                egress: host.config.network.egress,
+                ..NetworkSettings::default()
+            }),
         };
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(u64::from(payload.max_run_time));

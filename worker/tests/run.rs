@@ -662,3 +662,28 @@ fn a_run_whose_terminal_went_away_still_resolves_and_cleans_up() {
         scene.leftovers(None)
     );
 }
+
+#[test]
+fn without_root_or_capabilities_taskvm_run_says_what_it_needs() {
+    use std::os::unix::process::CommandExt;
+    let scene = Scene::new();
+    // A copy the unprivileged user can surely reach, wherever the checkout is.
+    let binary = scene.scratch.path().join("taskvm");
+    std::fs::copy(env!("CARGO_BIN_EXE_taskvm"), &binary).unwrap();
+    let output = Command::new(&binary)
+        .arg("run")
+        .arg(scene.example("hello"))
+        .arg("--state")
+        .arg(scene.state())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("needs root or CAP_NET_ADMIN") && stderr.contains("uid 65534"),
+        "{stderr}"
+    );
+    assert!(!scene.state().exists(), "nothing was created");
+}

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use crate::netns::{Namespace, NetworkError};
+use crate::netns::{run_ip, Namespace, NetworkError};
 
 /// Prefix of the host side of every egress link.
 pub const HOST_LINK_PREFIX: &str = "tve";
@@ -49,24 +49,21 @@ impl Egress {
         let _lock = host_lock()?;
         let hash = fnv1a(namespace.name().as_bytes());
         let host_link = format!("{HOST_LINK_PREFIX}{hash:08x}");
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &host_link,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                NAMESPACE_LINK,
-                "netns",
-                namespace.name(),
-            ],
-        )?;
+        run_ip(&[
+            "link",
+            "add",
+            &host_link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            NAMESPACE_LINK,
+            "netns",
+            namespace.name(),
+        ])?;
         let egress = Egress { host_link };
         let (host, inside) = egress.claim_addresses(hash)?;
-        run("ip", &["link", "set", &egress.host_link, "up"])?;
+        run_ip(&["link", "set", &egress.host_link, "up"])?;
         namespace.ip(&[
             "addr",
             "add",
@@ -115,10 +112,7 @@ impl Egress {
             if taken.contains(&format!("inet {host}/")) {
                 continue;
             }
-            run(
-                "ip",
-                &["addr", "add", &format!("{host}/30"), "dev", &self.host_link],
-            )?;
+            run_ip(&["addr", "add", &format!("{host}/30"), "dev", &self.host_link])?;
             return Ok((host, inside));
         }
         Err(NetworkError::Command {
@@ -262,24 +256,6 @@ fn nft_with(command: &mut Command, rules: &str) -> Result<(), NetworkError> {
         Err(failed(
             String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         ))
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> Result<(), NetworkError> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|source| NetworkError::Io {
-            action: format!("running {program}"),
-            source,
-        })?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(NetworkError::Command {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        })
     }
 }
 

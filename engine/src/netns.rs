@@ -164,7 +164,8 @@ pub fn delete_namespace(name: &str) -> bool {
     !namespace_path(name).exists()
 }
 
-fn run_ip(args: &[&str]) -> Result<(), NetworkError> {
+/// Runs `ip ARGS` in the calling process's namespace.
+pub(crate) fn run_ip(args: &[&str]) -> Result<(), NetworkError> {
     let output = Command::new("ip")
         .args(args)
         .output()

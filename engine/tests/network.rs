@@ -126,6 +126,19 @@ async fn start(
     (vm, session, log)
 }
 
+/// Waits for the guest's report, shuts it down and returns its whole log.
+async fn run_to_report(session: &GuestSession, log: mpsc::Receiver<Bytes>) -> String {
+    let log = collect_log(log);
+    tokio::time::timeout(Duration::from_secs(180), session.wait_report())
+        .await
+        .expect("the guest reported");
+    session.perform(ActionKind::Shutdown).await.ok();
+    tokio::time::timeout(Duration::from_secs(60), log)
+        .await
+        .expect("the log ended")
+        .unwrap()
+}
+
 fn namespaces() -> String {
     String::from_utf8(
         Command::new("ip")
@@ -361,15 +374,7 @@ async fn the_guest_reaches_its_metadata_service_and_nothing_else() {
         shell(&script),
     )
     .await;
-    let log = collect_log(log);
-    tokio::time::timeout(Duration::from_secs(180), session.wait_report())
-        .await
-        .expect("the prober reported");
-    session.perform(ActionKind::Shutdown).await.ok();
-    let text = tokio::time::timeout(Duration::from_secs(60), log)
-        .await
-        .expect("the log ended")
-        .unwrap();
+    let text = run_to_report(&session, log).await;
     for target in &targets {
         assert!(
             text.contains(&format!("BLOCKED {target}")),
@@ -625,15 +630,7 @@ async fn with_egress_the_guest_reaches_other_networks_but_never_the_host() {
     let (session, log) = GuestSession::new(SessionConfig::new(&name));
     session.set_task(shell(&script));
     vm.set_http_handler(session.handler());
-    let log = collect_log(log);
-    tokio::time::timeout(Duration::from_secs(180), session.wait_report())
-        .await
-        .expect("the prober reported");
-    session.perform(ActionKind::Shutdown).await.ok();
-    let text = tokio::time::timeout(Duration::from_secs(60), log)
-        .await
-        .expect("the log ended")
-        .unwrap();
+    let text = run_to_report(&session, log).await;
     assert!(
         text.contains("REACHED 10.200.1.1:80"),
         "egress works:\n{text}"

@@ -117,6 +117,18 @@ impl Scene {
         (child, name)
     }
 
+    /// Starts a task that prints STARTED and sleeps; returns once it printed.
+    fn start_sleeper(&self, name: &str) -> (Running, String) {
+        let payload = self.payload(
+            name,
+            &with_test_images(
+                r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
+                    "command": ["sh", "-c", "echo STARTED; sleep 600"], "maxRunTime": 600}"#,
+            ),
+        );
+        self.start_until(&payload, name, "STARTED")
+    }
+
     /// What a VM of this scene could have left: records, runtime dirs, processes, namespaces.
     fn leftovers(&self, vm: Option<&str>) -> Vec<String> {
         let mut found = Vec::new();
@@ -492,14 +504,7 @@ fn malformed_payloads_exit_2_naming_the_rule_and_leave_nothing_behind() {
 #[test]
 fn sigterm_cancels_the_task_and_removes_everything() {
     let scene = Scene::new();
-    let payload = scene.payload(
-        "cancel",
-        &with_test_images(
-            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
-                "command": ["sh", "-c", "echo STARTED; sleep 600"], "maxRunTime": 600}"#,
-        ),
-    );
-    let (mut child, vm) = scene.start_until(&payload, "cancel", "STARTED");
+    let (mut child, vm) = scene.start_sleeper("cancel");
     let started = Instant::now();
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child.0),
@@ -541,14 +546,7 @@ fn qemu_pid(scene: &Scene, vm: &str) -> i32 {
 #[test]
 fn a_qemu_crash_mid_task_is_an_internal_error() {
     let scene = Scene::new();
-    let payload = scene.payload(
-        "crash",
-        &with_test_images(
-            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
-                "command": ["sh", "-c", "echo STARTED; sleep 600"], "maxRunTime": 600}"#,
-        ),
-    );
-    let (mut child, vm) = scene.start_until(&payload, "crash", "STARTED");
+    let (mut child, vm) = scene.start_sleeper("crash");
     let pid = qemu_pid(&scene, &vm);
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(pid).unwrap(),
@@ -570,14 +568,7 @@ fn a_qemu_crash_mid_task_is_an_internal_error() {
 #[test]
 fn kill_9_mid_task_then_the_next_run_sweeps_everything() {
     let scene = Scene::new();
-    let payload = scene.payload(
-        "killed",
-        &with_test_images(
-            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
-                "command": ["sh", "-c", "echo STARTED; sleep 600"], "maxRunTime": 600}"#,
-        ),
-    );
-    let (mut child, vm) = scene.start_until(&payload, "killed", "STARTED");
+    let (mut child, vm) = scene.start_sleeper("killed");
     let qemu = qemu_pid(&scene, &vm);
     child.0.kill().unwrap();
     child.0.wait().unwrap();

@@ -279,6 +279,25 @@ fn hello_prints_what_the_guest_sees_and_completes() {
 }
 
 #[test]
+fn relative_directories_work_like_absolute_ones() {
+    let scene = Scene::new();
+    scene.example("hello"); // writes hello.json into the scene
+    let output = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+        .current_dir(scene.scratch.path())
+        .args(["run", "hello.json", "--cache", "cache", "--state", "state"])
+        .args(["--artifacts", "out", "--accel", "tcg"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(scene.scratch.path().join("out/live.log").is_file());
+}
+
+#[test]
 fn a_non_zero_exit_fails_with_exit_status_1() {
     let scene = Scene::new();
     let run = scene.run(&scene.example("exit-nonzero"), "fail");

@@ -87,8 +87,16 @@ pub struct Host {
 impl Host {
     /// Prepares the host for `config`: sweeps leftovers of a crashed worker, creates the
     /// directories, opens the cache. `notice` receives one line per thing worth knowing.
-    pub fn prepare(config: WorkerConfig, notice: &dyn Fn(&str)) -> Result<Host, HostError> {
+    pub fn prepare(mut config: WorkerConfig, notice: &dyn Fn(&str)) -> Result<Host, HostError> {
         engine::netns::check_privileges()?;
+        // QEMU and qemu-img resolve paths from other directories (a backing file is relative
+        // to its overlay): every directory is made absolute once, here.
+        for dir in [&mut config.state_dir, &mut config.cache.dir] {
+            *dir = std::path::absolute(&*dir).map_err(|source| HostError::Directory {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         if config.network.egress && !program_exists("nft") {
             return Err(HostError::Unsupported(
                 "network.egress = true needs nftables (the `nft` program); install it (make deps \

@@ -110,7 +110,7 @@ pub async fn probe_boot(accelerator: Accelerator, spec: &ProbeSpec) -> ProbeOutc
         spec.run_as,
         &extra_groups,
         None,
-        None,
+        &[],
         &runtime.qemu_log(),
     ) {
         Ok(qemu) => qemu,

@@ -54,6 +54,8 @@ pub struct LaunchSpec {
     pub vnc_socket: PathBuf,
     /// The host's TSC frequency, for `tsc_early_khz=` on direct boots.
     pub tsc_khz: Option<u64>,
+    /// Where QEMU reads a saved state from instead of booting (`-incoming`), e.g. `fd:5`.
+    pub incoming: Option<String>,
 }
 
 /// Paths of direct-boot files and the kernel command line.
@@ -207,6 +209,9 @@ pub fn qemu_args(
         "-qmp",
         &format!("unix:{},server=on,wait=off", spec.qmp_socket.display()),
     ]);
+    if let Some(incoming) = &spec.incoming {
+        args.push(["-incoming", incoming]);
+    }
     Ok(args.0)
 }
 

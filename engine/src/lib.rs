@@ -20,6 +20,7 @@
 //! - [`records`]: what each VM created, on disk, and the start-up [`records::sweep`] that
 //!   cleans up after a worker killed with `kill -9`.
 //! - [`screenshot`]: the screen over VNC as an RGBA image or PNG.
+//! - [`snapshot`]: a VM saved at agent-ready, restored in a fraction of a boot.
 //! - [`tsc`]: the host's TSC frequency for the guest's command line.
 //! - [`vm`]: [`VirtualMachine`], which owns all of the above and removes it on drop.
 
@@ -40,6 +41,7 @@ pub mod records;
 pub mod runtime;
 pub mod screenshot;
 pub mod session;
+pub mod snapshot;
 pub mod tsc;
 pub mod vm;
 

@@ -21,6 +21,8 @@ use crate::netns::{check_privileges, open_tap, Namespace, NetworkError, TAP_NAME
 
 /// The guest address our agent uses when told nothing else.
 pub const DEFAULT_GUEST_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 2);
+/// The MAC of every VM's tap (the host side of its link).
+pub const TAP_MAC: &str = "02:74:76:6d:00:01";
 /// The link's prefix length (169.254.0.0/16).
 pub const PREFIX_LEN: u8 = 16;
 
@@ -50,7 +52,7 @@ impl Default for NetworkSettings {
 
 /// One VM's network. Dropping it stops the services and deletes the namespace.
 pub struct VmNetwork {
-    service: MetadataService,
+    service: Option<MetadataService>,
     dhcp: Option<JoinHandle<()>>,
     tap: OwnedFd,
     guest_address: Ipv4Addr,
@@ -75,6 +77,10 @@ impl VmNetwork {
             "dev",
             TAP_NAME,
         ])?;
+        // Every VM's tap has the same MAC: a guest restored from a snapshot still has the
+        // address of the tap it was saved with in its ARP cache, and each VM has a segment of
+        // its own, so nothing can clash.
+        namespace.ip(&["link", "set", TAP_NAME, "address", TAP_MAC])?;
         namespace.ip(&["link", "set", TAP_NAME, "up"])?;
         let egress = if settings.egress {
             Some(Egress::create(&namespace, TAP_NAME)?)
@@ -110,7 +116,7 @@ impl VmNetwork {
             ))
         });
         Ok(VmNetwork {
-            service,
+            service: Some(service),
             dhcp,
             tap,
             guest_address: settings.guest_address,
@@ -131,7 +137,15 @@ impl VmNetwork {
 
     /// Sets the handler of the VM's metadata requests.
     pub fn set_handler(&self, handler: Arc<dyn Handler>) {
-        self.service.set_handler(handler);
+        if let Some(service) = &self.service {
+            service.set_handler(handler);
+        }
+    }
+
+    /// Stops the metadata service for good: its connections close and new ones are refused,
+    /// so the agent waits in its retry loop (no request open) — the state to snapshot a VM in.
+    pub fn stop_service(&mut self) {
+        self.service = None;
     }
 
     /// The kernel parameters that tell our agent its address (and, with egress, its

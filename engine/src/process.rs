@@ -35,8 +35,8 @@ pub struct RunAs {
 impl QemuProcess {
     /// Starts `program` with `args`; standard error goes to `stderr_log`. With `run_as`, the
     /// child drops to that user (plus `extra_groups`) before exec; with `cgroup`, it joins
-    /// that group first, while still privileged enough to. `inherit` stays open in QEMU under
-    /// the same number (for `-netdev tap,fd=N`).
+    /// that group first, while still privileged enough to. Each of `inherit` stays open in QEMU
+    /// under the same number (for `-netdev tap,fd=N`, `-incoming fd:N`).
     #[allow(unsafe_code)]
     pub fn spawn(
         program: &str,
@@ -44,7 +44,7 @@ impl QemuProcess {
         run_as: Option<RunAs>,
         extra_groups: &[u32],
         cgroup: Option<&VmCgroup>,
-        inherit: Option<BorrowedFd<'_>>,
+        inherit: &[BorrowedFd<'_>],
         stderr_log: &Path,
     ) -> io::Result<Self> {
         let stderr = File::create(stderr_log)?;
@@ -66,7 +66,7 @@ impl QemuProcess {
             (Uid::from_raw(user.uid), Gid::from_raw(user.gid), groups)
         });
         let parent = rustix::process::getpid();
-        let inherit = inherit.map(|fd| fd.as_raw_fd());
+        let inherit: Vec<i32> = inherit.iter().map(|fd| fd.as_raw_fd()).collect();
         // Never above what the worker itself may have: an unprivileged child cannot raise it.
         let ceiling = rustix::process::getrlimit(Resource::Nofile)
             .maximum
@@ -79,7 +79,7 @@ impl QemuProcess {
         // (fcntl, write, setgroups, setresgid, setresuid, setrlimit, prctl, getppid) on data prepared before fork.
         unsafe {
             command.pre_exec(move || {
-                if let Some(fd) = inherit {
+                for &fd in &inherit {
                     // SAFETY: the descriptor is open: the caller's borrow outlives spawn().
                     let fd = BorrowedFd::borrow_raw(fd);
                     rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;

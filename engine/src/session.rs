@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use rand::Rng;
-use schemas::protocol::{Action, ActionKind, Execute, Report, API_PREFIX};
+use schemas::protocol::{Action, ActionKind, Execute, Freshness, Report, API_PREFIX};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -251,13 +251,16 @@ impl GuestSession {
         })
         .await;
         match task {
-            Ok(Some(task)) => match serde_json::to_vec(&task) {
-                Ok(json) => {
-                    self.taken.send_replace(true);
-                    json_reply(json)
+            Ok(Some(mut task)) => {
+                task.fresh = Some(freshness());
+                match serde_json::to_vec(&task) {
+                    Ok(json) => {
+                        self.taken.send_replace(true);
+                        json_reply(json)
+                    }
+                    Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
                 }
-                Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
-            },
+            }
             _ => text(StatusCode::NO_CONTENT, ""),
         }
     }
@@ -425,6 +428,21 @@ struct SessionHandler(Arc<GuestSession>);
 impl Handler for SessionHandler {
     fn handle(&self, request: Request<Incoming>) -> ReplyFuture {
         Box::pin(self.0.clone().route(request))
+    }
+}
+
+/// The clock now, 32 random bytes and a random machine-id, made when the guest takes its task.
+fn freshness() -> Freshness {
+    let mut random = rand::rng();
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let entropy: [u8; 32] = random.random();
+    let machine_id: [u8; 16] = random.random();
+    Freshness {
+        unix_time_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        entropy: hex(&entropy),
+        machine_id: hex(&machine_id),
     }
 }
 

@@ -27,9 +27,14 @@ use crate::qmp::Qmp;
 use crate::records::{process_start_ticks, RecordFile, VmRecord};
 use crate::runtime::RuntimeDir;
 use crate::screenshot::ScreenshotError;
+use crate::snapshot::{Snapshot, SnapshotFile};
 
 /// Lines of QEMU's standard error kept in a start-up error.
 const STDERR_TAIL: usize = 20;
+/// Migration bandwidth: QEMU 7.2 caps it at 128 MiB/s unless told otherwise.
+const MIGRATION_BANDWIDTH: u64 = 100 << 30;
+/// How long saving or loading a state may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most bytes of a log returned by [`VirtualMachine::serial_output`].
 const LOG_LIMIT: u64 = 4 << 20;
 
@@ -106,6 +111,9 @@ pub enum VmError {
     /// A QMP command failed.
     #[error("QMP: {0}")]
     Qmp(io::Error),
+    /// Saving or loading a snapshot failed.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
 
 /// One running VM. Fields drop in order: QEMU is killed before its directory is removed.
@@ -113,6 +121,9 @@ pub struct VirtualMachine {
     qemu: QemuProcess,
     qmp: Qmp,
     killed: bool,
+    uuid: String,
+    mac: String,
+    owner: Option<(u32, u32)>,
     argv: Vec<String>,
     network: Option<VmNetwork>,
     cgroup: Option<VmCgroup>,
@@ -128,6 +139,29 @@ impl VirtualMachine {
         lease: Lease,
         machine: &ResolvedMachine,
         settings: &VmSettings,
+    ) -> Result<Self, VmError> {
+        Self::launch(lease, machine, settings, None).await
+    }
+
+    /// Starts a VM from `snapshot` (made of the same image and machine, see
+    /// [`crate::snapshot`]) instead of booting it, and resumes it once the state is loaded.
+    /// Its disk is a new overlay on the snapshot's; its network is its own, as for a boot.
+    pub async fn restore(
+        lease: Lease,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+        snapshot: &Snapshot,
+    ) -> Result<Self, VmError> {
+        let vm = Self::launch(lease, machine, settings, Some(snapshot)).await?;
+        vm.finish_incoming().await?;
+        Ok(vm)
+    }
+
+    async fn launch(
+        lease: Lease,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+        snapshot: Option<&Snapshot>,
     ) -> Result<Self, VmError> {
         let runtime = RuntimeDir::create(
             &settings.runtime_parent,
@@ -165,8 +199,20 @@ impl VirtualMachine {
             Some(network) => Some(VmNetwork::create(&settings.name, network)?),
             None => None,
         };
-        let (base, format) = lease.boot_disk();
+        let (base, format) = match snapshot {
+            Some(snapshot) => (snapshot.disk_path(), "qcow2"),
+            None => lease.boot_disk(),
+        };
         create_overlay(&base, format, &runtime.overlay()).map_err(VmError::Setup)?;
+        // The saved state, inherited by QEMU as `-incoming fd:N`.
+        let state = match snapshot {
+            Some(snapshot) => Some(
+                fs::File::open(snapshot.state_path())
+                    .map(std::os::fd::OwnedFd::from)
+                    .map_err(VmError::Setup)?,
+            ),
+            None => None,
+        };
         if let Some(user) = settings.run_as {
             std::os::unix::fs::chown(runtime.overlay(), Some(user.uid), Some(user.gid))
                 .map_err(VmError::Setup)?;
@@ -189,8 +235,14 @@ impl VirtualMachine {
             accelerator: settings.accelerator,
             disk: runtime.overlay(),
             boot,
-            uuid: m.uuid.clone().unwrap_or_else(random_uuid),
-            mac: m.mac.clone().unwrap_or_else(random_mac),
+            uuid: match snapshot {
+                Some(snapshot) => snapshot.uuid().to_owned(),
+                None => m.uuid.clone().unwrap_or_else(random_uuid),
+            },
+            mac: match snapshot {
+                Some(snapshot) => snapshot.mac().to_owned(),
+                None => m.mac.clone().unwrap_or_else(random_mac),
+            },
             netdev: match &network {
                 Some(network) => Netdev::TapFd(network.tap().as_raw_fd()),
                 None => settings.netdev.clone(),
@@ -199,6 +251,7 @@ impl VirtualMachine {
             qmp_socket: runtime.qmp_socket(),
             vnc_socket: runtime.vnc_socket(),
             tsc_khz: settings.tsc_khz,
+            incoming: state.as_ref().map(|fd| format!("fd:{}", fd.as_raw_fd())),
         };
         let argv = qemu_args(machine, &spec)?;
         let start_error = |reason: String, runtime: &RuntimeDir| VmError::Start {
@@ -216,7 +269,11 @@ impl VirtualMachine {
             settings.run_as,
             &extra_groups,
             cgroup.as_ref(),
-            network.as_ref().map(|network| network.tap()),
+            &network
+                .iter()
+                .map(VmNetwork::tap)
+                .chain(state.iter().map(std::os::fd::AsFd::as_fd))
+                .collect::<Vec<_>>(),
             &runtime.qemu_log(),
         )
         .map_err(|error| start_error(format!("cannot run {}: {error}", settings.qemu), &runtime))?;
@@ -245,6 +302,9 @@ impl VirtualMachine {
             qemu,
             qmp,
             killed: false,
+            uuid: spec.uuid.clone(),
+            mac: spec.mac.clone(),
+            owner: owner(settings.run_as),
             argv,
             network,
             cgroup,
@@ -285,6 +345,11 @@ impl VirtualMachine {
     /// The VM's isolated network, if it has one.
     pub fn network(&self) -> Option<&VmNetwork> {
         self.network.as_ref()
+    }
+
+    /// The VM's isolated network, to change it (e.g. stop its service before a snapshot).
+    pub fn network_mut(&mut self) -> Option<&mut VmNetwork> {
+        self.network.as_mut()
     }
 
     /// The VM's control group, when the host offers them.
@@ -373,6 +438,94 @@ impl VirtualMachine {
     /// graphics). Gives up after `timeout`.
     pub async fn screenshot(&self, timeout: Duration) -> Result<RgbaImage, ScreenshotError> {
         crate::screenshot::capture(&self.runtime.vnc_socket(), timeout).await
+    }
+
+    /// Saves the paused VM into the new directory `dir` (see [`crate::snapshot`]) and ends it.
+    /// Call it at agent-ready, before the guest received anything of a task, and with the
+    /// guest not in the middle of a request to its metadata service (stop the service first:
+    /// [`crate::network::VmNetwork::stop_service`]).
+    pub async fn snapshot(mut self, dir: &Path) -> Result<Snapshot, VmError> {
+        let failed = |what: &str, error: &dyn std::fmt::Display| {
+            VmError::Snapshot(format!("{what}: {error}"))
+        };
+        fs::create_dir(dir).map_err(|e| failed(&format!("creating {}", dir.display()), &e))?;
+        self.suspend().await?;
+        let parameters = qmp::MigrateSetParameters {
+            max_bandwidth: Some(MIGRATION_BANDWIDTH),
+            ..Default::default()
+        };
+        self.qmp
+            .execute(qmp::migrate_set_parameters(parameters))
+            .await
+            .map_err(VmError::Qmp)?;
+        let socket = self.runtime.path().join("migrate.sock");
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .map_err(|e| failed("listening for the migration stream", &e))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&socket, Some(uid), Some(gid))
+                .map_err(|e| failed("handing the socket to QEMU's user", &e))?;
+        }
+        let state = Snapshot::path_in(dir, SnapshotFile::State);
+        let command = qmp::migrate {
+            uri: Some(format!("unix:{}", socket.display())),
+            channels: None,
+            detach: None,
+            resume: None,
+        };
+        self.qmp.execute(command).await.map_err(VmError::Qmp)?;
+        let copy = async {
+            let (mut stream, _) = listener.accept().await?;
+            let mut file = tokio::fs::File::create(&state).await?;
+            let bytes = tokio::io::copy(&mut stream, &mut file).await?;
+            file.sync_all().await?;
+            io::Result::Ok(bytes)
+        };
+        tokio::time::timeout(MIGRATION_TIMEOUT, copy)
+            .await
+            .map_err(|_| failed("the migration stream", &"timed out"))?
+            .map_err(|e| failed("the migration stream", &e))?;
+        self.wait_migration("saving").await?;
+        self.kill().await;
+        let disk = Snapshot::path_in(dir, SnapshotFile::Disk);
+        fs::rename(self.runtime.overlay(), &disk).map_err(|e| failed("keeping the disk", &e))?;
+        for file in [&disk, &state] {
+            fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+                .map_err(|e| failed("making the snapshot read-only", &e))?;
+        }
+        Snapshot::write_identity(dir, &self.uuid, &self.mac)
+            .map_err(|e| failed("writing the identity", &e))?;
+        Snapshot::open(dir).map_err(|e| failed("reopening", &e))
+    }
+
+    /// Waits until an incoming state is loaded, then resumes the guest.
+    async fn finish_incoming(&self) -> Result<(), VmError> {
+        self.wait_migration("loading").await?;
+        self.resume().await
+    }
+
+    /// Polls `query-migrate` until the migration completed; fails if it failed.
+    async fn wait_migration(&self, what: &str) -> Result<(), VmError> {
+        let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            let info = self
+                .qmp
+                .execute(qmp::query_migrate {})
+                .await
+                .map_err(VmError::Qmp)?;
+            match info.status {
+                Some(qmp::MigrationStatus::completed) => return Ok(()),
+                Some(qmp::MigrationStatus::failed | qmp::MigrationStatus::cancelled) => {
+                    return Err(VmError::Snapshot(format!(
+                        "{what} the state failed: {}",
+                        info.error_desc.unwrap_or_else(|| "no reason given".into())
+                    )))
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(VmError::Snapshot(format!("{what} the state timed out")))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
     }
 
     /// Kills QEMU (SIGKILL to its process group) and waits for it.

@@ -37,6 +37,7 @@ fn spec(accelerator: Accelerator, boot: Option<BootFiles>, netdev: Netdev) -> La
         serial_log: run.join("serial.log"),
         qmp_socket: run.join("qmp.sock"),
         vnc_socket: run.join("vnc.sock"),
+        incoming: None,
         tsc_khz: Some(2_445_406),
     }
 }

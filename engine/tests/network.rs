@@ -91,8 +91,7 @@ fn vm_name(base: &str) -> String {
 fn shell(script: &str) -> Execute {
     Execute {
         command: vec!["sh".into(), "-c".into(), script.into()],
-        env: Default::default(),
-        tty: false,
+        ..Execute::default()
     }
 }
 

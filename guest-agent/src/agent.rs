@@ -21,6 +21,11 @@ pub fn serve(url: &str) -> io::Result<()> {
     crate::markers::banner();
     marker("ready");
     let task = client.wait_for_task();
+    if let Some(fresh) = &task.fresh {
+        for problem in crate::fresh::apply(fresh) {
+            eprintln!("taskvm-agent: {problem}");
+        }
+    }
     marker("running");
     let process_group = Arc::new(AtomicI32::new(0));
     let (done_sender, done) = std::sync::mpsc::channel();

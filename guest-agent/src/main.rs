@@ -15,6 +15,7 @@
 mod actions;
 mod agent;
 mod client;
+mod fresh;
 mod http;
 mod init;
 mod markers;

@@ -25,7 +25,7 @@ pub const API_PREFIX: &str = "/engine/v1";
 pub const METADATA_ADDRESS: &str = "169.254.169.254";
 
 /// The task the guest is to run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Execute {
     /// Argument vector; `command[0]` is looked up on `PATH`.
@@ -36,6 +36,24 @@ pub struct Execute {
     /// Run the command on a pseudo-terminal instead of pipes.
     #[serde(default)]
     pub tty: bool,
+    /// What makes this VM's state its own, applied by the agent before the command runs (a
+    /// VM restored from a snapshot would otherwise share its clock, random numbers and
+    /// identity with every other copy; a booted one gets the same, so the two look alike).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fresh: Option<Freshness>,
+}
+
+/// The host's contribution to a guest's own state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Freshness {
+    /// The host's clock when the task was handed over: Unix time in milliseconds.
+    pub unix_time_ms: u64,
+    /// Random bytes from the host, as hex: added to the kernel's entropy pool, which is then
+    /// reseeded.
+    pub entropy: String,
+    /// The VM's machine-id (32 lower-case hex digits), written to `/etc/machine-id`.
+    pub machine_id: String,
 }
 
 /// How the command ended.

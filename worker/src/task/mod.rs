@@ -291,7 +291,7 @@ impl Run {
         session.set_task(Execute {
             command: payload.command.clone(),
             env: payload.env.clone(),
-            tty: false,
+            ..Execute::default()
         });
         vm.set_http_handler(session.handler());
         let forward = {

@@ -2,7 +2,7 @@
 //! as wanted: the migration stream of the paused VM (`state.bin`), the disk overlay as it was
 //! then (`disk.qcow2`, read-only; each restored VM gets its own overlay on top) and the
 //! identity its devices were created with (`identity`: UUID and MAC, which a restore must
-//! reuse). QEMU writes the stream to a unix socket the engine listens on and reads it back
+//! reuse) and its console up to then (`serial.log`, which a restored VM's console continues). QEMU writes the stream to a unix socket the engine listens on and reads it back
 //! from an inherited descriptor (`-incoming fd:N`): both work under the full `-sandbox`.
 //!
 //! The plain stream was chosen over a file-backed RAM object with `x-ignore-shared`: for the
@@ -14,11 +14,56 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use image_manager::Lease;
+use schemas::ResolvedMachine;
+
+use crate::session::{GuestSession, SessionConfig};
+use crate::vm::{VirtualMachine, VmError, VmSettings};
+
+/// What the agent prints on the console once it is up and asks for its task.
+pub const AGENT_READY: &str = "taskvm-agent: ready";
+
+/// Boots a VM of `machine` on `lease` (with `settings`, which must give it a network), waits
+/// until its agent is up — no task is ever set, so it holds no task data — and saves it into
+/// the new directory `dir`. Gives up after `ready_timeout` (an image without our agent).
+pub async fn build(
+    lease: Lease,
+    machine: &ResolvedMachine,
+    settings: &VmSettings,
+    dir: &Path,
+    ready_timeout: Duration,
+) -> Result<Snapshot, VmError> {
+    let mut vm = VirtualMachine::start(lease, machine, settings).await?;
+    let (session, _log) = GuestSession::new(SessionConfig::new(&settings.name));
+    vm.set_http_handler(session.handler());
+    if !vm.wait_for_serial(AGENT_READY, ready_timeout).await {
+        return Err(VmError::Snapshot(format!(
+            "the guest's agent did not report ready within {} s",
+            ready_timeout.as_secs()
+        )));
+    }
+    // Let its first request arrive, then close the service under it: the agent is then in
+    // its retry loop, with no request open, and finds the restored VM's service at once.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    match vm.network_mut() {
+        Some(network) => network.stop_service(),
+        None => {
+            return Err(VmError::Snapshot(
+                "a snapshot needs the VM's own network".into(),
+            ))
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    vm.snapshot(dir).await
+}
 
 /// File names inside a snapshot directory.
 const STATE: &str = "state.bin";
 const DISK: &str = "disk.qcow2";
 const IDENTITY: &str = "identity";
+const CONSOLE: &str = "serial.log";
 
 /// A saved VM on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +135,7 @@ impl Snapshot {
         dir.join(match file {
             SnapshotFile::State => STATE,
             SnapshotFile::Disk => DISK,
+            SnapshotFile::Console => CONSOLE,
         })
     }
 }
@@ -99,6 +145,7 @@ impl Snapshot {
 pub(crate) enum SnapshotFile {
     State,
     Disk,
+    Console,
 }
 
 #[cfg(test)]

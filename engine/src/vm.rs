@@ -121,6 +121,8 @@ pub struct VirtualMachine {
     qemu: QemuProcess,
     qmp: Qmp,
     killed: bool,
+    /// The console before a restore (the snapshot's), shown ahead of this QEMU's.
+    earlier_console: String,
     uuid: String,
     mac: String,
     owner: Option<(u32, u32)>,
@@ -152,8 +154,14 @@ impl VirtualMachine {
         settings: &VmSettings,
         snapshot: &Snapshot,
     ) -> Result<Self, VmError> {
-        let vm = Self::launch(lease, machine, settings, Some(snapshot)).await?;
+        let mut vm = Self::launch(lease, machine, settings, Some(snapshot)).await?;
         vm.finish_incoming().await?;
+        let console = fs::read_to_string(Snapshot::path_in(snapshot.dir(), SnapshotFile::Console))
+            .unwrap_or_default();
+        vm.earlier_console = format!(
+            "{console}\n[taskvm: restored from the snapshot in {}]\n",
+            snapshot.dir().display()
+        );
         Ok(vm)
     }
 
@@ -302,6 +310,7 @@ impl VirtualMachine {
             qemu,
             qmp,
             killed: false,
+            earlier_console: String::new(),
             uuid: spec.uuid.clone(),
             mac: spec.mac.clone(),
             owner: owner(settings.run_as),
@@ -362,9 +371,15 @@ impl VirtualMachine {
         self.runtime.vnc_socket()
     }
 
-    /// The serial console's output so far (at most the last 4 MiB, truncation marked).
+    /// The serial console's output so far (at most the last 4 MiB, truncation marked); for
+    /// a restored VM, the snapshot's console comes first.
     pub fn serial_output(&self) -> String {
-        read_bounded(&self.runtime.serial_log(), LOG_LIMIT)
+        let current = read_bounded(&self.runtime.serial_log(), LOG_LIMIT);
+        if self.earlier_console.is_empty() {
+            current
+        } else {
+            format!("{}{current}", self.earlier_console)
+        }
     }
 
     /// QEMU's own messages so far (bounded like the serial output).
@@ -494,6 +509,12 @@ impl VirtualMachine {
         }
         Snapshot::write_identity(dir, &self.uuid, &self.mac)
             .map_err(|e| failed("writing the identity", &e))?;
+        // The console up to the snapshot, which every restored copy's console continues.
+        fs::write(
+            Snapshot::path_in(dir, SnapshotFile::Console),
+            read_bounded(&self.runtime.serial_log(), LOG_LIMIT),
+        )
+        .map_err(|e| failed("keeping the console", &e))?;
         Snapshot::open(dir).map_err(|e| failed("reopening", &e))
     }
 

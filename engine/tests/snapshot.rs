@@ -24,7 +24,10 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        assert!(rustix::process::geteuid().is_root(), "VM networks need root");
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "VM networks need root"
+        );
         let scratch = tempfile::tempdir().unwrap();
         std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let cache = Cache::open(CacheConfig {
@@ -74,24 +77,15 @@ fn resolved(lease: &Lease) -> ResolvedMachine {
 async fn make_snapshot(fixture: &Fixture) -> engine::snapshot::Snapshot {
     let lease = fixture.lease();
     let machine = resolved(&lease);
-    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings("saved"))
-        .await
-        .unwrap();
-    let (session, _log) = GuestSession::new(SessionConfig::new("saved"));
-    vm.set_http_handler(session.handler());
-    assert!(
-        vm.wait_for_serial("taskvm-agent: ready", Duration::from_secs(60))
-            .await,
-        "{}",
-        vm.serial_output()
-    );
-    // Let the agent's first request arrive, then close the service under it.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    vm.network_mut().unwrap().stop_service();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    vm.snapshot(&fixture.scratch.path().join("snapshot"))
-        .await
-        .unwrap()
+    engine::snapshot::build(
+        lease,
+        &machine,
+        &fixture.settings("saved"),
+        &fixture.scratch.path().join("snapshot"),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
 }
 
 const PROBE: &str = "echo $1 > /tmp/mine; sleep 1; echo file=$(cat /tmp/mine); \
@@ -112,7 +106,13 @@ async fn restore_and_probe(
         .unwrap();
     let (session, mut log) = GuestSession::new(SessionConfig::new(name));
     session.set_task(Execute {
-        command: vec!["sh".into(), "-c".into(), PROBE.into(), "sh".into(), name.into()],
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            PROBE.into(),
+            "sh".into(),
+            name.into(),
+        ],
         ..Execute::default()
     });
     vm.set_http_handler(session.handler());
@@ -129,7 +129,10 @@ async fn restore_and_probe(
     {
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
-    let host_clock = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let host_clock = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let report = session.wait_report().await;
     assert_eq!(report.exit_code, 0, "{text}");
     session.perform(ActionKind::Shutdown).await.ok();
@@ -171,7 +174,10 @@ async fn two_restored_copies_are_each_a_vm_of_their_own() {
     assert_eq!(field(&log_a, "id").len(), 32);
     for (log, host) in [(&log_a, host_a), (&log_b, host_b)] {
         let guest: u64 = field(log, "clock").parse().unwrap();
-        assert!(host.abs_diff(guest) <= 1, "guest clock {guest}, host {host}");
+        assert!(
+            host.abs_diff(guest) <= 1,
+            "guest clock {guest}, host {host}"
+        );
     }
     let after = [
         sha256_file(&image_disk),

@@ -65,7 +65,8 @@ fn reseed(bytes: &[u8]) -> io::Result<()> {
     // SAFETY: RNDADDENTROPY reads a rand_pool_info: two ints and then `buf_size` bytes, all
     // within the array passed; RNDRESEEDCRNG takes no argument.
     unsafe {
-        let add = rustix::ioctl::Setter::<RNDADDENTROPY, [u8; 8 + MAX_ENTROPY]>::new(pool_info(bytes));
+        let add =
+            rustix::ioctl::Setter::<RNDADDENTROPY, [u8; 8 + MAX_ENTROPY]>::new(pool_info(bytes));
         rustix::ioctl::ioctl(&random, add)?;
         rustix::ioctl::ioctl(&random, rustix::ioctl::NoArg::<RNDRESEEDCRNG>::new())?;
     }

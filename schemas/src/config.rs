@@ -29,6 +29,8 @@ pub struct WorkerConfig {
     pub concurrency: u32,
     /// Which accelerator runs the VMs.
     pub accel: Accel,
+    /// How task VMs start: booted, or restored from a snapshot of the image booted once.
+    pub start: StartMode,
     /// How QEMU is confined.
     pub sandbox: SandboxConfig,
     /// What the guests' networks allow.
@@ -47,6 +49,7 @@ impl Default for WorkerConfig {
             state_dir: PathBuf::from("/var/lib/taskvm"),
             concurrency: 1,
             accel: Accel::Auto,
+            start: StartMode::Auto,
             sandbox: SandboxConfig::default(),
             network: NetworkConfig::default(),
             queue: None,
@@ -110,6 +113,20 @@ pub enum Accel {
     Kvm,
     /// QEMU's software emulation (multi-threaded TCG).
     Tcg,
+}
+
+/// How task VMs start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StartMode {
+    /// Restore from the image's snapshot, made on first use; an image whose snapshot cannot
+    /// be made (no taskvm agent) is remembered and booted from then on.
+    Auto,
+    /// Always boot.
+    Boot,
+    /// Restore from the image's snapshot, made on first use, trying again for every task when
+    /// making it fails. A snapshot that does not restore is discarded and the task booted.
+    Snapshot,
 }
 
 /// How QEMU is confined.

@@ -27,7 +27,7 @@ pub mod sizing;
 mod string_enum;
 pub mod violations;
 
-pub use config::{Accel, WorkerConfig};
+pub use config::{Accel, StartMode, WorkerConfig};
 pub use document::{
     check_structure, parse_config, parse_document, parse_json, parse_payload, DocumentKind,
 };

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use schemas::config::Accel;
+use schemas::config::{Accel, StartMode};
 use schemas::parse_payload;
 use tokio::sync::watch;
 
@@ -36,6 +36,30 @@ pub struct RunArgs {
     /// Accelerator (default: the configuration's accel, `auto` unless set).
     #[arg(long, value_enum)]
     accel: Option<AccelArg>,
+    /// How the VM starts (default: the configuration's start, `auto` unless set).
+    #[arg(long, value_enum)]
+    start: Option<StartArg>,
+}
+
+/// `--start`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum StartArg {
+    /// Restore the image's snapshot (made on first use); boot images it cannot be made for.
+    Auto,
+    /// Always boot.
+    Boot,
+    /// Restore the image's snapshot, making it on first use.
+    Snapshot,
+}
+
+impl From<StartArg> for StartMode {
+    fn from(value: StartArg) -> Self {
+        match value {
+            StartArg::Auto => StartMode::Auto,
+            StartArg::Boot => StartMode::Boot,
+            StartArg::Snapshot => StartMode::Snapshot,
+        }
+    }
 }
 
 /// `--accel`.
@@ -76,6 +100,9 @@ pub fn run(args: RunArgs) -> Outcome {
     }
     if let Some(accel) = args.accel {
         config.accel = accel.into();
+    }
+    if let Some(start) = args.start {
+        config.start = start.into();
     }
     let kept = args.artifacts.is_some();
     let artifacts = match prepare_artifacts(args.artifacts.as_deref()) {

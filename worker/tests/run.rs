@@ -263,7 +263,7 @@ fn hello_prints_what_the_guest_sees_and_completes() {
     );
     let last = run.log.lines().last().unwrap();
     assert!(
-        last.starts_with("[taskvm] resolved completed in ") && last.contains("boot "),
+        last.starts_with("[taskvm] resolved completed in ") && last.contains("start "),
         "timings end the log: {last}"
     );
     let artifacts = scene.artifacts("hello");
@@ -696,4 +696,94 @@ fn without_root_or_capabilities_taskvm_run_says_what_it_needs() {
         "{stderr}"
     );
     assert!(!scene.state().exists(), "nothing was created");
+}
+
+#[test]
+fn the_first_task_makes_a_snapshot_and_later_ones_restore_it() {
+    let scene = Scene::new();
+    let hello = scene.example("hello");
+    let first = scene.run(&hello, "first");
+    assert_eq!(first.code(), Some(0), "{}", first.explain());
+    assert!(
+        first.log.contains("made for this image and machine"),
+        "{}",
+        first.log
+    );
+    let second = scene.run(&hello, "second");
+    assert_eq!(second.code(), Some(0), "{}", second.explain());
+    assert!(
+        !second.log.contains("made for this image"),
+        "{}",
+        second.log
+    );
+    assert!(second.log.contains("(start snapshot, "), "{}", second.log);
+    assert!(second.stdout().contains("hello from Linux 6.1"));
+    assert!(
+        std::fs::read_to_string(scene.artifacts("second").join("serial.log"))
+            .unwrap()
+            .contains("taskvm-agent: ready"),
+        "a restored VM's console continues the snapshot's"
+    );
+
+    let booted = scene
+        .command(&hello, "booted", &shared_cache())
+        .args(["--start", "boot"])
+        .output()
+        .unwrap();
+    assert_eq!(booted.status.code(), Some(0));
+    let log = std::fs::read_to_string(scene.artifacts("booted").join("live.log")).unwrap();
+    assert!(log.contains("(start boot, "), "{log}");
+
+    // Another machine is another key, so another snapshot.
+    let bigger = scene.run(&scene.example("machine-override"), "bigger");
+    assert_eq!(bigger.code(), Some(0), "{}", bigger.explain());
+    assert!(
+        bigger.log.contains("made for this image and machine"),
+        "{}",
+        bigger.log
+    );
+    assert_eq!(snapshot_dirs(&scene).len(), 2);
+}
+
+fn snapshot_dirs(scene: &Scene) -> Vec<PathBuf> {
+    std::fs::read_dir(scene.state().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.is_dir())
+        .collect()
+}
+
+#[test]
+fn a_snapshot_that_does_not_restore_is_discarded_and_the_task_booted() {
+    let scene = Scene::new();
+    let hello = scene.example("hello");
+    assert_eq!(scene.run(&hello, "first").code(), Some(0));
+    let [snapshot] = snapshot_dirs(&scene).try_into().unwrap();
+    let state = snapshot.join("state.bin");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let length = std::fs::metadata(&state).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state)
+        .unwrap();
+    file.set_len(length / 3).unwrap();
+
+    let run = scene.run(&hello, "corrupt");
+    assert_eq!(run.code(), Some(0), "{}", run.explain());
+    assert_eq!(
+        run.log.matches("did not restore").count(),
+        1,
+        "one warning: {}",
+        run.log
+    );
+    assert!(run.log.contains("booting instead") && run.log.contains("(start boot, "));
+    assert!(run.stdout().contains("hello from Linux"));
+    let again = scene.run(&hello, "again");
+    assert!(
+        again.log.contains("made for this image and machine"),
+        "rebuilt: {}",
+        again.log
+    );
+    assert!(scene.leftovers(run.vm().as_deref()).is_empty());
 }

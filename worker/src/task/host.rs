@@ -14,6 +14,8 @@ use image_manager::{Cache, Lease};
 use schemas::config::Accel;
 use schemas::WorkerConfig;
 use thiserror::Error;
+
+use super::snapshots::SnapshotStore;
 use tokio::sync::OnceCell;
 
 /// Why the host cannot run tasks.
@@ -81,6 +83,8 @@ pub struct Host {
     pub qemu: String,
     /// The host's TSC frequency.
     pub tsc_khz: Option<u64>,
+    /// Snapshots of booted images, for fast starts.
+    pub snapshots: SnapshotStore,
     accel: OnceCell<Accelerator>,
 }
 
@@ -147,13 +151,26 @@ impl Host {
                 check_reachable(&dir, user.uid)?;
             }
         }
+        let qemu = "qemu-system-x86_64".to_owned();
+        let snapshots =
+            SnapshotStore::open(state, &qemu).map_err(|source| HostError::Directory {
+                path: state.join("snapshots"),
+                source,
+            })?;
+        let swept = snapshots.sweep(&cache);
+        if swept > 0 {
+            notice(&format!(
+                "removed {swept} snapshot(s) of images no longer cached"
+            ));
+        }
         Ok(Host {
             config,
             cache,
             run_as,
             cgroups,
-            qemu: "qemu-system-x86_64".to_owned(),
+            qemu,
             tsc_khz: engine::tsc::host_tsc_khz(),
+            snapshots,
             accel: OnceCell::new(),
         })
     }

@@ -8,11 +8,13 @@
 //! - [`host`]: what all tasks of a worker share, prepared once.
 //! - [`log`]: the task log.
 //! - [`artifacts`]: copying files and directories out of the guest.
+//! - [`snapshots`]: the store of booted images' snapshots, for fast starts.
 
 pub mod artifacts;
 pub mod host;
 pub mod log;
 pub mod resolution;
+pub mod snapshots;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use engine::network::NetworkSettings;
 use engine::session::{GuestSession, SessionConfig};
 use engine::{ExitKind, Netdev, VirtualMachine, VmError, VmSettings};
 use image_manager::{FetchKind, ImageError, ImageRequest, Lease, Progress};
+use schemas::config::StartMode;
 use schemas::machine::GraphicsAdapter;
 use schemas::protocol::{ActionKind, Execute, Report};
 use schemas::{limit_violation, resolve_machine, MachineLayers, Payload, ResolvedMachine};
@@ -54,16 +57,20 @@ pub struct Timings {
     pub total: Duration,
     /// From the start of the task to the guest's first output.
     pub first_output: Option<Duration>,
+    /// How the VM started: `boot` or `snapshot` (empty when no VM started).
+    pub start: &'static str,
 }
 
 impl Timings {
     /// `fetch 0.01 s, boot 2.10 s, …`.
     pub fn summary(&self) -> String {
-        let mut parts: Vec<String> = self
-            .stages
-            .iter()
-            .map(|(stage, took)| format!("{stage} {:.2} s", took.as_secs_f64()))
-            .collect();
+        let start = (!self.start.is_empty()).then(|| format!("start {}", self.start));
+        let mut parts: Vec<String> = start.into_iter().collect();
+        parts.extend(
+            self.stages
+                .iter()
+                .map(|(stage, took)| format!("{stage} {:.2} s", took.as_secs_f64())),
+        );
         if let Some(first) = self.first_output {
             parts.push(format!("first output after {:.2} s", first.as_secs_f64()));
         }
@@ -270,7 +277,7 @@ impl Run {
         };
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(u64::from(payload.max_run_time));
-        let mut vm = match VirtualMachine::start(lease, &machine, &settings).await {
+        let mut vm = match self.start_vm(&host, lease, &machine, &settings).await {
             Ok(vm) => vm,
             Err(VmError::Machine(error)) => {
                 return Err(malformed(format!("the machine cannot be built: {error}")))
@@ -431,6 +438,93 @@ impl Run {
         Ok(lease)
     }
 
+    /// Starts the task's VM as the configuration says: restored from the image's snapshot
+    /// (made first when there is none), or booted — always booted when a snapshot fails.
+    async fn start_vm(
+        &mut self,
+        host: &Arc<Host>,
+        lease: Lease,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+    ) -> Result<VirtualMachine, VmError> {
+        let mode = host.config.start;
+        let network = settings.network.clone().unwrap_or_default();
+        let key = host.snapshots.key(
+            &lease,
+            machine,
+            settings.accelerator,
+            settings.tsc_khz,
+            &network,
+        );
+        if mode == StartMode::Boot || (mode == StartMode::Auto && host.snapshots.is_unusable(&key))
+        {
+            self.timings.start = "boot";
+            return VirtualMachine::start(lease, machine, settings).await;
+        }
+        let digest = lease.digest().clone();
+        let fresh_lease = || {
+            host.cache
+                .lease(&digest)
+                .map_err(|error| VmError::Setup(std::io::Error::other(error.to_string())))?
+                .ok_or_else(|| VmError::Setup(std::io::Error::other("the image left the cache")))
+        };
+        let builder_lease = fresh_lease()?;
+        let build_settings = VmSettings {
+            name: format!("{}-snapshot", settings.name),
+            ..settings.clone()
+        };
+        let got = host
+            .snapshots
+            .get_or_build(&key, |dir| async move {
+                let snapshot = engine::snapshot::build(
+                    builder_lease,
+                    machine,
+                    &build_settings,
+                    &dir,
+                    snapshots::READY_TIMEOUT,
+                )
+                .await?;
+                snapshots::SnapshotStore::label(&dir, &lease).map_err(VmError::Setup)?;
+                Ok(snapshot)
+            })
+            .await;
+        let got = match got {
+            Ok(got) => got,
+            Err(error) => {
+                let reason = format!("no snapshot could be made ({error})");
+                if mode == StartMode::Auto {
+                    host.snapshots.mark_unusable(&key, &reason);
+                }
+                self.log.note(&format!("{reason}; booting instead"));
+                self.timings.start = "boot";
+                return VirtualMachine::start(fresh_lease()?, machine, settings).await;
+            }
+        };
+        if got.built {
+            self.log.note(&format!(
+                "snapshot {} made for this image and machine",
+                &key[..12]
+            ));
+            self.stage_done("snapshot");
+        }
+        match VirtualMachine::restore(fresh_lease()?, machine, settings, &got.snapshot).await {
+            Ok(vm) => {
+                self.timings.start = "snapshot";
+                Ok(vm)
+            }
+            Err(error @ VmError::Machine(_)) => Err(error),
+            Err(error) => {
+                self.log.note(&format!(
+                    "snapshot {} did not restore ({error}); discarded, booting instead",
+                    &key[..12]
+                ));
+                host.snapshots.discard(&key);
+                self.timings.start = "boot";
+                VirtualMachine::start(fresh_lease()?, machine, settings).await
+            }
+        }
+    }
+
     async fn supervise(
         &mut self,
         vm: &mut VirtualMachine,
@@ -440,7 +534,11 @@ impl Run {
     ) -> Supervised {
         let max = payload.max_run_time;
         match self.race(vm, deadline, session.wait_taken()).await {
-            Raced::Done(()) => self.stage_done("boot"),
+            Raced::Done(()) => self.stage_done(if self.timings.start == "snapshot" {
+                "restore"
+            } else {
+                "boot"
+            }),
             Raced::TimedOut => {
                 return Supervised::Over(Early {
                     resolution: Resolution::Failed,

@@ -40,6 +40,9 @@ pub enum ImageCommand {
         min_free: Option<u64>,
         #[command(flatten)]
         cache: CacheArgs,
+        /// State directory whose snapshots of removed images go too (default: configured).
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
     },
     /// Check an image file against every rule a fetch applies, without caching it.
     Verify {
@@ -48,6 +51,8 @@ pub enum ImageCommand {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Make the image's snapshot now, so that its first task restores instead of booting.
+    Warm(crate::warm_cmd::WarmArgs),
     /// Build an image tarball from a disk, a machine.json and optional boot files.
     Pack {
         /// Root disk (raw or any format qemu-img reads; converted to raw).
@@ -86,13 +91,15 @@ pub struct CacheArgs {
 }
 
 impl CacheArgs {
+    fn config(&self) -> Result<schemas::WorkerConfig, Outcome> {
+        crate::documents::load_config(self.config.as_deref()).map_err(|violations| {
+            eprintln!("taskvm: invalid configuration:\n{violations}");
+            Outcome::Malformed
+        })
+    }
+
     fn settings(&self) -> Result<CacheConfig, Outcome> {
-        let config =
-            crate::documents::load_config(self.config.as_deref()).map_err(|violations| {
-                eprintln!("taskvm: invalid configuration:\n{violations}");
-                Outcome::Malformed
-            })?;
-        let mut cache = config.cache;
+        let mut cache = self.config()?.cache;
         if let Some(dir) = &self.cache {
             cache.dir = dir.clone();
         }
@@ -155,7 +162,12 @@ fn execute(command: ImageCommand) -> Result<(), Outcome> {
             max_size,
             min_free,
             cache,
+            state,
         } => {
+            let state_dir = match state {
+                Some(state) => state,
+                None => cache.config()?.state_dir,
+            };
             let cache = open_cache(&cache)?;
             let max_size = max_size.unwrap_or(cache.limits().max_size);
             let min_free = min_free.unwrap_or(cache.limits().min_free);
@@ -164,6 +176,12 @@ fn execute(command: ImageCommand) -> Result<(), Outcome> {
                 .map_err(|error| report("cache", &error))?;
             for (digest, bytes) in &report_gc.removed {
                 println!("removed {digest} ({})", human_size(*bytes));
+            }
+            // Snapshots of removed images go with them.
+            let snapshots = taskvm::task::snapshots::snapshots_dir(&state_dir);
+            let swept = taskvm::task::snapshots::sweep_snapshots(&snapshots, &cache);
+            if swept > 0 {
+                println!("removed {swept} snapshot(s) of removed images");
             }
             println!(
                 "cache {} (max {}), {} free (min {}), {} in use kept",
@@ -185,6 +203,10 @@ fn execute(command: ImageCommand) -> Result<(), Outcome> {
             println!("ok {}", streamed.digest);
             Ok(())
         }
+        ImageCommand::Warm(args) => match crate::warm_cmd::run(args) {
+            Outcome::Success => Ok(()),
+            failed => Err(failed),
+        },
         ImageCommand::Pack {
             disk,
             disk_format,

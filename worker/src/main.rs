@@ -9,6 +9,7 @@ mod documents;
 mod image_cmd;
 mod run_cmd;
 mod validate;
+mod warm_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

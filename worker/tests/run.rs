@@ -787,3 +787,90 @@ fn a_snapshot_that_does_not_restore_is_discarded_and_the_task_booted() {
     );
     assert!(scene.leftovers(run.vm().as_deref()).is_empty());
 }
+
+#[test]
+fn concurrent_first_tasks_make_one_snapshot() {
+    let scene = Scene::new();
+    let hello = scene.example("hello");
+    let runs: Vec<Running> = ["one", "two"]
+        .iter()
+        .map(|name| {
+            Running(
+                scene
+                    .command(&hello, name, &shared_cache())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    for mut run in runs {
+        assert_eq!(run.0.wait().unwrap().code(), Some(0));
+    }
+    let made: usize = ["one", "two"]
+        .iter()
+        .map(|name| {
+            std::fs::read_to_string(scene.artifacts(name).join("live.log"))
+                .unwrap()
+                .matches("made for this image and machine")
+                .count()
+        })
+        .sum();
+    assert_eq!(made, 1, "one builder, one waiter");
+    assert_eq!(snapshot_dirs(&scene).len(), 1);
+}
+
+#[test]
+fn image_warm_makes_the_snapshot_ahead_and_gc_removes_it_with_its_image() {
+    let scene = Scene::new();
+    let cache = scene.scratch.path().join("private-cache");
+    let warm = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+        .args(["image", "warm"])
+        .arg(minimal_image())
+        .arg("--cache")
+        .arg(&cache)
+        .arg("--state")
+        .arg(scene.state())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&warm.stdout);
+    assert_eq!(
+        warm.status.code(),
+        Some(0),
+        "{said}{}",
+        String::from_utf8_lossy(&warm.stderr)
+    );
+    assert!(
+        said.starts_with("snapshot ") && said.contains("made in"),
+        "{said}"
+    );
+
+    let run = scene.run_with_cache(&scene.example("hello"), "after-warm", &cache);
+    assert_eq!(run.code(), Some(0), "{}", run.explain());
+    assert!(!run.log.contains("made for this image"), "{}", run.log);
+    assert!(run.log.contains("(start snapshot, "), "{}", run.log);
+
+    let gc = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+        .args([
+            "image",
+            "gc",
+            "--max-size",
+            "0",
+            "--min-free",
+            "0",
+            "--cache",
+        ])
+        .arg(&cache)
+        .arg("--state")
+        .arg(scene.state())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&gc.stdout);
+    assert_eq!(gc.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("removed 1 snapshot(s) of removed images"),
+        "{said}"
+    );
+    assert!(snapshot_dirs(&scene).is_empty());
+}

@@ -8,14 +8,15 @@ use std::path::{Path, PathBuf};
 
 use engine::accel::{decide, ProbeSpec};
 use engine::cgroup::CgroupHost;
+use engine::network::NetworkSettings;
 use engine::process::{lookup_user, RunAs};
-use engine::Accelerator;
+use engine::{Accelerator, Netdev, VmError, VmSettings};
 use image_manager::{Cache, Lease};
 use schemas::config::Accel;
-use schemas::WorkerConfig;
+use schemas::{ResolvedMachine, WorkerConfig};
 use thiserror::Error;
 
-use super::snapshots::SnapshotStore;
+use super::snapshots::{Got, SnapshotStore, READY_TIMEOUT};
 use tokio::sync::OnceCell;
 
 /// Why the host cannot run tasks.
@@ -173,6 +174,81 @@ impl Host {
             snapshots,
             accel: OnceCell::new(),
         })
+    }
+
+    /// The settings of a VM called `name` on this host.
+    pub fn vm_settings(&self, name: &str, accelerator: Accelerator) -> VmSettings {
+        VmSettings {
+            runtime_parent: self.runtime_parent(),
+            name: name.to_owned(),
+            accelerator,
+            run_as: self.run_as,
+            netdev: Netdev::RestrictedUser,
+            qemu: self.qemu.clone(),
+            tsc_khz: self.tsc_khz,
+            start_timeout: std::time::Duration::from_secs(10),
+            state_dir: Some(self.config.state_dir.clone()),
+            cgroups: self.cgroups.clone(),
+            network: Some(NetworkSettings {
+                egress: self.config.network.egress,
+                ..NetworkSettings::default()
+            }),
+        }
+    }
+
+    /// Another lease on the image `lease` holds (a VM consumes the one it is given).
+    pub fn lease_again(&self, lease: &Lease) -> Result<Lease, VmError> {
+        self.cache
+            .lease(lease.digest())
+            .map_err(|error| VmError::Setup(std::io::Error::other(error.to_string())))?
+            .ok_or_else(|| VmError::Setup(std::io::Error::other("the image left the cache")))
+    }
+
+    /// The snapshot key of a VM of `machine` on `lease` with `settings`.
+    pub fn snapshot_key(
+        &self,
+        lease: &Lease,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+    ) -> String {
+        let network = settings.network.clone().unwrap_or_default();
+        self.snapshots.key(
+            lease,
+            machine,
+            settings.accelerator,
+            settings.tsc_khz,
+            &network,
+        )
+    }
+
+    /// The snapshot for a VM of `machine` on `lease` with `settings`: the stored one, or one
+    /// made now by booting the image once (concurrent callers wait for that one).
+    pub async fn snapshot_for(
+        &self,
+        lease: &Lease,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+    ) -> Result<Got, VmError> {
+        let key = self.snapshot_key(lease, machine, settings);
+        let builder_lease = self.lease_again(lease)?;
+        let build_settings = VmSettings {
+            name: format!("{}-snapshot", settings.name),
+            ..settings.clone()
+        };
+        self.snapshots
+            .get_or_build(&key, |dir| async move {
+                let snapshot = engine::snapshot::build(
+                    builder_lease,
+                    machine,
+                    &build_settings,
+                    &dir,
+                    READY_TIMEOUT,
+                )
+                .await?;
+                SnapshotStore::label(&dir, lease).map_err(VmError::Setup)?;
+                Ok(snapshot)
+            })
+            .await
     }
 
     /// Where VMs' runtime directories go.

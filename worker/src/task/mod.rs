@@ -20,9 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::network::NetworkSettings;
 use engine::session::{GuestSession, SessionConfig};
-use engine::{ExitKind, Netdev, VirtualMachine, VmError, VmSettings};
+use engine::{ExitKind, VirtualMachine, VmError, VmSettings};
 use image_manager::{FetchKind, ImageError, ImageRequest, Lease, Progress};
 use schemas::config::StartMode;
 use schemas::machine::GraphicsAdapter;
@@ -259,22 +258,7 @@ impl Run {
         .map_err(|error| malformed(limit_violation(&error, "/machine").to_string()))?;
         let log = self.log.clone();
         let accelerator = host.accelerator(&lease, &|line| log.note(line)).await;
-        let settings = VmSettings {
-            runtime_parent: host.runtime_parent(),
-            name: request.name.clone(),
-            accelerator,
-            run_as: host.run_as,
-            netdev: Netdev::RestrictedUser,
-            qemu: host.qemu.clone(),
-            tsc_khz: host.tsc_khz,
-            start_timeout: Duration::from_secs(10),
-            state_dir: Some(host.config.state_dir.clone()),
-            cgroups: host.cgroups.clone(),
-            network: Some(NetworkSettings {
-                egress: host.config.network.egress,
-                ..NetworkSettings::default()
-            }),
-        };
+        let settings = host.vm_settings(&request.name, accelerator);
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(u64::from(payload.max_run_time));
         let mut vm = match self.start_vm(&host, lease, &machine, &settings).await {
@@ -402,8 +386,14 @@ impl Run {
                     .cache
                     .fetch(&request, &|step| progress.update(step, &reference));
                 if let Ok((_, FetchKind::Downloaded)) = &fetched {
-                    if let Err(error) = host.cache.gc_configured() {
-                        log.note(&format!("cache garbage collection failed: {error}"));
+                    match host.cache.gc_configured() {
+                        Ok(report) if !report.removed.is_empty() => {
+                            host.snapshots.sweep(&host.cache);
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            log.note(&format!("cache garbage collection failed: {error}"))
+                        }
                     }
                 }
                 fetched
@@ -448,47 +438,14 @@ impl Run {
         settings: &VmSettings,
     ) -> Result<VirtualMachine, VmError> {
         let mode = host.config.start;
-        let network = settings.network.clone().unwrap_or_default();
-        let key = host.snapshots.key(
-            &lease,
-            machine,
-            settings.accelerator,
-            settings.tsc_khz,
-            &network,
-        );
+        let key = host.snapshot_key(&lease, machine, settings);
         if mode == StartMode::Boot || (mode == StartMode::Auto && host.snapshots.is_unusable(&key))
         {
             self.timings.start = "boot";
             return VirtualMachine::start(lease, machine, settings).await;
         }
-        let digest = lease.digest().clone();
-        let fresh_lease = || {
-            host.cache
-                .lease(&digest)
-                .map_err(|error| VmError::Setup(std::io::Error::other(error.to_string())))?
-                .ok_or_else(|| VmError::Setup(std::io::Error::other("the image left the cache")))
-        };
-        let builder_lease = fresh_lease()?;
-        let build_settings = VmSettings {
-            name: format!("{}-snapshot", settings.name),
-            ..settings.clone()
-        };
-        let got = host
-            .snapshots
-            .get_or_build(&key, |dir| async move {
-                let snapshot = engine::snapshot::build(
-                    builder_lease,
-                    machine,
-                    &build_settings,
-                    &dir,
-                    snapshots::READY_TIMEOUT,
-                )
-                .await?;
-                snapshots::SnapshotStore::label(&dir, &lease).map_err(VmError::Setup)?;
-                Ok(snapshot)
-            })
-            .await;
-        let got = match got {
+        let fresh_lease = || host.lease_again(&lease);
+        let got = match host.snapshot_for(&lease, machine, settings).await {
             Ok(got) => got,
             Err(error) => {
                 let reason = format!("no snapshot could be made ({error})");

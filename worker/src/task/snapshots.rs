@@ -38,7 +38,7 @@ pub struct Got {
 impl SnapshotStore {
     /// The store under `state_dir`, for VMs of `qemu`.
     pub fn open(state_dir: &Path, qemu: &str) -> std::io::Result<SnapshotStore> {
-        let root = state_dir.join("snapshots");
+        let root = snapshots_dir(state_dir);
         fs::create_dir_all(&root)?;
         let qemu_version = std::process::Command::new(qemu)
             .arg("--version")
@@ -132,26 +132,36 @@ impl SnapshotStore {
         self.root.join(format!("{key}.unusable")).exists()
     }
 
-    /// Removes snapshots (and marks) of images no longer in `cache`; returns how many.
+    /// Removes snapshots of images no longer in `cache`; returns how many.
     pub fn sweep(&self, cache: &Cache) -> usize {
-        let Ok(entries) = fs::read_dir(&self.root) else {
-            return 0;
-        };
-        let mut removed = 0;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if !path.is_dir() {
-                continue;
-            }
-            let image = fs::read_to_string(path.join(IMAGE_FILE)).unwrap_or_default();
-            let cached =
-                !image.is_empty() && cache.root().join("sha256").join(image.trim()).is_dir();
-            if !cached && fs::remove_dir_all(&path).is_ok() {
-                removed += 1;
-            }
-        }
-        removed
+        sweep_snapshots(&self.root, cache)
     }
+}
+
+/// The snapshots directory of a state directory.
+pub fn snapshots_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("snapshots")
+}
+
+/// Removes the snapshots under `root` whose image is no longer in `cache` (after a garbage
+/// collection); returns how many.
+pub fn sweep_snapshots(root: &Path, cache: &Cache) -> usize {
+    let Ok(entries) = fs::read_dir(root) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let image = fs::read_to_string(path.join(IMAGE_FILE)).unwrap_or_default();
+        let cached = !image.is_empty() && cache.root().join("sha256").join(image.trim()).is_dir();
+        if !cached && fs::remove_dir_all(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// How long building a snapshot may wait for the agent.

@@ -1,0 +1,132 @@
+//! `taskvm image warm REF`: makes the image's snapshot ahead of its first task (the image's
+//! machine under the configuration's limits and machine defaults, as a payload without a
+//! `machine` gets), so that even the first task restores instead of booting.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use image_manager::ImageRequest;
+use schemas::{limit_violation, resolve_machine, MachineLayers};
+use taskvm::exit::Outcome;
+use taskvm::task::host::Host;
+use taskvm::task::image_error_is_the_payloads;
+
+/// Arguments of `taskvm image warm`.
+#[derive(Debug, clap::Args)]
+pub struct WarmArgs {
+    /// http(s) URL, file URL or local path of an image tarball.
+    reference: String,
+    /// Refuse the image unless its compressed bytes have this sha256.
+    #[arg(long, value_name = "HEX")]
+    sha256: Option<String>,
+    /// Cache directory (default: the configuration's cache.dir).
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// State directory, where snapshots are kept (default: the configuration's stateDir).
+    #[arg(long, value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// Worker configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// Runs `taskvm image warm`.
+pub fn run(args: WarmArgs) -> Outcome {
+    let mut config = match crate::documents::load_config(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(violations) => {
+            eprintln!("taskvm: invalid configuration:\n{violations}");
+            return Outcome::Malformed;
+        }
+    };
+    if let Some(cache) = args.cache {
+        config.cache.dir = cache;
+    }
+    if let Some(state) = args.state {
+        config.state_dir = state;
+    }
+    let request = match ImageRequest::parse(&args.reference, args.sha256.as_deref()) {
+        Ok(request) => request,
+        Err(error) => {
+            eprintln!("taskvm: image {}: {error}", args.reference);
+            return Outcome::Malformed;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("taskvm: cannot start the async runtime: {error}");
+            return Outcome::Internal;
+        }
+    };
+    let say = |line: &str| eprintln!("taskvm: {line}");
+    runtime.block_on(async {
+        let host = match Host::prepare(config, &say) {
+            Ok(host) => Arc::new(host),
+            Err(error) => {
+                say(&format!("this host cannot run VMs: {error}"));
+                return Outcome::Internal;
+            }
+        };
+        let fetching = {
+            let host = host.clone();
+            tokio::task::spawn_blocking(move || host.cache.fetch(&request, &|_| {}))
+        };
+        let lease = match fetching.await {
+            Ok(Ok((lease, _))) => lease,
+            Ok(Err(error)) => {
+                say(&format!("image {}: {error}", args.reference));
+                return if image_error_is_the_payloads(&error) {
+                    Outcome::Malformed
+                } else {
+                    Outcome::Internal
+                };
+            }
+            Err(error) => {
+                say(&format!("image fetch thread: {error}"));
+                return Outcome::Internal;
+            }
+        };
+        let layers = MachineLayers {
+            image: Some(lease.machine()),
+            worker: host.config.machine.as_ref(),
+            ..MachineLayers::default()
+        };
+        let machine = match resolve_machine(layers, &host.config.limits) {
+            Ok(machine) => machine,
+            Err(error) => {
+                say(&limit_violation(&error, "/machine").to_string());
+                return Outcome::Malformed;
+            }
+        };
+        let accelerator = host.accelerator(&lease, &say).await;
+        let name = format!("warm-{:08x}", rand::random::<u32>());
+        let settings = host.vm_settings(&name, accelerator);
+        let started = Instant::now();
+        match host.snapshot_for(&lease, &machine, &settings).await {
+            Ok(got) => {
+                let key = host.snapshot_key(&lease, &machine, &settings);
+                println!(
+                    "snapshot {} of {} ({})",
+                    &key[..12],
+                    lease.digest(),
+                    if got.built {
+                        format!("made in {:.2} s", started.elapsed().as_secs_f64())
+                    } else {
+                        "already there".to_owned()
+                    }
+                );
+                Outcome::Success
+            }
+            Err(error) => {
+                say(&format!("no snapshot could be made: {error}"));
+                Outcome::Internal
+            }
+        }
+    })
+}

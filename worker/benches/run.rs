@@ -4,8 +4,11 @@
 //!   process's exit (the resolution), over `TASKVM_BENCH_TASKS` tasks (default 10);
 //! - cold cache: the same with an empty cache each time (the image is fetched and unpacked
 //!   from a local file);
+//! - snapshot: warm cache, the VM restored from the image's snapshot (`--start snapshot`, the
+//!   snapshot made before the series);
 //! - baseline: bare `qemu-system-x86_64` with the same kernel, initrd and disk (hand-written
-//!   argv, no sandbox, no network namespace) to the agent's `ready` marker.
+//!   argv, no sandbox, no network namespace) to the agent's `ready` marker;
+//! - QEMU's resident memory in a booted and in a restored VM.
 //!
 //! Needs root (`taskvm run` gives each VM a network namespace).
 
@@ -49,22 +52,25 @@ fn main() {
     println!("run benchmark: {tasks} tasks each, TCG, minimal image, `echo first output`");
 
     let warm_cache = scratch.path().join("warm-cache");
-    run_task(&payload, &warm_cache, scratch.path()); // fills the cache
+    run_task(&payload, &warm_cache, scratch.path(), "snapshot"); // fills the cache, makes the snapshot
     let mut warm = Vec::new();
     let mut cold = Vec::new();
+    let mut restored = Vec::new();
     let mut bare = Vec::new();
     let baseline = Baseline::new(&image, scratch.path());
     for round in 0..tasks {
-        warm.push(run_task(&payload, &warm_cache, scratch.path()));
+        warm.push(run_task(&payload, &warm_cache, scratch.path(), "boot"));
         let cold_cache = scratch.path().join(format!("cold-cache-{round}"));
-        cold.push(run_task(&payload, &cold_cache, scratch.path()));
+        cold.push(run_task(&payload, &cold_cache, scratch.path(), "boot"));
         let _ = std::fs::remove_dir_all(&cold_cache);
+        restored.push(run_task(&payload, &warm_cache, scratch.path(), "snapshot"));
         if let Some(time) = baseline.boot(round) {
             bare.push(time);
         }
     }
-    report("warm cache", &warm);
-    report("cold cache", &cold);
+    report("boot, warm cache", &warm);
+    report("boot, cold cache", &cold);
+    report("snapshot restore", &restored);
     let bare_median = percentile(&bare, 50);
     println!(
         "bare qemu-system-x86_64 spawn -> agent ready: median {:.3} s, p95 {:.3} s ({} of {tasks} boots)",
@@ -80,12 +86,83 @@ fn main() {
         (ratio - 1.0) * 100.0,
         warm_first.as_secs_f64()
     );
+    let restored_first = percentile(
+        &restored.iter().map(|t| t.first_output).collect::<Vec<_>>(),
+        50,
+    );
+    println!(
+        "snapshot restore -> first output median {:.3} s (goal <= 0.4 s): {:.1}x faster than a \
+         boot (goal >= 5x)",
+        restored_first.as_secs_f64(),
+        warm_first.as_secs_f64() / restored_first.as_secs_f64()
+    );
+    let rss_boot = qemu_rss_kib(
+        &payload_sleeping(scratch.path(), &image),
+        &warm_cache,
+        scratch.path(),
+        "boot",
+    );
+    let rss_restored = qemu_rss_kib(
+        &payload_sleeping(scratch.path(), &image),
+        &warm_cache,
+        scratch.path(),
+        "snapshot",
+    );
+    println!(
+        "QEMU resident memory while the task runs: booted {} MiB, restored {} MiB",
+        rss_boot / 1024,
+        rss_restored / 1024
+    );
 }
 
-/// Runs one task; times the first stdout byte and the exit.
-fn run_task(payload: &Path, cache: &Path, scratch: &Path) -> Task {
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+/// A task that prints and then sleeps, so its VM can be measured.
+fn payload_sleeping(scratch: &Path, image: &Path) -> std::path::PathBuf {
+    let payload = scratch.join("sleeping.json");
+    std::fs::write(
+        &payload,
+        format!(
+            r#"{{"image": "file://{}", "command": ["sh", "-c", "echo up; sleep 3"], "maxRunTime": 60}}"#,
+            image.display()
+        ),
+    )
+    .expect("payload");
+    payload
+}
+
+/// QEMU's VmRSS during a task of `payload` started with `start`.
+fn qemu_rss_kib(payload: &Path, cache: &Path, scratch: &Path, start: &str) -> u64 {
+    let mut child = taskvm_run(payload, cache, scratch, start);
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut byte = [0u8; 1];
+    let _ = stdout.read(&mut byte);
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = std::fs::read_dir(scratch.join("state/vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+        .filter_map(|record| {
+            record
+                .lines()
+                .find_map(|line| line.strip_prefix("pid="))
+                .map(str::to_owned)
+        })
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|value| value.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .max()
+        .unwrap_or(0);
+    let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+    let _ = child.wait();
+    rss
+}
+
+fn taskvm_run(payload: &Path, cache: &Path, scratch: &Path, start: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_taskvm"))
         .arg("run")
         .arg(payload)
         .arg("--cache")
@@ -94,10 +171,18 @@ fn run_task(payload: &Path, cache: &Path, scratch: &Path) -> Task {
         .arg(scratch.join("state"))
         .arg("--accel")
         .arg("tcg")
+        .arg("--start")
+        .arg(start)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("taskvm run");
+        .expect("taskvm run")
+}
+
+/// Runs one task started with `start`; times the first stdout byte and the exit.
+fn run_task(payload: &Path, cache: &Path, scratch: &Path, start: &str) -> Task {
+    let started = Instant::now();
+    let mut child = taskvm_run(payload, cache, scratch, start);
     let mut stdout = child.stdout.take().expect("stdout");
     let mut byte = [0u8; 1];
     let _ = stdout.read(&mut byte);

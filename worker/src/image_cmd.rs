@@ -179,7 +179,7 @@ fn execute(command: ImageCommand) -> Result<(), Outcome> {
             }
             // Snapshots of removed images go with them.
             let snapshots = taskvm::task::snapshots::snapshots_dir(&state_dir);
-            let swept = taskvm::task::snapshots::sweep_snapshots(&snapshots, &cache);
+            let swept = taskvm::task::snapshots::sweep_snapshots(&snapshots);
             if swept > 0 {
                 println!("removed {swept} snapshot(s) of removed images");
             }

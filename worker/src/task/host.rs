@@ -158,7 +158,7 @@ impl Host {
                 path: state.join("snapshots"),
                 source,
             })?;
-        let swept = snapshots.sweep(&cache);
+        let swept = snapshots.sweep();
         if swept > 0 {
             notice(&format!(
                 "removed {swept} snapshot(s) of images no longer cached"

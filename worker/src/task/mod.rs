@@ -388,7 +388,7 @@ impl Run {
                 if let Ok((_, FetchKind::Downloaded)) = &fetched {
                     match host.cache.gc_configured() {
                         Ok(report) if !report.removed.is_empty() => {
-                            host.snapshots.sweep(&host.cache);
+                            host.snapshots.sweep();
                         }
                         Ok(_) => {}
                         Err(error) => {
@@ -438,9 +438,12 @@ impl Run {
         settings: &VmSettings,
     ) -> Result<VirtualMachine, VmError> {
         let mode = host.config.start;
+        if mode == StartMode::Boot {
+            self.timings.start = "boot";
+            return VirtualMachine::start(lease, machine, settings).await;
+        }
         let key = host.snapshot_key(&lease, machine, settings);
-        if mode == StartMode::Boot || (mode == StartMode::Auto && host.snapshots.is_unusable(&key))
-        {
+        if mode == StartMode::Auto && host.snapshots.is_unusable(&key) {
             self.timings.start = "boot";
             return VirtualMachine::start(lease, machine, settings).await;
         }

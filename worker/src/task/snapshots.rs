@@ -14,17 +14,19 @@ use std::time::Duration;
 use engine::network::NetworkSettings;
 use engine::snapshot::Snapshot;
 use engine::{Accelerator, VmError};
-use image_manager::{Cache, Lease};
+use image_manager::Lease;
 use schemas::ResolvedMachine;
 use sha2::{Digest, Sha256};
 
-/// File in a snapshot directory naming its image's digest, for the sweep.
+/// File in a snapshot directory naming its image's cache entry (whose `disk.img` backs the
+/// snapshot's disk), for the sweep.
 const IMAGE_FILE: &str = "image";
 
 /// Where snapshots live, and what a key is made of besides the task's own parts.
 pub struct SnapshotStore {
     root: PathBuf,
-    qemu_version: String,
+    qemu: String,
+    qemu_version: std::sync::OnceLock<String>,
 }
 
 /// A snapshot got from the store.
@@ -40,12 +42,11 @@ impl SnapshotStore {
     pub fn open(state_dir: &Path, qemu: &str) -> std::io::Result<SnapshotStore> {
         let root = snapshots_dir(state_dir);
         fs::create_dir_all(&root)?;
-        let qemu_version = std::process::Command::new(qemu)
-            .arg("--version")
-            .output()
-            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-            .unwrap_or_default();
-        Ok(SnapshotStore { root, qemu_version })
+        Ok(SnapshotStore {
+            root,
+            qemu: qemu.to_owned(),
+            qemu_version: std::sync::OnceLock::new(),
+        })
     }
 
     /// The key of a VM of `machine` on `lease` with these settings.
@@ -60,13 +61,24 @@ impl SnapshotStore {
         let parts = serde_json::json!({
             "image": lease.digest().hex(),
             "machine": machine,
-            "qemu": self.qemu_version,
+            "qemu": self.qemu_version(),
             "accelerator": format!("{accelerator:?}"),
             "tscKhz": tsc_khz,
             "guestAddress": network.guest_address.to_string(),
             "egress": network.egress,
         });
         hex::encode(Sha256::digest(parts.to_string().as_bytes()))
+    }
+
+    /// `qemu --version`, asked once.
+    fn qemu_version(&self) -> &str {
+        self.qemu_version.get_or_init(|| {
+            std::process::Command::new(&self.qemu)
+                .arg("--version")
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+                .unwrap_or_default()
+        })
     }
 
     /// The snapshot of `key`, built with `build` (given the directory to create) when there
@@ -114,7 +126,10 @@ impl SnapshotStore {
 
     /// Records which image a snapshot being built in `dir` belongs to.
     pub fn label(dir: &Path, lease: &Lease) -> std::io::Result<()> {
-        fs::write(dir.join(IMAGE_FILE), lease.digest().hex())
+        fs::write(
+            dir.join(IMAGE_FILE),
+            lease.dir().as_os_str().as_encoded_bytes(),
+        )
     }
 
     /// Removes the snapshot of `key` (it did not restore); the next task rebuilds it.
@@ -132,9 +147,9 @@ impl SnapshotStore {
         self.root.join(format!("{key}.unusable")).exists()
     }
 
-    /// Removes snapshots of images no longer in `cache`; returns how many.
-    pub fn sweep(&self, cache: &Cache) -> usize {
-        sweep_snapshots(&self.root, cache)
+    /// Removes snapshots whose image left its cache; returns how many.
+    pub fn sweep(&self) -> usize {
+        sweep_snapshots(&self.root)
     }
 }
 
@@ -143,9 +158,9 @@ pub fn snapshots_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("snapshots")
 }
 
-/// Removes the snapshots under `root` whose image is no longer in `cache` (after a garbage
-/// collection); returns how many.
-pub fn sweep_snapshots(root: &Path, cache: &Cache) -> usize {
+/// Removes the snapshots under `root` whose image entry is gone (after a garbage collection of
+/// whichever cache held it); returns how many.
+pub fn sweep_snapshots(root: &Path) -> usize {
     let Ok(entries) = fs::read_dir(root) else {
         return 0;
     };
@@ -155,8 +170,8 @@ pub fn sweep_snapshots(root: &Path, cache: &Cache) -> usize {
         if !path.is_dir() {
             continue;
         }
-        let image = fs::read_to_string(path.join(IMAGE_FILE)).unwrap_or_default();
-        let cached = !image.is_empty() && cache.root().join("sha256").join(image.trim()).is_dir();
+        let entry = fs::read_to_string(path.join(IMAGE_FILE)).unwrap_or_default();
+        let cached = !entry.is_empty() && Path::new(&entry).is_dir();
         if !cached && fs::remove_dir_all(&path).is_ok() {
             removed += 1;
         }

@@ -116,6 +116,39 @@ impl Namespace {
         run_ip(&full)
     }
 
+    /// Runs several `ip` commands (one per line, without `ip`) inside the namespace in one
+    /// process (`ip -batch`), stopping at the first that fails.
+    pub fn ip_batch(&self, commands: &[String]) -> Result<(), NetworkError> {
+        use std::io::Write;
+        let script = commands.join("\n") + "\n";
+        let failed = |stderr: String| NetworkError::Command {
+            args: format!("-n {} -batch - <<< {script:?}", self.name),
+            stderr,
+        };
+        let mut child = Command::new("ip")
+            .args(["-n", &self.name, "-batch", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(io_error("running ip (iproute2)"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .map_err(|error| failed(error.to_string()))?;
+        }
+        let output = child
+            .wait_with_output()
+            .map_err(|error| failed(error.to_string()))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(failed(
+                String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            ))
+        }
+    }
+
     /// Runs `work` on a thread that has entered the namespace: sockets and taps it opens
     /// belong to the namespace for good, whichever thread uses them afterwards.
     pub fn run_inside<T: Send + 'static>(

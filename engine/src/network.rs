@@ -70,18 +70,13 @@ impl VmNetwork {
             .unwrap_or(Ipv4Addr::new(169, 254, 169, 254));
         let namespace = Namespace::create(name)?;
         let tap = namespace.run_inside(|| open_tap(TAP_NAME))?;
-        namespace.ip(&[
-            "addr",
-            "add",
-            &format!("{metadata}/{PREFIX_LEN}"),
-            "dev",
-            TAP_NAME,
-        ])?;
         // Every VM's tap has the same MAC: a guest restored from a snapshot still has the
         // address of the tap it was saved with in its ARP cache, and each VM has a segment of
-        // its own, so nothing can clash.
-        namespace.ip(&["link", "set", TAP_NAME, "address", TAP_MAC])?;
-        namespace.ip(&["link", "set", TAP_NAME, "up"])?;
+        // its own, so nothing can clash. One `ip` for both changes: each start costs ~5 ms.
+        namespace.ip_batch(&[
+            format!("addr add {metadata}/{PREFIX_LEN} dev {TAP_NAME}"),
+            format!("link set {TAP_NAME} address {TAP_MAC} up"),
+        ])?;
         let egress = if settings.egress {
             Some(Egress::create(&namespace, TAP_NAME)?)
         } else {

@@ -154,8 +154,21 @@ impl VirtualMachine {
         settings: &VmSettings,
         snapshot: &Snapshot,
     ) -> Result<Self, VmError> {
+        let vm = Self::restore_paused(lease, machine, settings, snapshot).await?;
+        vm.resume().await?;
+        Ok(vm)
+    }
+
+    /// Like [`VirtualMachine::restore`], but leaves the loaded guest paused (0 % CPU) until
+    /// [`VirtualMachine::resume`]: a VM kept ready in a warm pool.
+    pub async fn restore_paused(
+        lease: Lease,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+        snapshot: &Snapshot,
+    ) -> Result<Self, VmError> {
         let mut vm = Self::launch(lease, machine, settings, Some(snapshot)).await?;
-        vm.finish_incoming().await?;
+        vm.wait_migration("loading").await?;
         let console = fs::read_to_string(Snapshot::path_in(snapshot.dir(), SnapshotFile::Console))
             .unwrap_or_default();
         vm.earlier_console = format!(
@@ -516,12 +529,6 @@ impl VirtualMachine {
         )
         .map_err(|e| failed("keeping the console", &e))?;
         Snapshot::open(dir).map_err(|e| failed("reopening", &e))
-    }
-
-    /// Waits until an incoming state is loaded, then resumes the guest.
-    async fn finish_incoming(&self) -> Result<(), VmError> {
-        self.wait_migration("loading").await?;
-        self.resume().await
     }
 
     /// Polls `query-migrate` until the migration completed; fails if it failed.

@@ -31,6 +31,11 @@ pub struct WorkerConfig {
     pub accel: Accel,
     /// How task VMs start: booted, or restored from a snapshot of the image booted once.
     pub start: StartMode,
+    /// VMs kept restored and paused (0 % CPU, their memory resident) for the most used image
+    /// and machine, so that a task starts in milliseconds; 0 (the default) keeps none. Only
+    /// long-running workers benefit; `taskvm run` ends with its task.
+    #[schemars(range(max = 64))]
+    pub warm_pool: u32,
     /// How QEMU is confined.
     pub sandbox: SandboxConfig,
     /// What the guests' networks allow.
@@ -50,6 +55,7 @@ impl Default for WorkerConfig {
             concurrency: 1,
             accel: Accel::Auto,
             start: StartMode::Auto,
+            warm_pool: 0,
             sandbox: SandboxConfig::default(),
             network: NetworkConfig::default(),
             queue: None,

@@ -5,6 +5,7 @@
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use engine::accel::{decide, ProbeSpec};
 use engine::cgroup::CgroupHost;
@@ -16,6 +17,7 @@ use schemas::config::Accel;
 use schemas::{ResolvedMachine, WorkerConfig};
 use thiserror::Error;
 
+use super::pool::WarmPool;
 use super::snapshots::{Got, SnapshotStore, READY_TIMEOUT};
 use tokio::sync::OnceCell;
 
@@ -86,6 +88,8 @@ pub struct Host {
     pub tsc_khz: Option<u64>,
     /// Snapshots of booted images, for fast starts.
     pub snapshots: SnapshotStore,
+    /// Paused VMs ready for the most used image (empty unless `warmPool` is set).
+    pub pool: Arc<WarmPool>,
     accel: OnceCell<Accelerator>,
 }
 
@@ -164,9 +168,11 @@ impl Host {
                 "removed {swept} snapshot(s) of images no longer cached"
             ));
         }
+        let pool = Arc::new(WarmPool::new(config.warm_pool, cache.clone()));
         Ok(Host {
             config,
             cache,
+            pool,
             run_as,
             cgroups,
             qemu,

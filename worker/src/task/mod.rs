@@ -9,10 +9,12 @@
 //! - [`log`]: the task log.
 //! - [`artifacts`]: copying files and directories out of the guest.
 //! - [`snapshots`]: the store of booted images' snapshots, for fast starts.
+//! - [`pool`]: paused restored VMs kept ready for the most used image.
 
 pub mod artifacts;
 pub mod host;
 pub mod log;
+pub mod pool;
 pub mod resolution;
 pub mod snapshots;
 
@@ -443,6 +445,19 @@ impl Run {
             return VirtualMachine::start(lease, machine, settings).await;
         }
         let key = host.snapshot_key(&lease, machine, settings);
+        if host.pool.enabled() {
+            if let Some(vm) = host.pool.take(&key) {
+                match vm.resume().await {
+                    Ok(()) => {
+                        self.timings.start = "pool";
+                        return Ok(vm);
+                    }
+                    Err(error) => self.log.note(&format!(
+                        "a pooled VM did not resume ({error}); starting another"
+                    )),
+                }
+            }
+        }
         if mode == StartMode::Auto && host.snapshots.is_unusable(&key) {
             self.timings.start = "boot";
             return VirtualMachine::start(lease, machine, settings).await;
@@ -466,6 +481,15 @@ impl Run {
                 &key[..12]
             ));
             self.stage_done("snapshot");
+        }
+        if host.pool.enabled() {
+            let recipe = pool::Recipe {
+                image: lease.digest().clone(),
+                snapshot: got.snapshot.clone(),
+                machine: machine.clone(),
+                settings: settings.clone(),
+            };
+            host.pool.offer(&key, &recipe);
         }
         match VirtualMachine::restore(fresh_lease()?, machine, settings, &got.snapshot).await {
             Ok(vm) => {

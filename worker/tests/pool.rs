@@ -101,8 +101,9 @@ async fn a_warm_pool_hands_out_paused_vms_that_cost_no_cpu_while_they_wait() {
         "a pooled VM gets its own machine-id"
     );
     println!(
-        "pool start -> first output {:?}",
-        second.timings.first_output.unwrap()
+        "pool start -> first output {:?}; {}",
+        second.timings.first_output.unwrap(),
+        second_log.lines().last().unwrap_or_default()
     );
     wait_for_ready(&host).await; // replaced in the background
 

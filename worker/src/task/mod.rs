@@ -518,10 +518,10 @@ impl Run {
     ) -> Supervised {
         let max = payload.max_run_time;
         match self.race(vm, deadline, session.wait_taken()).await {
-            Raced::Done(()) => self.stage_done(if self.timings.start == "snapshot" {
-                "restore"
-            } else {
-                "boot"
+            Raced::Done(()) => self.stage_done(match self.timings.start {
+                "snapshot" => "restore",
+                "pool" => "resume",
+                _ => "boot",
             }),
             Raced::TimedOut => {
                 return Supervised::Over(Early {

@@ -263,7 +263,16 @@ impl Run {
         let settings = host.vm_settings(&request.name, accelerator);
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(u64::from(payload.max_run_time));
-        let mut vm = match self.start_vm(&host, lease, &machine, &settings).await {
+        let (session, mut guest_log) = GuestSession::new(SessionConfig::new(&request.name));
+        session.set_task(Execute {
+            command: payload.command.clone(),
+            env: payload.env.clone(),
+            ..Execute::default()
+        });
+        let started = self
+            .start_vm(&host, lease, &machine, &settings, &session)
+            .await;
+        let mut vm = match started {
             Ok(vm) => vm,
             Err(VmError::Machine(error)) => {
                 return Err(malformed(format!("the machine cannot be built: {error}")))
@@ -280,12 +289,6 @@ impl Run {
                 engine::Accelerator::Tcg => "TCG",
             }
         ));
-        let (session, mut guest_log) = GuestSession::new(SessionConfig::new(&request.name));
-        session.set_task(Execute {
-            command: payload.command.clone(),
-            env: payload.env.clone(),
-            ..Execute::default()
-        });
         vm.set_http_handler(session.handler());
         let forward = {
             let log = self.log.clone();
@@ -438,6 +441,7 @@ impl Run {
         lease: Lease,
         machine: &ResolvedMachine,
         settings: &VmSettings,
+        session: &Arc<GuestSession>,
     ) -> Result<VirtualMachine, VmError> {
         let mode = host.config.start;
         if mode == StartMode::Boot {
@@ -447,6 +451,8 @@ impl Run {
         let key = host.snapshot_key(&lease, machine, settings);
         if host.pool.enabled() {
             if let Some(vm) = host.pool.take(&key) {
+                // The task is there before the guest runs again: no retry spent on it.
+                vm.set_http_handler(session.handler());
                 match vm.resume().await {
                     Ok(()) => {
                         self.timings.start = "pool";

@@ -29,6 +29,9 @@ pub struct VmRecord {
     pub cgroups: Vec<PathBuf>,
     /// The VM's network namespace.
     pub netns: Option<String>,
+    /// The worker process that owns the VM: its pid and start time. The sweep leaves the VMs
+    /// of a worker that still runs alone.
+    pub owner: Option<(u32, u64)>,
 }
 
 impl VmRecord {
@@ -45,6 +48,9 @@ impl VmRecord {
         }
         if let Some(netns) = &self.netns {
             text.push_str(&format!("netns={netns}\n"));
+        }
+        if let Some((pid, ticks)) = self.owner {
+            text.push_str(&format!("owner={pid}:{ticks}\n"));
         }
         text
     }
@@ -66,6 +72,10 @@ impl VmRecord {
                 .map(PathBuf::from)
                 .collect(),
             netns: field("netns"),
+            owner: field("owner").and_then(|owner| {
+                let (pid, ticks) = owner.split_once(':')?;
+                Some((pid.parse().ok()?, ticks.parse().ok()?))
+            }),
         })
     }
 }
@@ -95,7 +105,8 @@ impl RecordFile {
 
     /// Rewrites the record (e.g. once QEMU's pid is known).
     pub fn update(&self, record: &VmRecord) -> io::Result<()> {
-        let temporary = self.path.with_extension("tmp");
+        // Dot-named like the first write: a sweep of another worker never takes it.
+        let temporary = self.path.with_file_name(format!(".{}.tmp", record.name));
         fs::write(&temporary, record.to_text())?;
         fs::rename(&temporary, &self.path)
     }
@@ -105,6 +116,18 @@ impl Drop for RecordFile {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
     }
+}
+
+/// This process as a record's owner.
+pub fn this_owner() -> Option<(u32, u64)> {
+    let pid = std::process::id();
+    process_start_ticks(pid).map(|ticks| (pid, ticks))
+}
+
+/// Whether `owner` is a live process other than this one (this process sweeps only at its
+/// start, so records naming it are leftovers of a reused pid or of VMs it abandoned).
+fn owner_runs_elsewhere((pid, ticks): (u32, u64)) -> bool {
+    pid != std::process::id() && process_start_ticks(pid) == Some(ticks)
 }
 
 /// QEMU's start time in clock ticks, from `/proc/PID/stat`.
@@ -147,9 +170,18 @@ pub fn sweep(state_dir: &Path) -> io::Result<SweepReport> {
             .as_deref()
             .and_then(VmRecord::parse)
         else {
-            let _ = fs::remove_file(&path);
+            // A record being written has a temporary name; anything else unreadable goes.
+            if !path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
+                let _ = fs::remove_file(&path);
+            }
             continue;
         };
+        if record.owner.is_some_and(owner_runs_elsewhere) {
+            continue; // another live worker's VM, not a leftover
+        }
         if let (Some(pid), Some(ticks)) = (record.pid, record.start_ticks) {
             // Only the very process that was recorded: same pid and same start time.
             if process_start_ticks(pid) == Some(ticks) {
@@ -207,8 +239,39 @@ mod tests {
                 "/sys/fs/cgroup/pids/taskvm-task-1".into(),
             ],
             netns: Some("taskvm-task-1".into()),
+            owner: Some((42, 4242)),
         };
         assert_eq!(VmRecord::parse(&record.to_text()), Some(record));
+    }
+
+    #[test]
+    fn the_vms_of_a_worker_that_still_runs_are_left_alone() {
+        let state = tempfile::tempdir().unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let owner = (other.id(), process_start_ticks(other.id()).unwrap());
+        let runtime = state.path().join("run-busy");
+        fs::create_dir(&runtime).unwrap();
+        let record = VmRecord {
+            name: "busy".into(),
+            pid: None,
+            start_ticks: None,
+            runtime_dir: runtime.clone(),
+            cgroups: vec![],
+            netns: None,
+            owner: Some(owner),
+        };
+        let file = RecordFile::write(state.path(), &record).unwrap();
+        assert_eq!(sweep(state.path()).unwrap().records, 0, "its owner runs");
+        assert!(runtime.exists());
+        other.kill().unwrap();
+        other.wait().unwrap();
+        std::mem::forget(file);
+        let report = sweep(state.path()).unwrap();
+        assert_eq!(report.records, 1, "its owner is gone");
+        assert!(!runtime.exists());
     }
 
     #[test]
@@ -231,6 +294,7 @@ mod tests {
             runtime_dir: runtime.clone(),
             cgroups: vec![],
             netns: None,
+            owner: None,
         };
         std::mem::forget(RecordFile::write(state.path(), &record).unwrap());
         let report = sweep(state.path()).unwrap();

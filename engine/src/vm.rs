@@ -210,6 +210,7 @@ impl VirtualMachine {
                 .network
                 .as_ref()
                 .map(|_| namespace_name(&settings.name)),
+            owner: crate::records::this_owner(),
         };
         let record_file = match &settings.state_dir {
             Some(state_dir) => Some(RecordFile::write(state_dir, &record).map_err(VmError::Setup)?),

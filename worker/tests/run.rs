@@ -805,8 +805,10 @@ fn concurrent_first_tasks_make_one_snapshot() {
             )
         })
         .collect();
-    for mut run in runs {
-        assert_eq!(run.0.wait().unwrap().code(), Some(0));
+    for (mut run, name) in runs.into_iter().zip(["one", "two"]) {
+        let code = run.0.wait().unwrap().code();
+        let log = std::fs::read_to_string(scene.artifacts(name).join("live.log"));
+        assert_eq!(code, Some(0), "{name}: {log:?}");
     }
     let made: usize = ["one", "two"]
         .iter()
@@ -873,4 +875,33 @@ fn image_warm_makes_the_snapshot_ahead_and_gc_removes_it_with_its_image() {
         "{said}"
     );
     assert!(snapshot_dirs(&scene).is_empty());
+}
+
+#[test]
+fn a_second_run_on_the_same_state_leaves_the_first_runs_vm_alone() {
+    let scene = Scene::new();
+    let (mut first, vm) = scene.start_sleeper("long");
+    let qemu = qemu_pid(&scene, &vm);
+    // Its start-up sweep must see a live owner, not a leftover.
+    let second = scene.run(&scene.example("hello"), "second");
+    assert_eq!(second.code(), Some(0), "{}", second.explain());
+    assert!(!second.stderr().contains("swept"), "{}", second.explain());
+    assert!(
+        Path::new(&format!("/proc/{qemu}")).exists(),
+        "the first VM still runs"
+    );
+    assert!(Path::new("/run/netns")
+        .join(format!("taskvm-{vm}"))
+        .exists());
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&first.0),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert_eq!(first.0.wait().unwrap().code(), Some(3));
+    assert!(
+        scene.leftovers(Some(&vm)).is_empty(),
+        "{:?}",
+        scene.leftovers(Some(&vm))
+    );
 }

@@ -167,7 +167,9 @@ pub fn sweep_snapshots(root: &Path) -> usize {
     let mut removed = 0;
     for entry in entries.flatten() {
         let path = entry.path();
-        if !path.is_dir() {
+        // A build in progress is its builder's, under the key's lock.
+        let building = path.extension().is_some_and(|ext| ext == "building");
+        if !path.is_dir() || building {
             continue;
         }
         let entry = fs::read_to_string(path.join(IMAGE_FILE)).unwrap_or_default();

@@ -13,11 +13,10 @@
 //! last one turns it off again if it was off. Deleting the namespace deletes the veth pair
 //! (so the crash sweep removes links too); the host table goes with the last link.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use crate::netns::{run_ip, Namespace, NetworkError};
+use crate::netns::{run_ip, run_with_input, Namespace, NetworkError};
 
 /// Prefix of the host side of every egress link.
 pub const HOST_LINK_PREFIX: &str = "tve";
@@ -231,32 +230,13 @@ fn nft_inside(namespace: &Namespace, rules: &str) -> Result<(), NetworkError> {
 }
 
 fn nft_with(command: &mut Command, rules: &str) -> Result<(), NetworkError> {
-    let failed = |stderr: String| NetworkError::Command {
-        args: "nft -f -".into(),
-        stderr,
-    };
-    let mut child = command
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|error| failed(format!("cannot run nft (package nftables): {error}")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(rules.as_bytes())
-            .map_err(|error| failed(error.to_string()))?;
-    }
-    let output = child
-        .wait_with_output()
-        .map_err(|error| failed(error.to_string()))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(failed(
-            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        ))
-    }
+    command.args(["-f", "-"]);
+    run_with_input(command, rules, "nft (package nftables)").map_err(|stderr| {
+        NetworkError::Command {
+            args: "nft -f -".into(),
+            stderr,
+        }
+    })
 }
 
 /// FNV-1a, for stable per-VM names and starting points.

@@ -119,34 +119,15 @@ impl Namespace {
     /// Runs several `ip` commands (one per line, without `ip`) inside the namespace in one
     /// process (`ip -batch`), stopping at the first that fails.
     pub fn ip_batch(&self, commands: &[String]) -> Result<(), NetworkError> {
-        use std::io::Write;
         let script = commands.join("\n") + "\n";
-        let failed = |stderr: String| NetworkError::Command {
-            args: format!("-n {} -batch - <<< {script:?}", self.name),
-            stderr,
-        };
-        let mut child = Command::new("ip")
-            .args(["-n", &self.name, "-batch", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(io_error("running ip (iproute2)"))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(|error| failed(error.to_string()))?;
-        }
-        let output = child
-            .wait_with_output()
-            .map_err(|error| failed(error.to_string()))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(failed(
-                String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            ))
-        }
+        let mut command = Command::new("ip");
+        command.args(["-n", &self.name, "-batch", "-"]);
+        run_with_input(&mut command, &script, "ip (iproute2)").map_err(|stderr| {
+            NetworkError::Command {
+                args: format!("-n {} -batch - <<< {script:?}", self.name),
+                stderr,
+            }
+        })
     }
 
     /// Runs `work` on a thread that has entered the namespace: sockets and taps it opens
@@ -210,6 +191,36 @@ pub(crate) fn run_ip(args: &[&str]) -> Result<(), NetworkError> {
             args: args.join(" "),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         })
+    }
+}
+
+/// Runs `command` with `input` on its standard input. On failure, its standard error, or why
+/// `program` could not run.
+pub(crate) fn run_with_input(
+    command: &mut Command,
+    input: &str,
+    program: &str,
+) -> Result<(), String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("cannot run {program}: {error}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|error| error.to_string())?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|error| error.to_string())?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
     }
 }
 

@@ -1,9 +1,10 @@
 //! Reading the documents a user hands to the CLI: files in JSON (or TOML for configuration),
-//! checked by the `schemas` crate.
+//! checked by the `schemas` crate; and the set-up shared by the commands that start VMs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use schemas::{parse_config, parse_json, Violations, WorkerConfig};
+use taskvm::exit::Outcome;
 
 /// Reads a file as JSON, or TOML when its name ends in `.toml`; any failure is a violation
 /// naming the file.
@@ -18,6 +19,41 @@ pub fn read_document(path: &Path) -> Result<serde_json::Value, Violations> {
     } else {
         parse_json(&text)
     }
+}
+
+/// The worker configuration for a command that starts VMs: the file at `path` (or the
+/// defaults) with the `--cache` and `--state` directories given on the command line. An
+/// invalid file is reported and yields the exit code.
+pub fn load_host_config(
+    path: Option<&Path>,
+    cache: Option<PathBuf>,
+    state: Option<PathBuf>,
+) -> Result<WorkerConfig, Outcome> {
+    let mut config = load_config(path).map_err(|violations| {
+        eprintln!("taskvm: invalid configuration:\n{violations}");
+        Outcome::Malformed
+    })?;
+    if let Some(cache) = cache {
+        config.cache.dir = cache;
+    }
+    if let Some(state) = state {
+        config.state_dir = state;
+    }
+    Ok(config)
+}
+
+/// The async runtime of the commands that drive VMs (two worker threads: VMs are started
+/// from them, never from short-lived blocking threads, because QEMU dies with its spawning
+/// thread).
+pub fn vm_runtime() -> Result<tokio::runtime::Runtime, Outcome> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("taskvm: cannot start the async runtime: {error}");
+            Outcome::Internal
+        })
 }
 
 /// Reads the worker configuration at `path`, or the defaults when there is none.

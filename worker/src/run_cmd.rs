@@ -85,19 +85,11 @@ impl From<AccelArg> for Accel {
 
 /// Runs `taskvm run`.
 pub fn run(args: RunArgs) -> Outcome {
-    let mut config = match crate::documents::load_config(args.config.as_deref()) {
-        Ok(config) => config,
-        Err(violations) => {
-            eprintln!("taskvm: invalid configuration:\n{violations}");
-            return Outcome::Malformed;
-        }
-    };
-    if let Some(cache) = args.cache {
-        config.cache.dir = cache;
-    }
-    if let Some(state) = args.state {
-        config.state_dir = state;
-    }
+    let mut config =
+        match crate::documents::load_host_config(args.config.as_deref(), args.cache, args.state) {
+            Ok(config) => config,
+            Err(outcome) => return outcome,
+        };
     if let Some(accel) = args.accel {
         config.accel = accel.into();
     }
@@ -131,16 +123,9 @@ pub fn run(args: RunArgs) -> Outcome {
                 return Outcome::Malformed;
             }
         };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::documents::vm_runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("taskvm: cannot start the async runtime: {error}");
-            return Outcome::Internal;
-        }
+        Err(outcome) => return outcome,
     };
     let outcome = runtime.block_on(async {
         let host = match Host::prepare(config, &|line| log.note(line)) {

@@ -33,19 +33,11 @@ pub struct WarmArgs {
 
 /// Runs `taskvm image warm`.
 pub fn run(args: WarmArgs) -> Outcome {
-    let mut config = match crate::documents::load_config(args.config.as_deref()) {
-        Ok(config) => config,
-        Err(violations) => {
-            eprintln!("taskvm: invalid configuration:\n{violations}");
-            return Outcome::Malformed;
-        }
-    };
-    if let Some(cache) = args.cache {
-        config.cache.dir = cache;
-    }
-    if let Some(state) = args.state {
-        config.state_dir = state;
-    }
+    let config =
+        match crate::documents::load_host_config(args.config.as_deref(), args.cache, args.state) {
+            Ok(config) => config,
+            Err(outcome) => return outcome,
+        };
     let request = match ImageRequest::parse(&args.reference, args.sha256.as_deref()) {
         Ok(request) => request,
         Err(error) => {
@@ -53,16 +45,9 @@ pub fn run(args: WarmArgs) -> Outcome {
             return Outcome::Malformed;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::documents::vm_runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("taskvm: cannot start the async runtime: {error}");
-            return Outcome::Internal;
-        }
+        Err(outcome) => return outcome,
     };
     let say = |line: &str| eprintln!("taskvm: {line}");
     runtime.block_on(async {
@@ -108,9 +93,9 @@ pub fn run(args: WarmArgs) -> Outcome {
         let name = format!("warm-{:08x}", rand::random::<u32>());
         let settings = host.vm_settings(&name, accelerator);
         let started = Instant::now();
-        match host.snapshot_for(&lease, &machine, &settings).await {
+        let key = host.snapshot_key(&lease, &machine, &settings);
+        match host.snapshot_for(&key, &lease, &machine, &settings).await {
             Ok(got) => {
-                let key = host.snapshot_key(&lease, &machine, &settings);
                 println!(
                     "snapshot {} of {} ({})",
                     &key[..12],

@@ -227,22 +227,23 @@ impl Host {
         )
     }
 
-    /// The snapshot for a VM of `machine` on `lease` with `settings`: the stored one, or one
-    /// made now by booting the image once (concurrent callers wait for that one).
+    /// The snapshot of `key` (see [`Host::snapshot_key`]) for a VM of `machine` on `lease`
+    /// with `settings`: the stored one, or one made now by booting the image once (concurrent
+    /// callers wait for that one).
     pub async fn snapshot_for(
         &self,
+        key: &str,
         lease: &Lease,
         machine: &ResolvedMachine,
         settings: &VmSettings,
     ) -> Result<Got, VmError> {
-        let key = self.snapshot_key(lease, machine, settings);
         let builder_lease = self.lease_again(lease)?;
         let build_settings = VmSettings {
             name: format!("{}-snapshot", settings.name),
             ..settings.clone()
         };
         self.snapshots
-            .get_or_build(&key, |dir| async move {
+            .get_or_build(key, |dir| async move {
                 let snapshot = engine::snapshot::build(
                     builder_lease,
                     machine,

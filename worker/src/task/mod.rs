@@ -469,7 +469,7 @@ impl Run {
             return VirtualMachine::start(lease, machine, settings).await;
         }
         let fresh_lease = || host.lease_again(&lease);
-        let got = match host.snapshot_for(&lease, machine, settings).await {
+        let got = match host.snapshot_for(&key, &lease, machine, settings).await {
             Ok(got) => got,
             Err(error) => {
                 let reason = format!("no snapshot could be made ({error})");

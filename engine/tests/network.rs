@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -11,77 +10,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use engine::network::NetworkSettings;
-use engine::process::lookup_user;
 use engine::session::{GuestSession, SessionConfig};
-use engine::{Accelerator, ExitKind, Netdev, VirtualMachine, VmSettings};
-use image_manager::{Cache, ImageRequest, Lease};
-use schemas::config::CacheConfig;
+use engine::{ExitKind, VirtualMachine};
 use schemas::protocol::{ActionKind, Execute};
-use schemas::{resolve_machine, MachineLayers, MachineLimits, ResolvedMachine};
-use testkit::guest::{host_tsc_khz, minimal_image};
 use tokio::sync::mpsc;
 
-struct Fixture {
-    scratch: tempfile::TempDir,
-    cache: Cache,
-}
+mod common;
 
-impl Fixture {
-    fn new() -> Fixture {
-        assert!(
-            rustix::process::geteuid().is_root(),
-            "VM networks need root (network namespaces and taps)"
-        );
-        let scratch = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let cache = Cache::open(CacheConfig {
-            dir: scratch.path().join("cache"),
-            ..CacheConfig::default()
-        })
-        .unwrap();
-        Fixture { scratch, cache }
-    }
-
-    fn lease(&self) -> Lease {
-        let request = ImageRequest::parse(minimal_image().to_str().unwrap(), None).unwrap();
-        self.cache.fetch(&request, &|_| {}).unwrap().0
-    }
-
-    fn settings(&self, name: &str, guest_address: Ipv4Addr) -> VmSettings {
-        VmSettings {
-            runtime_parent: self.scratch.path().join("run"),
-            name: name.to_owned(),
-            accelerator: Accelerator::Tcg,
-            run_as: Some(lookup_user("nobody").unwrap()),
-            netdev: Netdev::RestrictedUser,
-            qemu: "qemu-system-x86_64".into(),
-            tsc_khz: host_tsc_khz(),
-            start_timeout: Duration::from_secs(10),
-            state_dir: Some(self.scratch.path().join("state")),
-            cgroups: None,
-            network: Some(NetworkSettings {
-                guest_address,
-                ..NetworkSettings::default()
-            }),
-        }
-    }
-}
-
-fn resolved(lease: &Lease) -> ResolvedMachine {
-    let limits = MachineLimits {
-        max_memory: 1024,
-        max_cpus: 1,
-        default_threads: 1,
-    };
-    resolve_machine(
-        MachineLayers {
-            image: Some(lease.machine()),
-            ..MachineLayers::default()
-        },
-        &limits,
-    )
-    .unwrap()
-}
+use common::{resolved, Fixture};
 
 /// A unique VM name per test process.
 fn vm_name(base: &str) -> String {

@@ -6,71 +6,19 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use engine::network::NetworkSettings;
-use engine::process::lookup_user;
 use engine::session::{GuestSession, SessionConfig};
-use engine::{Accelerator, Netdev, VirtualMachine, VmSettings};
-use image_manager::{Cache, ImageRequest, Lease};
-use schemas::config::CacheConfig;
+use engine::{VirtualMachine, VmSettings};
 use schemas::protocol::{ActionKind, Execute};
-use schemas::{resolve_machine, MachineLayers, MachineLimits, ResolvedMachine};
-use testkit::guest::{host_tsc_khz, minimal_image};
 use testkit::images::sha256_file;
 
-struct Fixture {
-    scratch: tempfile::TempDir,
-    cache: Cache,
-}
+mod common;
 
-impl Fixture {
-    fn new() -> Fixture {
-        assert!(
-            rustix::process::geteuid().is_root(),
-            "VM networks need root"
-        );
-        let scratch = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let cache = Cache::open(CacheConfig {
-            dir: scratch.path().join("cache"),
-            ..CacheConfig::default()
-        })
-        .unwrap();
-        Fixture { scratch, cache }
-    }
+use common::{resolved, Fixture};
 
-    fn lease(&self) -> Lease {
-        let request = ImageRequest::parse(minimal_image().to_str().unwrap(), None).unwrap();
-        self.cache.fetch(&request, &|_| {}).unwrap().0
-    }
-
-    fn settings(&self, name: &str) -> VmSettings {
-        VmSettings {
-            runtime_parent: self.scratch.path().join("run"),
-            name: format!("{name}-{}", std::process::id()),
-            accelerator: Accelerator::Tcg,
-            run_as: Some(lookup_user("nobody").unwrap()),
-            netdev: Netdev::RestrictedUser,
-            qemu: "qemu-system-x86_64".into(),
-            tsc_khz: host_tsc_khz(),
-            start_timeout: Duration::from_secs(10),
-            state_dir: Some(self.scratch.path().join("state")),
-            cgroups: None,
-            network: Some(NetworkSettings::default()),
-        }
-    }
-}
-
-fn resolved(lease: &Lease) -> ResolvedMachine {
-    let limits = MachineLimits {
-        max_memory: 1024,
-        max_cpus: 1,
-        default_threads: 1,
-    };
-    let layers = MachineLayers {
-        image: Some(lease.machine()),
-        ..MachineLayers::default()
-    };
-    resolve_machine(layers, &limits).unwrap()
+/// Settings of a VM called `name` (unique per test process) at the default guest address.
+fn settings(fixture: &Fixture, name: &str) -> VmSettings {
+    let name = format!("{name}-{}", std::process::id());
+    fixture.settings(&name, engine::network::DEFAULT_GUEST_ADDRESS)
 }
 
 /// Boots a VM, waits for agent-ready, and saves it (no task was ever set).
@@ -80,7 +28,7 @@ async fn make_snapshot(fixture: &Fixture) -> engine::snapshot::Snapshot {
     engine::snapshot::build(
         lease,
         &machine,
-        &fixture.settings("saved"),
+        &settings(fixture, "saved"),
         &fixture.scratch.path().join("snapshot"),
         Duration::from_secs(60),
     )
@@ -101,7 +49,7 @@ async fn restore_and_probe(
     let lease = fixture.lease();
     let machine = resolved(&lease);
     let started = Instant::now();
-    let vm = VirtualMachine::restore(lease, &machine, &fixture.settings(name), snapshot)
+    let vm = VirtualMachine::restore(lease, &machine, &settings(fixture, name), snapshot)
         .await
         .unwrap();
     let (session, mut log) = GuestSession::new(SessionConfig::new(name));
@@ -203,7 +151,7 @@ async fn a_truncated_state_fails_the_restore_with_a_reason() {
     let lease = fixture.lease();
     let machine = resolved(&lease);
     let started = Instant::now();
-    let error = VirtualMachine::restore(lease, &machine, &fixture.settings("broken"), &snapshot)
+    let error = VirtualMachine::restore(lease, &machine, &settings(&fixture, "broken"), &snapshot)
         .await
         .err()
         .expect("a truncated state does not restore");

@@ -162,11 +162,8 @@ fn warm_pool_series(tasks: usize, image: &Path, scratch: &Path) -> (Vec<Duration
             std::fs::create_dir_all(&dir).expect("dir");
             let log = TaskLog::create(&dir.join("live.log"), Echo::Quiet).expect("log");
             let (_stop, stop) = tokio::sync::watch::channel(None);
-            let request = taskvm::task::TaskRequest {
-                payload: payload.clone(),
-                name: format!("pool-{round}"),
-                artifacts_dir: dir,
-            };
+            let request =
+                taskvm::task::TaskRequest::new(payload.clone(), format!("pool-{round}"), dir);
             let outcome = taskvm::task::run_task(host.clone(), request, &log, stop).await;
             // The first task makes the snapshot and fills the pool; it is not counted.
             if round > 0 {

@@ -1,8 +1,9 @@
 //! The library half of the `taskvm` binary: what every queue provider shares — the exit
-//! codes and the task lifecycle. The binary (`main.rs`) adds argument parsing and the
+//! codes, the task lifecycle and the embedded queue (`serve`). The binary (`main.rs`) adds argument parsing and the
 //! commands.
 
 #![warn(clippy::unwrap_used)]
 
 pub mod exit;
+pub mod serve;
 pub mod task;

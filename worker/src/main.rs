@@ -8,6 +8,8 @@
 mod documents;
 mod image_cmd;
 mod run_cmd;
+mod serve_cmd;
+mod submit_cmd;
 mod validate;
 mod warm_cmd;
 
@@ -46,6 +48,11 @@ enum Command {
     /// Exit status: 0 completed, 1 failed, 2 malformed payload, 3 internal error or another
     /// exception (canceled).
     Run(run_cmd::RunArgs),
+    /// Serve the embedded queue: tasks in SQLite, run on this host's VMs, with an HTTP API
+    /// (/api, OpenAPI at /api/openapi.json), Prometheus /metrics and a web UI at /.
+    Serve(serve_cmd::ServeArgs),
+    /// Queue a task on a `taskvm serve`; with --follow, print its log and exit as `taskvm run`.
+    Submit(submit_cmd::SubmitArgs),
     /// Check a task payload (or machine.json, or configuration) and print `ok` or every error.
     ///
     /// Exit status: 0 valid, 2 invalid.
@@ -94,6 +101,8 @@ fn main() -> ExitCode {
         }
         Command::Image { command } => image_cmd::run(command),
         Command::Run(args) => run_cmd::run(args),
+        Command::Serve(args) => serve_cmd::run(args),
+        Command::Submit(args) => submit_cmd::run(args),
         Command::Validate { file, kind, config } => run_validate(&file, kind, config.as_deref()),
     };
     outcome.into()

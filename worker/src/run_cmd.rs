@@ -142,11 +142,11 @@ pub fn run(args: RunArgs) -> Outcome {
             // Keep the sender: dropping it would look like "no more signals".
             std::future::pending::<()>().await;
         });
-        let request = TaskRequest {
+        let request = TaskRequest::new(
             payload,
-            name: format!("task-{:08x}", rand::random::<u32>()),
-            artifacts_dir: artifacts.path().to_path_buf(),
-        };
+            format!("task-{:08x}", rand::random::<u32>()),
+            artifacts.path().to_path_buf(),
+        );
         let outcome = run_task(host, request, &log, stop_signal).await;
         if let Some(error) = log.write_error() {
             log.note(&format!("warning: the task log is incomplete: {error}"));
@@ -163,6 +163,11 @@ pub fn run(args: RunArgs) -> Outcome {
     }
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     outcome
+}
+
+/// Ctrl-C or SIGTERM, for a command that stops on either.
+pub async fn wait_for_signal_quietly() {
+    wait_for_signal().await;
 }
 
 /// Ctrl-C or SIGTERM.

@@ -24,11 +24,11 @@ async fn run(host: &Arc<Host>, scratch: &std::path::Path, name: &str) -> (TaskOu
     std::fs::create_dir_all(&dir).unwrap();
     let log = TaskLog::create(&dir.join("live.log"), Echo::Quiet).unwrap();
     let (_stop, stop_signal) = tokio::sync::watch::channel(None);
-    let request = TaskRequest {
+    let request = TaskRequest::new(
         payload,
-        name: format!("{name}-{}", std::process::id()),
-        artifacts_dir: dir.clone(),
-    };
+        format!("{name}-{}", std::process::id()),
+        dir.clone(),
+    );
     let outcome = run_task(host.clone(), request, &log, stop_signal).await;
     (
         outcome,

@@ -265,7 +265,7 @@ impl Host {
 
     /// The accelerator, decided on first use (an `auto` probe boots `lease`'s kernel under
     /// KVM once per host; the verdict is cached in the state directory).
-    pub async fn accelerator(&self, lease: &Lease, notice: &dyn Fn(&str)) -> Accelerator {
+    pub async fn accelerator(&self, lease: &Lease, notice: &(dyn Fn(&str) + Sync)) -> Accelerator {
         *self
             .accel
             .get_or_init(|| async {

@@ -10,8 +10,10 @@
 //! - [`artifacts`]: copying files and directories out of the guest.
 //! - [`snapshots`]: the store of booted images' snapshots, for fast starts.
 //! - [`pool`]: paused restored VMs kept ready for the most used image.
+//! - [`capacity`]: the host's memory and CPUs, shared out among running tasks.
 
 pub mod artifacts;
+pub mod capacity;
 pub mod host;
 pub mod log;
 pub mod pool;
@@ -32,6 +34,7 @@ use schemas::{limit_violation, resolve_machine, MachineLayers, Payload, Resolved
 use tokio::sync::watch;
 
 use self::artifacts::{collect, ArtifactLimits, Collected};
+use self::capacity::{Capacity, Resources};
 use self::host::Host;
 use self::log::TaskLog;
 use self::resolution::{ExceptionReason, Resolution};
@@ -47,6 +50,32 @@ pub struct TaskRequest {
     pub name: String,
     /// Where artifacts go (the log, consoles, the payload's artifacts, the screenshot).
     pub artifacts_dir: PathBuf,
+    /// The host capacity the task's VM must fit in before it starts (None: not counted).
+    pub capacity: Option<Arc<Capacity>>,
+    /// Told where the running VM can be watched while it runs, and `None` once it is gone.
+    pub live: Option<watch::Sender<Option<LiveVm>>>,
+}
+
+impl TaskRequest {
+    /// A task with nothing but its payload, name and artifacts directory.
+    pub fn new(payload: Payload, name: String, artifacts_dir: PathBuf) -> TaskRequest {
+        TaskRequest {
+            payload,
+            name,
+            artifacts_dir,
+            capacity: None,
+            live: None,
+        }
+    }
+}
+
+/// A running task VM, as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveVm {
+    /// QEMU's VNC server (a Unix socket; several clients may share it).
+    pub vnc_socket: PathBuf,
+    /// Whether the machine has a display to look at.
+    pub has_display: bool,
 }
 
 /// How long each stage took.
@@ -258,6 +287,10 @@ impl Run {
             &host.config.limits,
         )
         .map_err(|error| malformed(limit_violation(&error, "/machine").to_string()))?;
+        let _reservation = match &request.capacity {
+            Some(capacity) => Some(self.reserve(capacity, &machine).await?),
+            None => None,
+        };
         let log = self.log.clone();
         let accelerator = host.accelerator(&lease, &|line| log.note(line)).await;
         let settings = host.vm_settings(&request.name, accelerator);
@@ -290,6 +323,15 @@ impl Run {
             }
         ));
         vm.set_http_handler(session.handler());
+        let _watched = request.live.as_ref().map(|live| {
+            LiveGuard::publish(
+                live,
+                LiveVm {
+                    vnc_socket: vm.vnc_socket(),
+                    has_display: has_display(&machine),
+                },
+            )
+        });
         let forward = {
             let log = self.log.clone();
             tokio::spawn(async move {
@@ -364,6 +406,22 @@ impl Run {
     }
 }
 
+/// Publishes a running VM to watchers, and withdraws it on drop.
+struct LiveGuard<'a>(&'a watch::Sender<Option<LiveVm>>);
+
+impl<'a> LiveGuard<'a> {
+    fn publish(live: &'a watch::Sender<Option<LiveVm>>, vm: LiveVm) -> Self {
+        live.send_replace(Some(vm));
+        LiveGuard(live)
+    }
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(None);
+    }
+}
+
 /// How the command phase ended.
 enum Supervised {
     /// The command ran to a report or was killed at maxRunTime; the guest is still up.
@@ -377,6 +435,39 @@ enum Supervised {
 }
 
 impl Run {
+    /// Waits until the host can hold `machine` beside the VMs already running.
+    async fn reserve(
+        &mut self,
+        capacity: &Arc<Capacity>,
+        machine: &ResolvedMachine,
+    ) -> Result<capacity::Reservation, Early> {
+        let needed = Resources {
+            memory_mib: u64::from(machine.memory_mib()),
+            cpus: u64::from(machine.topology().vcpus()),
+        };
+        let waiting = Instant::now();
+        let reserved = tokio::select! {
+            reserved = capacity.reserve(needed) => reserved,
+            reason = Self::stopped(&mut self.stop) => {
+                return Err(Early {
+                    resolution: Resolution::Exception(reason),
+                    reason: format!("{} while waiting for host capacity", reason.as_str()),
+                })
+            }
+        };
+        let reservation = reserved.map_err(|error| malformed(error.to_string()))?;
+        if waiting.elapsed() > Duration::from_millis(100) {
+            self.log.note(&format!(
+                "waited {:.2} s for host capacity ({} MiB, {} vCPU(s))",
+                waiting.elapsed().as_secs_f64(),
+                needed.memory_mib,
+                needed.cpus
+            ));
+            self.stage_done("capacity");
+        }
+        Ok(reservation)
+    }
+
     async fn fetch(&mut self, host: &Arc<Host>, payload: &Payload) -> Result<Lease, Early> {
         let request = ImageRequest::from_payload(&payload.image)
             .map_err(|error| malformed(format!("image: {error}")))?;

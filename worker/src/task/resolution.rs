@@ -28,6 +28,18 @@ impl ExceptionReason {
             ExceptionReason::WorkerShutdown => "worker-shutdown",
         }
     }
+
+    /// The reason Taskcluster calls `name`.
+    pub fn from_name(name: &str) -> Option<ExceptionReason> {
+        [
+            ExceptionReason::MalformedPayload,
+            ExceptionReason::InternalError,
+            ExceptionReason::Canceled,
+            ExceptionReason::WorkerShutdown,
+        ]
+        .into_iter()
+        .find(|reason| reason.as_str() == name)
+    }
 }
 
 /// A task's resolution.
@@ -49,6 +61,23 @@ impl Resolution {
             Resolution::Failed => Outcome::Failed,
             Resolution::Exception(ExceptionReason::MalformedPayload) => Outcome::Malformed,
             Resolution::Exception(_) => Outcome::Internal,
+        }
+    }
+}
+
+impl std::str::FromStr for Resolution {
+    type Err = String;
+
+    /// Reads what `Display` writes: `completed`, `failed`, `exception/REASON`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "completed" => Ok(Resolution::Completed),
+            "failed" => Ok(Resolution::Failed),
+            _ => text
+                .strip_prefix("exception/")
+                .and_then(ExceptionReason::from_name)
+                .map(Resolution::Exception)
+                .ok_or_else(|| format!("not a resolution: {text:?}")),
         }
     }
 }
@@ -81,5 +110,9 @@ mod tests {
             assert_eq!(Resolution::Exception(reason).outcome() as u8, 3);
         }
         assert_eq!(malformed.to_string(), "exception/malformed-payload");
+        for resolution in [Resolution::Completed, Resolution::Failed, malformed] {
+            assert_eq!(resolution.to_string().parse(), Ok(resolution));
+        }
+        assert!("exception/nonsense".parse::<Resolution>().is_err());
     }
 }

@@ -3,7 +3,7 @@
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all deps build agent test lint fmt schemas demo bench test-images clean
+.PHONY: all deps build agent test test-tools lint fmt schemas demo bench test-images clean
 
 all: build
 
@@ -15,8 +15,12 @@ deps:
 build:
 	$(CARGO) build --release --locked --bin taskvm
 
+## Tools only the tests use, kept in the checkout: playwright-core (npm), schemathesis (PyPI).
+test-tools: deps
+	@bash scripts/test-tools.sh
+
 ## fmt check, clippy with -D warnings, and the whole test suite (which boots the test image).
-test: deps lint test-images
+test: deps lint test-images test-tools
 ifeq ($(NEXTEST),yes)
 	$(CARGO) nextest run --workspace --locked --no-fail-fast
 else

@@ -16,6 +16,13 @@ have python3 || missing+=(python3)
 have ip || missing+=(iproute2)
 have debugfs || missing+=(e2fsprogs)
 have nft || missing+=(nftables)
+# taskvm serve's console: noVNC, served to the browser.
+[ -f /usr/share/novnc/core/rfb.js ] || missing+=(novnc)
+# The tests: Chromium for the web UI test, Node.js for playwright-core, venv for schemathesis.
+have chromium || missing+=(chromium)
+have node || missing+=(nodejs)
+have npm || missing+=(npm)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

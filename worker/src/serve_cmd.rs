@@ -131,7 +131,7 @@ pub fn run(args: ServeArgs) -> Outcome {
         Ok(runtime) => runtime,
         Err(outcome) => return outcome,
     };
-    let announce = |line: &str| eprintln!("taskvm serve: {line}");
+    let announce = |line: &str| taskvm::serve::say(line);
     let outcome = runtime.block_on(async {
         let host = match Host::prepare(config, &announce) {
             Ok(host) => Arc::new(host),

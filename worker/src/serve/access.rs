@@ -203,7 +203,7 @@ mod tests {
         assert_eq!(token.len(), 48);
         let host = (header::HOST, "10.0.0.1:8080");
         assert_eq!(
-            access.check(&headers(&[host.clone()]), None).unwrap_err().0,
+            access.check(&headers(std::slice::from_ref(&host)), None).unwrap_err().0,
             StatusCode::UNAUTHORIZED
         );
         let bearer = format!("Bearer {token}");
@@ -219,7 +219,7 @@ mod tests {
             .is_ok());
         assert!(access
             .check(
-                &headers(&[host.clone()]),
+                &headers(std::slice::from_ref(&host)),
                 Some(&format!("a=b&token={token}"))
             )
             .is_ok());

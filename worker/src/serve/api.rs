@@ -57,7 +57,7 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        eprintln!("taskvm serve: {error}");
+        super::say(&error.to_string());
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
     }
 }
@@ -104,7 +104,7 @@ fn chosen_run<'a>(
     match query.get("run") {
         None => Ok(record.latest_run()),
         Some(text) => {
-            let run_id: u32 = text.parse().map_err(|_| {
+            let run_id: u64 = text.parse().map_err(|_| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "run must be a run number (0, 1, …)",
@@ -113,7 +113,7 @@ fn chosen_run<'a>(
             record
                 .runs
                 .iter()
-                .find(|run| run.run_id == run_id)
+                .find(|run| u64::from(run.run_id) == run_id)
                 .map(Some)
                 .ok_or_else(|| ApiError::not_found("run"))
         }
@@ -287,6 +287,7 @@ pub async fn log(
         app: app.clone(),
         task_id,
         run_id,
+        next_run: 0,
         fixed_run: query.contains_key("run"),
         file: None,
         draining: false,
@@ -317,6 +318,8 @@ struct Tail {
     app: Arc<App>,
     task_id: String,
     run_id: Option<u32>,
+    /// The first run a follower without a run may take (the one after those it printed).
+    next_run: u32,
     fixed_run: bool,
     file: Option<tokio::fs::File>,
     draining: bool,
@@ -330,9 +333,11 @@ impl Tail {
             let Some(run_id) = self.run_id else {
                 // Queued: wait for the first run (or the end, for a task canceled meanwhile).
                 let record = scheduler.store().get(&self.task_id).ok()??;
-                match record.latest_run() {
+                let next = record.runs.iter().find(|run| run.run_id >= self.next_run);
+                match next {
                     Some(run) => self.run_id = Some(run.run_id),
-                    None if record.state.is_resolved() => return None,
+                    // A paused server starts nothing: there is no log to wait for.
+                    None if record.state.is_resolved() || scheduler.paused() => return None,
                     None => tokio::time::sleep(pause * 2).await,
                 }
                 continue;
@@ -368,7 +373,8 @@ impl Tail {
         if self.fixed_run || record.state.is_resolved() {
             return None;
         }
-        self.run_id = (record.latest_run()?.run_id > run_id).then_some(run_id + 1);
+        self.run_id = None;
+        self.next_run = run_id + 1;
         self.file = None;
         self.draining = false;
         let note = format!("\n[taskvm] run {run_id} ended; the task was queued again\n");

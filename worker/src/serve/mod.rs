@@ -35,6 +35,13 @@ use self::store::{Store, StoreError};
 use crate::task::capacity::{Capacity, Resources};
 use crate::task::host::Host;
 
+/// Writes one line of the server's own to stderr, `taskvm serve: LINE`. Never panics: a
+/// closed stderr (a supervisor gone) must not take the server and its VMs down.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "taskvm serve: {line}");
+}
+
 /// Largest request body: a payload is a few KiB.
 pub const BODY_LIMIT: usize = 1 << 20;
 
@@ -107,19 +114,20 @@ pub async fn serve(
         dir.join("tasks"),
         options.paused,
     );
-    let access = Access::for_address(options.listen, options.require_token);
-    let app = Arc::new(App {
-        scheduler: scheduler.clone(),
-        novnc_dir: options.novnc_dir.clone(),
-    });
-    let router = router(app, access.clone());
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .map_err(|source| ServeError::Listen {
             address: options.listen,
             source,
         })?;
+    // The bound address (a port 0 is chosen now) is the one `Host` must name.
     let address = listener.local_addr().unwrap_or(options.listen);
+    let access = Access::for_address(address, options.require_token);
+    let app = Arc::new(App {
+        scheduler: scheduler.clone(),
+        novnc_dir: options.novnc_dir.clone(),
+    });
+    let router = router(app, access.clone());
     match access.token() {
         None => announce(&format!("listening on http://{address}/")),
         Some(token) => {

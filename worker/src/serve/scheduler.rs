@@ -180,7 +180,7 @@ impl Scheduler {
                         }
                         Ok(None) => break,
                         Err(error) => {
-                            eprintln!("taskvm serve: cannot take the next task: {error}");
+                            super::say(&format!("cannot take the next task: {error}"));
                             break;
                         }
                     }
@@ -231,7 +231,7 @@ impl Scheduler {
         let Claimed {
             task_id, run_id, ..
         } = &claimed;
-        eprintln!("taskvm serve: task {task_id} run {run_id} started");
+        super::say(&format!("task {task_id} run {run_id} started"));
         let dir = self.run_dir(task_id, *run_id);
         let ending = match self.start_run(&claimed, &dir, stop, live).await {
             Ok(outcome) => {
@@ -258,13 +258,15 @@ impl Scheduler {
             },
         };
         if let Err(error) = self.store.finish(task_id, *run_id, &ending) {
-            eprintln!("taskvm serve: task {task_id} run {run_id} could not be recorded: {error}");
+            super::say(&format!(
+                "task {task_id} run {run_id} could not be recorded: {error}"
+            ));
         }
         self.lock_running().remove(task_id);
-        eprintln!(
-            "taskvm serve: task {task_id} run {run_id} resolved {}",
+        super::say(&format!(
+            "task {task_id} run {run_id} resolved {}",
             ending.resolution
-        );
+        ));
         self.wake();
     }
 

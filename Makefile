@@ -47,6 +47,7 @@ bench: deps test-images
 	$(CARGO) bench --locked -p taskvm-image-manager --bench fetch
 	$(CARGO) bench --locked -p taskvm --bench boot
 	$(CARGO) bench --locked -p taskvm --bench run
+	$(CARGO) bench --locked -p taskvm --bench serve
 	$(CARGO) bench --locked -p taskvm-engine --bench vm
 
 ## The guest agent, static (glibc with crt-static), in its own target dir.

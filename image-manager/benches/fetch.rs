@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use image_manager::{pack, Cache, ImageRequest, PackInputs};
 use schemas::config::CacheConfig;
 use testkit::http::{Behaviour, Server};
+use testkit::stats::median;
 
 const ROUNDS: usize = 3;
 
@@ -51,7 +52,7 @@ fn main() {
             &scratch.path().join(format!("cache-{round}")),
         ));
     }
-    let (ours, baseline) = (median(ours), median(baseline));
+    let (ours, baseline) = (median(&ours), median(&baseline));
     let rate = |d: Duration| unpacked / d.as_secs_f64() / 1048576.0;
     println!(
         "cold fetch:  taskvm {:.2} s ({:.0} MiB/s unpacked)   baseline curl|zstd|tar {:.2} s ({:.0} MiB/s)",
@@ -144,7 +145,7 @@ fn cache_hit(url: &str, dir: &Path) -> Duration {
         .expect("fetch");
     let pinned = ImageRequest::parse(url, Some(lease.digest().hex())).expect("pinned request");
     drop(lease);
-    let times = (0..20)
+    let times: Vec<Duration> = (0..20)
         .map(|_| {
             let started = Instant::now();
             let (lease, _) = cache.fetch(&pinned, &|_| {}).expect("hit");
@@ -153,10 +154,5 @@ fn cache_hit(url: &str, dir: &Path) -> Duration {
             elapsed
         })
         .collect();
-    median(times)
-}
-
-fn median(mut values: Vec<Duration>) -> Duration {
-    values.sort();
-    values[values.len() / 2]
+    median(&times)
 }

@@ -7,9 +7,11 @@
 //! - [`metadata`]: a scripted peer for the guest agent's protocol.
 //! - [`netns`]: a network namespace with a tap device, for booting a guest in a test.
 //! - [`guest`]: the QEMU command line that boots a test image by hand (until the engine does).
+//! - [`stats`]: percentiles of timed series, for the benchmarks.
 
 pub mod guest;
 pub mod http;
 pub mod images;
 pub mod metadata;
 pub mod netns;
+pub mod stats;

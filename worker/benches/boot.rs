@@ -11,6 +11,7 @@ use std::time::Duration;
 use image_manager::{Cache, ImageRequest};
 use schemas::config::CacheConfig;
 use testkit::guest::{minimal_image, tcg_argv, time_to_marker, BootFiles};
+use testkit::stats::median;
 
 /// A boot that has not reached its marker by then counts as a hang.
 const HANG: Duration = Duration::from_secs(30);
@@ -110,10 +111,4 @@ fn make_overlay(base: &Path, overlay: &Path) {
 /// Boots `files` and returns the time until `marker` appears on the serial console.
 fn boot_to(files: &BootFiles<'_>, marker: &str) -> Option<Duration> {
     time_to_marker(&tcg_argv(files, "user,id=n0,restrict=on"), marker, HANG)
-}
-
-fn median(values: &[Duration]) -> Duration {
-    let mut sorted = values.to_vec();
-    sorted.sort();
-    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use image_manager::{Cache, ImageRequest};
 use schemas::config::CacheConfig;
 use testkit::guest::{minimal_image, tcg_argv, time_to_marker, BootFiles};
+use testkit::stats::percentile;
 
 struct Task {
     first_output: Duration,
@@ -320,13 +321,4 @@ impl Baseline {
         let _ = std::fs::remove_file(&overlay);
         time
     }
-}
-
-fn percentile(values: &[Duration], percent: usize) -> Duration {
-    let mut sorted = values.to_vec();
-    sorted.sort();
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) * percent / 100).min(sorted.len() - 1)]
 }

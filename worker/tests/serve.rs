@@ -583,7 +583,10 @@ fn a_restart_requeues_the_running_task_after_sigterm_and_after_kill_9() {
     assert_eq!(qemu_processes_under(&state), 0);
     // No VM record, runtime directory (overlay, sockets) or namespace is left.
     for kept in ["run", "vms"] {
-        let left: Vec<_> = std::fs::read_dir(state.join(kept)).unwrap().flatten().collect();
+        let left: Vec<_> = std::fs::read_dir(state.join(kept))
+            .unwrap()
+            .flatten()
+            .collect();
         assert!(left.is_empty(), "{kept}: {left:?}");
     }
 }

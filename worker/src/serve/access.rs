@@ -203,7 +203,10 @@ mod tests {
         assert_eq!(token.len(), 48);
         let host = (header::HOST, "10.0.0.1:8080");
         assert_eq!(
-            access.check(&headers(std::slice::from_ref(&host)), None).unwrap_err().0,
+            access
+                .check(&headers(std::slice::from_ref(&host)), None)
+                .unwrap_err()
+                .0,
             StatusCode::UNAUTHORIZED
         );
         let bearer = format!("Bearer {token}");

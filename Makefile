@@ -22,9 +22,9 @@ test-tools: deps
 ## fmt check, clippy with -D warnings, and the whole test suite (which boots the test image).
 test: deps lint test-images test-tools
 ifeq ($(NEXTEST),yes)
-	$(CARGO) nextest run --workspace --locked --no-fail-fast
+	bash scripts/with-tc-local.sh $(CARGO) nextest run --workspace --locked --no-fail-fast
 else
-	$(CARGO) test --workspace --locked --no-fail-fast
+	bash scripts/with-tc-local.sh $(CARGO) test --workspace --locked --no-fail-fast
 endif
 
 lint:
@@ -48,6 +48,7 @@ bench: deps test-images
 	$(CARGO) bench --locked -p taskvm --bench boot
 	$(CARGO) bench --locked -p taskvm --bench run
 	$(CARGO) bench --locked -p taskvm --bench serve
+	bash scripts/with-tc-local.sh $(CARGO) bench --locked -p taskvm --bench fleet
 	$(CARGO) bench --locked -p taskvm-engine --bench vm
 
 ## The guest agent, static (glibc with crt-static), in its own target dir.

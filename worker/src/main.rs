@@ -12,6 +12,7 @@ mod serve_cmd;
 mod submit_cmd;
 mod validate;
 mod warm_cmd;
+mod worker_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,10 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Queue a task on a `taskvm serve`; with --follow, print its log and exit as `taskvm run`.
     Submit(submit_cmd::SubmitArgs),
+    /// Claim and run tasks from a Taskcluster queue (credentials from TASKCLUSTER_ROOT_URL,
+    /// TASKCLUSTER_CLIENT_ID, TASKCLUSTER_ACCESS_TOKEN and TASKCLUSTER_CERTIFICATE, or the
+    /// configuration); SIGTERM stops claiming and lets running tasks finish.
+    Worker(worker_cmd::WorkerArgs),
     /// Check a task payload (or machine.json, or configuration) and print `ok` or every error.
     ///
     /// Exit status: 0 valid, 2 invalid.
@@ -103,6 +108,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_cmd::run(args),
         Command::Serve(args) => serve_cmd::run(args),
         Command::Submit(args) => submit_cmd::run(args),
+        Command::Worker(args) => worker_cmd::run(args),
         Command::Validate { file, kind, config } => run_validate(&file, kind, config.as_deref()),
     };
     outcome.into()

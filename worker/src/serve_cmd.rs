@@ -164,7 +164,7 @@ pub fn run(args: ServeArgs) -> Outcome {
 }
 
 /// The host's memory less 1 GiB for itself (at least 256 MiB).
-fn default_memory_mib() -> u64 {
+pub fn default_memory_mib() -> u64 {
     let total_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {

@@ -406,38 +406,14 @@ pub async fn artifact(
     let opened = tokio::fs::File::open(&path)
         .await
         .map_err(|_| ApiError::new(StatusCode::GONE, "the artifact's file is gone"))?;
-    let stream = futures::stream::unfold(opened, |mut file| async move {
-        let mut buffer = vec![0u8; 256 * 1024];
-        match file.read(&mut buffer).await {
-            Ok(0) => None,
-            Ok(read) => {
-                buffer.truncate(read);
-                Some((Ok(Bytes::from(buffer)), file))
-            }
-            Err(error) => Some((Err(error), file)),
-        }
-    });
-    let mut response = text_stream(stream, content_type(&file.name));
+    let stream = crate::task::artifacts::file_chunks(opened);
+    let mut response = text_stream(stream, crate::task::artifacts::content_type(&file.name));
     if let Ok(length) = HeaderValue::from_str(&file.size.to_string()) {
         response
             .headers_mut()
             .insert(header::CONTENT_LENGTH, length);
     }
     Ok(response)
-}
-
-fn content_type(name: &str) -> &'static str {
-    let extension = name.rsplit_once('.').map_or("", |(_, extension)| extension);
-    match extension {
-        "log" | "txt" => "text/plain; charset=utf-8",
-        "png" => "image/png",
-        "json" => "application/json",
-        "html" => "text/plain; charset=utf-8", // never rendered as a page of ours
-        "tar" => "application/x-tar",
-        "zst" => "application/zstd",
-        "gz" => "application/gzip",
-        _ => "application/octet-stream",
-    }
 }
 
 /// `GET /api/tasks/{id}/screenshot`: a fresh PNG of the running VM's screen, or the one

@@ -46,6 +46,39 @@ pub struct Collected {
     pub skipped: Vec<String>,
 }
 
+/// The content type an artifact file is served and uploaded with, by its extension. Markup
+/// is served as text, never rendered as a page of ours.
+pub fn content_type(name: &str) -> &'static str {
+    let extension = name.rsplit_once('.').map_or("", |(_, extension)| extension);
+    match extension {
+        "log" | "txt" | "html" | "htm" | "svg" => "text/plain; charset=utf-8",
+        "png" => "image/png",
+        "json" => "application/json",
+        "tar" => "application/x-tar",
+        "zst" => "application/zstd",
+        "gz" => "application/gzip",
+        _ => "application/octet-stream",
+    }
+}
+
+/// A file as a stream of 256 KiB chunks, for an HTTP body of any size.
+pub fn file_chunks(
+    file: tokio::fs::File,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    futures::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = vec![0u8; 256 * 1024];
+        match file.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(read) => {
+                buffer.truncate(read);
+                Some((Ok(bytes::Bytes::from(buffer)), file))
+            }
+            Err(error) => Some((Err(error), file)),
+        }
+    })
+}
+
 /// Why an artifact could not be collected.
 #[derive(Debug, Error)]
 pub enum ArtifactError {

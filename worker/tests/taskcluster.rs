@@ -1,0 +1,557 @@
+//! `taskvm worker` against a real Taskcluster deployment on this machine (`tc-local`, which
+//! `make test` brings up with `TASK_CLAIM_TIMEOUT=15`): tasks created with the admin client,
+//! real VMs under TCG, artifacts read back from the queue.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use taskcluster::{ClientBuilder, Credentials, Queue};
+use testkit::guest::{display_image, minimal_image};
+
+/// The deployment `tc-local up` started: its env file, or the variables already set.
+struct Deployment {
+    root_url: String,
+    vars: BTreeMap<String, String>,
+}
+
+impl Deployment {
+    fn get() -> Deployment {
+        let file = std::env::var("TC_LOCAL_ENV").unwrap_or_else(|_| "/tmp/tc-local/env.sh".into());
+        let text = std::fs::read_to_string(&file).unwrap_or_else(|error| {
+            panic!(
+                "{file}: {error} — the local Taskcluster deployment is not up; `make test` brings \
+                 it up (../shared/taskcluster/tc-local up)"
+            )
+        });
+        let vars: BTreeMap<String, String> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("export ").unwrap_or(line).split_once('='))
+            .map(|(key, value)| {
+                (
+                    key.trim().to_owned(),
+                    value.trim().trim_matches(['"', '\'']).to_owned(),
+                )
+            })
+            .collect();
+        Deployment {
+            root_url: vars["TASKCLUSTER_ROOT_URL"].clone(),
+            vars,
+        }
+    }
+
+    fn admin(&self) -> Queue {
+        let credentials = Credentials::new(
+            self.vars["TC_LOCAL_ADMIN_CLIENT_ID"].clone(),
+            self.vars["TC_LOCAL_ADMIN_ACCESS_TOKEN"].clone(),
+        );
+        Queue::new(ClientBuilder::new(self.root_url.clone()).credentials(credentials)).unwrap()
+    }
+}
+
+/// A task queue of this test's own, so that tests running at once never take each other's tasks.
+fn own_queue(name: &str) -> String {
+    format!("proj-taskvm/{name}-{}", std::process::id())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn slug() -> String {
+    slugid::nice()
+}
+
+fn create_task(deployment: &Deployment, task_queue_id: &str, payload: Value) -> String {
+    let task_id = slug();
+    let now = chrono::Utc::now();
+    let definition = json!({
+        "taskQueueId": task_queue_id,
+        "schedulerId": "taskvm-tests",
+        "taskGroupId": task_id,
+        "created": now.to_rfc3339(),
+        "deadline": (now + chrono::Duration::hours(1)).to_rfc3339(),
+        "expires": (now + chrono::Duration::days(1)).to_rfc3339(),
+        "retries": 2,
+        "payload": payload,
+        "metadata": {
+            "name": "taskvm test", "description": "a worker test", "owner": "taskvm@example.com",
+            "source": "http://localhost/taskvm"
+        }
+    });
+    runtime()
+        .block_on(deployment.admin().createTask(&task_id, &definition))
+        .unwrap_or_else(|error| panic!("createTask: {error:#}"));
+    task_id
+}
+
+fn status(deployment: &Deployment, task_id: &str) -> Value {
+    runtime()
+        .block_on(deployment.admin().status(task_id))
+        .unwrap_or_else(|error| panic!("status: {error:#}"))["status"]
+        .clone()
+}
+
+/// Waits for the task's state to be resolved (`completed`, `failed` or `exception`).
+fn wait_resolved(deployment: &Deployment, task_id: &str, patience: Duration) -> Value {
+    let deadline = Instant::now() + patience;
+    loop {
+        let status = status(deployment, task_id);
+        if matches!(
+            status["state"].as_str(),
+            Some("completed" | "failed" | "exception")
+        ) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task {task_id} never resolved: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A public artifact's bytes, as anyone reads it (following the redirect to storage).
+fn artifact(deployment: &Deployment, task_id: &str, run: u64, name: &str) -> (u16, Vec<u8>) {
+    let url = format!(
+        "{}/api/queue/v1/task/{task_id}/runs/{run}/artifacts/{name}",
+        deployment.root_url
+    );
+    let response = reqwest::blocking::get(url).unwrap();
+    let status = response.status().as_u16();
+    (status, response.bytes().unwrap().to_vec())
+}
+
+fn artifact_names(deployment: &Deployment, task_id: &str, run: u64) -> Vec<String> {
+    let listed = runtime()
+        .block_on(
+            deployment
+                .admin()
+                .listArtifacts(task_id, &run.to_string(), None, None),
+        )
+        .unwrap();
+    listed["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|artifact| artifact["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A running `taskvm worker`.
+struct Worker {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    state: PathBuf,
+}
+
+impl Worker {
+    fn start(deployment: &Deployment, task_queue_id: &str, state: &Path, extra: &[&str]) -> Worker {
+        let config = state.with_extension("json");
+        std::fs::write(&config, r#"{"start": "boot"}"#).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+            .arg("worker")
+            .args(["--task-queue-id", task_queue_id, "--worker-group", "local"])
+            .args(["--worker-id", state.file_name().unwrap().to_str().unwrap()])
+            .args(["--accel", "tcg", "--config"])
+            .arg(&config)
+            .arg("--state")
+            .arg(state)
+            .arg("--cache")
+            .arg(std::env::temp_dir().join("taskvm-test-cache"))
+            .args(extra)
+            .env("TASKCLUSTER_ROOT_URL", &deployment.root_url)
+            .env(
+                "TASKCLUSTER_CLIENT_ID",
+                &deployment.vars["TC_LOCAL_WORKER_CLIENT_ID"],
+            )
+            .env(
+                "TASKCLUSTER_ACCESS_TOKEN",
+                &deployment.vars["TC_LOCAL_WORKER_ACCESS_TOKEN"],
+            )
+            .env_remove("TASKCLUSTER_CERTIFICATE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Worker {
+            child,
+            lines,
+            state: state.to_owned(),
+        }
+    }
+
+    fn said(&self, text: &str) -> bool {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains(text))
+    }
+
+    fn wait_said(&self, text: &str, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        while !self.said(text) {
+            assert!(
+                Instant::now() < deadline,
+                "the worker never said {text:?}: {:#?}",
+                self.lines.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    fn wait_exit(&mut self, patience: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the worker did not exit: {:#?}",
+                self.lines.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn scratch() -> tempfile::TempDir {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the worker runs VMs: tests need root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn image_url(path: PathBuf) -> String {
+    format!("file://{}", path.canonicalize().unwrap().display())
+}
+
+fn script(text: &str, max_run_time: u32) -> Value {
+    json!({ "image": image_url(minimal_image()), "command": ["sh", "-c", text], "maxRunTime": max_run_time })
+}
+
+fn qemu_processes_under(dir: &Path) -> usize {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
+                let text = String::from_utf8_lossy(&cmdline);
+                text.contains("qemu-system") && text.contains(&needle)
+            })
+        })
+        .count()
+}
+
+#[test]
+fn a_worker_resolves_each_kind_of_task_and_publishes_its_artifacts() {
+    let deployment = Deployment::get();
+    let dir = scratch();
+    let queue_id = own_queue("kinds");
+    let completed = create_task(
+        &deployment,
+        &queue_id,
+        json!({
+            "image": image_url(minimal_image()),
+            "command": ["sh", "-c", "echo hello from the queue; mkdir -p /out/sub; echo one > /out/a.txt; echo two > /out/sub/b.txt; echo report > /report.txt"],
+            "maxRunTime": 60,
+            "artifacts": [
+                { "type": "file", "path": "/report.txt", "name": "public/report.txt" },
+                { "type": "directory", "path": "/out", "name": "public/out" },
+                { "type": "file", "path": "/nonexistent", "name": "public/missing.txt" }
+            ]
+        }),
+    );
+    let failed = create_task(
+        &deployment,
+        &queue_id,
+        script("echo about to fail; exit 3", 60),
+    );
+    let timeout = create_task(
+        &deployment,
+        &queue_id,
+        script("echo sleeping; sleep 300", 5),
+    );
+    let malformed = create_task(&deployment, &queue_id, json!({ "image": 7, "command": [] }));
+    let screenshot = create_task(
+        &deployment,
+        &queue_id,
+        json!({
+            "image": image_url(display_image()),
+            "command": ["sh", "-c", "echo on screen > /dev/tty0; echo drew"],
+            "maxRunTime": 60,
+            "screenshot": true
+        }),
+    );
+    let worker = Worker::start(
+        &deployment,
+        &queue_id,
+        &dir.path().join("w1"),
+        &["--capacity", "2"],
+    );
+
+    let patience = Duration::from_secs(240);
+    let status = wait_resolved(&deployment, &completed, patience);
+    // The missing artifact makes the task fail, as `taskvm run` would; the others arrive.
+    assert_eq!(status["runs"][0]["state"], "failed", "{status:#}");
+    let (code, log) = artifact(&deployment, &completed, 0, "public/logs/live_backing.log");
+    assert_eq!(code, 200);
+    let log = String::from_utf8_lossy(&log);
+    assert!(log.contains("hello from the queue"), "{log}");
+    assert!(
+        log.contains("artifact public/missing.txt is missing"),
+        "{log}"
+    );
+    assert_eq!(
+        artifact(&deployment, &completed, 0, "public/report.txt"),
+        (200, b"report\n".to_vec())
+    );
+    let names = artifact_names(&deployment, &completed, 0);
+    for name in [
+        "public/logs/serial.log",
+        "public/out/a.txt",
+        "public/out/sub/b.txt",
+        "public/missing.txt",
+    ] {
+        assert!(
+            names.iter().any(|found| found == name),
+            "{name} in {names:?}"
+        );
+    }
+    assert_eq!(
+        artifact(&deployment, &completed, 0, "public/out/sub/b.txt").1,
+        b"two\n"
+    );
+    assert_eq!(
+        artifact(&deployment, &completed, 0, "public/missing.txt").0,
+        424
+    );
+
+    let status = wait_resolved(&deployment, &failed, patience);
+    assert_eq!(status["runs"][0]["state"], "failed", "{status:#}");
+    let log = artifact(&deployment, &failed, 0, "public/logs/live_backing.log").1;
+    assert!(String::from_utf8_lossy(&log).contains("the command exited with 3"));
+
+    let status = wait_resolved(&deployment, &timeout, patience);
+    assert_eq!(status["runs"][0]["state"], "failed", "{status:#}");
+    let log = artifact(&deployment, &timeout, 0, "public/logs/live_backing.log").1;
+    assert!(String::from_utf8_lossy(&log).contains("maxRunTime of 5 s exceeded"));
+
+    let status = wait_resolved(&deployment, &malformed, patience);
+    assert_eq!(status["runs"][0]["state"], "exception", "{status:#}");
+    assert_eq!(status["runs"][0]["reasonResolved"], "malformed-payload");
+    let log = artifact(&deployment, &malformed, 0, "public/logs/live_backing.log").1;
+    let log = String::from_utf8_lossy(&log);
+    assert!(log.contains("/image"), "{log}");
+
+    let status = wait_resolved(&deployment, &screenshot, patience);
+    assert_eq!(status["runs"][0]["state"], "completed", "{status:#}");
+    let (code, png) = artifact(&deployment, &screenshot, 0, "public/screenshot.png");
+    assert_eq!(code, 200);
+    assert!(png.starts_with(b"\x89PNG"));
+
+    // The worker kept running through all of it, one line per claim and resolution.
+    for task_id in [&completed, &failed, &timeout, &malformed, &screenshot] {
+        assert!(worker.said(&format!("claimed task {task_id} run 0")));
+        assert!(worker.said(&format!("task {task_id} run 0 resolved")));
+    }
+    assert!(worker.child.id() > 0);
+}
+
+#[test]
+fn two_workers_run_each_task_once_and_a_killed_workers_claim_expires_to_the_other() {
+    let deployment = Deployment::get();
+    let dir = scratch();
+    let queue_id = own_queue("fleet");
+    let tasks: Vec<String> = (0..4)
+        .map(|index| {
+            create_task(
+                &deployment,
+                &queue_id,
+                script(&format!("echo task {index}; sleep 2"), 60),
+            )
+        })
+        .collect();
+    let first = Worker::start(&deployment, &queue_id, &dir.path().join("a"), &[]);
+    let second = Worker::start(&deployment, &queue_id, &dir.path().join("b"), &[]);
+    for task_id in &tasks {
+        let status = wait_resolved(&deployment, task_id, Duration::from_secs(240));
+        let runs = status["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 1, "{status:#}");
+        assert_eq!(runs[0]["state"], "completed", "{status:#}");
+    }
+    let ran_on_first = tasks
+        .iter()
+        .filter(|id| first.said(&format!("claimed task {id}")))
+        .count();
+    let ran_on_second = tasks
+        .iter()
+        .filter(|id| second.said(&format!("claimed task {id}")))
+        .count();
+    assert_eq!(
+        ran_on_first + ran_on_second,
+        4,
+        "each task claimed exactly once"
+    );
+
+    // kill -9 whichever worker claims the next task mid-run: the claim expires
+    // (TASK_CLAIM_TIMEOUT=15) and the other worker runs the task's next run.
+    let long = create_task(
+        &deployment,
+        &queue_id,
+        script("echo long task; sleep 8; echo done", 120),
+    );
+    let claimed = format!("claimed task {long} run 0");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !first.said(&claimed) && !second.said(&claimed) {
+        assert!(Instant::now() < deadline, "nobody claimed {long}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (mut killed, survivor, killed_state) = if first.said(&claimed) {
+        (first, second, dir.path().join("a"))
+    } else {
+        (second, first, dir.path().join("b"))
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    killed.signal(rustix::process::Signal::KILL);
+    killed.wait_exit(Duration::from_secs(10));
+    drop(killed);
+    let status = wait_resolved(&deployment, &long, Duration::from_secs(240));
+    let runs = status["runs"].as_array().unwrap();
+    assert_eq!(runs[0]["state"], "exception", "{status:#}");
+    assert_eq!(runs[0]["reasonResolved"], "claim-expired", "{status:#}");
+    assert_eq!(runs.last().unwrap()["state"], "completed", "{status:#}");
+    assert!(survivor.said(&format!("claimed task {long} run 1")));
+    let log = artifact(&deployment, &long, 1, "public/logs/live_backing.log").1;
+    assert!(String::from_utf8_lossy(&log).contains("done"));
+
+    // The killed worker's next start leaves nothing of it behind.
+    let restarted = Worker::start(&deployment, &queue_id, &killed_state, &[]);
+    restarted.wait_said("claiming from", Duration::from_secs(60));
+    assert!(
+        restarted.said("swept 1 VM(s)"),
+        "{:#?}",
+        restarted.lines.lock().unwrap()
+    );
+    assert_eq!(qemu_processes_under(&restarted.state), 0);
+    for kept in ["run", "vms"] {
+        let left: Vec<_> = std::fs::read_dir(restarted.state.join(kept))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "{kept}: {left:?}");
+    }
+    let worker_id = killed_state
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(!restarted
+        .state
+        .join("worker/local")
+        .join(worker_id)
+        .exists());
+    assert!(restarted.said("a previous worker left"));
+}
+
+#[test]
+fn sigterm_lets_the_running_task_finish_or_resolves_it_worker_shutdown_after_the_grace() {
+    let deployment = Deployment::get();
+    let dir = scratch();
+    let queue_id = own_queue("shutdown");
+
+    // Within the grace: the task finishes and is completed; the worker exits 0.
+    let short = create_task(
+        &deployment,
+        &queue_id,
+        script("echo short; sleep 4; echo finished", 60),
+    );
+    let mut worker = Worker::start(
+        &deployment,
+        &queue_id,
+        &dir.path().join("s1"),
+        &["--shutdown-grace", "60"],
+    );
+    worker.wait_said(
+        &format!("claimed task {short} run 0"),
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let signalled = Instant::now();
+    worker.signal(rustix::process::Signal::TERM);
+    let exit = worker.wait_exit(Duration::from_secs(65));
+    assert!(exit.success(), "{exit:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(65));
+    assert_eq!(status(&deployment, &short)["runs"][0]["state"], "completed");
+
+    // Past the grace: resolved exception/worker-shutdown (the queue retries it), exit 0 in
+    // grace + 5 s.
+    let long = create_task(&deployment, &queue_id, script("echo long; sleep 100", 150));
+    let mut worker = Worker::start(
+        &deployment,
+        &queue_id,
+        &dir.path().join("s2"),
+        &["--shutdown-grace", "3"],
+    );
+    worker.wait_said(
+        &format!("claimed task {long} run 0"),
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let signalled = Instant::now();
+    worker.signal(rustix::process::Signal::TERM);
+    let exit = worker.wait_exit(Duration::from_secs(30));
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        signalled.elapsed()
+    );
+    let status = status(&deployment, &long);
+    assert_eq!(status["runs"][0]["state"], "exception", "{status:#}");
+    assert_eq!(
+        status["runs"][0]["reasonResolved"], "worker-shutdown",
+        "{status:#}"
+    );
+    assert_eq!(qemu_processes_under(&dir.path().join("s2")), 0);
+}

@@ -13,6 +13,8 @@ if [ ! -x "$tc_local" ]; then
 fi
 "$tc_local" install
 export TASK_CLAIM_TIMEOUT=${TASK_CLAIM_TIMEOUT:-15}
+# A deployment left up (or half up) by an earlier run is replaced: the tests want a fresh one.
+"$tc_local" down >/dev/null 2>&1 || true
 "$tc_local" up >/dev/null
 trap '"$tc_local" down >/dev/null 2>&1 || true' EXIT
 export TC_LOCAL_ENV="${TC_RUN:-/tmp/tc-local}/env.sh"

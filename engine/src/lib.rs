@@ -32,6 +32,7 @@ pub mod cmdline;
 pub mod dhcp;
 pub mod egress;
 pub mod metadata;
+pub mod mutable;
 pub mod netns;
 pub mod network;
 pub mod overlay;

@@ -347,6 +347,11 @@ impl VirtualMachine {
         self.runtime.path()
     }
 
+    /// The VM's writable disk: a qcow2 overlay on the leased image (or on its snapshot).
+    pub fn overlay(&self) -> PathBuf {
+        self.runtime.overlay()
+    }
+
     /// The lease of the image the VM runs.
     pub fn lease(&self) -> &Lease {
         &self.lease

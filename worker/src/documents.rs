@@ -63,3 +63,33 @@ pub fn load_config(path: Option<&Path>) -> Result<WorkerConfig, Violations> {
         None => Ok(WorkerConfig::default()),
     }
 }
+
+/// Fetches `request` (named `reference` in messages) into the host's cache and leases it; a
+/// failure is reported through `say` and yields the exit code (2 when the image is the
+/// user's to fix).
+pub async fn fetch_lease(
+    host: &std::sync::Arc<taskvm::task::host::Host>,
+    request: image_manager::ImageRequest,
+    reference: &str,
+    say: &(dyn Fn(&str) + Sync),
+) -> Result<image_manager::Lease, Outcome> {
+    let fetching = {
+        let host = host.clone();
+        tokio::task::spawn_blocking(move || host.cache.fetch(&request, &|_| {}))
+    };
+    match fetching.await {
+        Ok(Ok((lease, _))) => Ok(lease),
+        Ok(Err(error)) => {
+            say(&format!("image {reference}: {error}"));
+            Err(if taskvm::task::image_error_is_the_payloads(&error) {
+                Outcome::Malformed
+            } else {
+                Outcome::Internal
+            })
+        }
+        Err(error) => {
+            say(&format!("image fetch thread: {error}"));
+            Err(Outcome::Internal)
+        }
+    }
+}

@@ -53,6 +53,9 @@ pub enum ImageCommand {
     },
     /// Make the image's snapshot now, so that its first task restores instead of booting.
     Warm(crate::warm_cmd::WarmArgs),
+    /// Boot an image on a writable overlay, run a build in it, and package the result as a
+    /// new image (prints its sha256).
+    Build(crate::build_cmd::BuildArgs),
     /// Build an image tarball from a disk, a machine.json and optional boot files.
     Pack {
         /// Root disk (raw or any format qemu-img reads; converted to raw).
@@ -204,6 +207,10 @@ fn execute(command: ImageCommand) -> Result<(), Outcome> {
             Ok(())
         }
         ImageCommand::Warm(args) => match crate::warm_cmd::run(args) {
+            Outcome::Success => Ok(()),
+            failed => Err(failed),
+        },
+        ImageCommand::Build(args) => match crate::build_cmd::run(args) {
             Outcome::Success => Ok(()),
             failed => Err(failed),
         },

@@ -5,6 +5,7 @@
 
 #![warn(clippy::unwrap_used)]
 
+mod build_cmd;
 mod documents;
 mod image_cmd;
 mod run_cmd;

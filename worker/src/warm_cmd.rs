@@ -10,7 +10,6 @@ use image_manager::ImageRequest;
 use schemas::{limit_violation, resolve_machine, MachineLayers};
 use taskvm::exit::Outcome;
 use taskvm::task::host::Host;
-use taskvm::task::image_error_is_the_payloads;
 
 /// Arguments of `taskvm image warm`.
 #[derive(Debug, clap::Args)]
@@ -58,24 +57,10 @@ pub fn run(args: WarmArgs) -> Outcome {
                 return Outcome::Internal;
             }
         };
-        let fetching = {
-            let host = host.clone();
-            tokio::task::spawn_blocking(move || host.cache.fetch(&request, &|_| {}))
-        };
-        let lease = match fetching.await {
-            Ok(Ok((lease, _))) => lease,
-            Ok(Err(error)) => {
-                say(&format!("image {}: {error}", args.reference));
-                return if image_error_is_the_payloads(&error) {
-                    Outcome::Malformed
-                } else {
-                    Outcome::Internal
-                };
-            }
-            Err(error) => {
-                say(&format!("image fetch thread: {error}"));
-                return Outcome::Internal;
-            }
+        let lease = match crate::documents::fetch_lease(&host, request, &args.reference, &say).await
+        {
+            Ok(lease) => lease,
+            Err(outcome) => return outcome,
         };
         let layers = MachineLayers {
             image: Some(lease.machine()),

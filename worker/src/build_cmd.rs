@@ -12,8 +12,8 @@ use engine::mutable::MutableImage;
 use engine::session::{GuestSession, SessionConfig};
 use engine::ExitKind;
 use image_manager::ImageRequest;
+use schemas::migrate_machine_definition;
 use schemas::protocol::{ActionKind, Execute, Report};
-use schemas::{limit_violation, migrate_machine_definition, resolve_machine, MachineLayers};
 use taskvm::exit::Outcome;
 use taskvm::task::host::Host;
 
@@ -64,17 +64,16 @@ fn say(line: &str) {
 /// Runs `taskvm image build`. Exit status: 0 built, 1 the build failed in the guest, 2 bad
 /// input, 3 anything else.
 pub fn run(args: BuildArgs) -> Outcome {
-    let mut config = match crate::documents::load_host_config(
-        args.config.as_deref(),
-        args.cache.clone(),
-        args.state.clone(),
-    ) {
+    let overrides = crate::documents::HostOverrides {
+        cache: args.cache.clone(),
+        state: args.state.clone(),
+        accel: args.accel.map(Into::into),
+        start: None,
+    };
+    let config = match crate::documents::load_host_config(args.config.as_deref(), overrides) {
         Ok(config) => config,
         Err(outcome) => return outcome,
     };
-    if let Some(accel) = args.accel {
-        config.accel = accel.into();
-    }
     let command = match (&args.script, args.command.is_empty()) {
         (Some(path), true) => match std::fs::read_to_string(path) {
             Ok(script) => vec!["sh".to_owned(), "-c".to_owned(), script],
@@ -125,17 +124,9 @@ pub fn run(args: BuildArgs) -> Outcome {
             Err(outcome) => return outcome,
         };
         let definition = machine.unwrap_or_else(|| lease.machine().clone());
-        let layers = MachineLayers {
-            image: Some(&definition),
-            worker: host.config.machine.as_ref(),
-            ..MachineLayers::default()
-        };
-        let resolved = match resolve_machine(layers, &host.config.limits) {
+        let resolved = match crate::documents::image_machine(&host, &definition, &say) {
             Ok(resolved) => resolved,
-            Err(error) => {
-                say(&limit_violation(&error, "/machine").to_string());
-                return Outcome::Malformed;
-            }
+            Err(outcome) => return outcome,
         };
         let accelerator = host.accelerator(&lease, &say).await;
         let name = format!("build-{:08x}", rand::random::<u32>());

@@ -21,23 +21,41 @@ pub fn read_document(path: &Path) -> Result<serde_json::Value, Violations> {
     }
 }
 
+/// What a command line overrides in the configuration of a command that starts VMs.
+#[derive(Debug, Default)]
+pub struct HostOverrides {
+    /// `--cache`.
+    pub cache: Option<PathBuf>,
+    /// `--state`.
+    pub state: Option<PathBuf>,
+    /// `--accel`.
+    pub accel: Option<schemas::config::Accel>,
+    /// `--start`.
+    pub start: Option<schemas::config::StartMode>,
+}
+
 /// The worker configuration for a command that starts VMs: the file at `path` (or the
-/// defaults) with the `--cache` and `--state` directories given on the command line. An
-/// invalid file is reported and yields the exit code.
+/// defaults) with what the command line overrides. An invalid file is reported and yields
+/// the exit code.
 pub fn load_host_config(
     path: Option<&Path>,
-    cache: Option<PathBuf>,
-    state: Option<PathBuf>,
+    overrides: HostOverrides,
 ) -> Result<WorkerConfig, Outcome> {
     let mut config = load_config(path).map_err(|violations| {
         eprintln!("taskvm: invalid configuration:\n{violations}");
         Outcome::Malformed
     })?;
-    if let Some(cache) = cache {
+    if let Some(cache) = overrides.cache {
         config.cache.dir = cache;
     }
-    if let Some(state) = state {
+    if let Some(state) = overrides.state {
         config.state_dir = state;
+    }
+    if let Some(accel) = overrides.accel {
+        config.accel = accel;
+    }
+    if let Some(start) = overrides.start {
+        config.start = start;
     }
     Ok(config)
 }
@@ -92,4 +110,23 @@ pub async fn fetch_lease(
             Err(Outcome::Internal)
         }
     }
+}
+
+/// An image's machine (`machine.json`, or one given in its place) under the worker's machine
+/// defaults and limits, as a payload without a `machine` gets it; a machine over the limits
+/// is reported through `say` and yields exit code 2.
+pub fn image_machine(
+    host: &taskvm::task::host::Host,
+    machine: &schemas::Machine,
+    say: &dyn Fn(&str),
+) -> Result<schemas::ResolvedMachine, Outcome> {
+    let layers = schemas::MachineLayers {
+        image: Some(machine),
+        worker: host.config.machine.as_ref(),
+        ..schemas::MachineLayers::default()
+    };
+    schemas::resolve_machine(layers, &host.config.limits).map_err(|error| {
+        say(&schemas::limit_violation(&error, "/machine").to_string());
+        Outcome::Malformed
+    })
 }

@@ -85,17 +85,16 @@ impl From<AccelArg> for Accel {
 
 /// Runs `taskvm run`.
 pub fn run(args: RunArgs) -> Outcome {
-    let mut config =
-        match crate::documents::load_host_config(args.config.as_deref(), args.cache, args.state) {
-            Ok(config) => config,
-            Err(outcome) => return outcome,
-        };
-    if let Some(accel) = args.accel {
-        config.accel = accel.into();
-    }
-    if let Some(start) = args.start {
-        config.start = start.into();
-    }
+    let overrides = crate::documents::HostOverrides {
+        cache: args.cache,
+        state: args.state,
+        accel: args.accel.map(Into::into),
+        start: args.start.map(Into::into),
+    };
+    let config = match crate::documents::load_host_config(args.config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(outcome) => return outcome,
+    };
     let kept = args.artifacts.is_some();
     let artifacts = match prepare_artifacts(args.artifacts.as_deref()) {
         Ok(dir) => dir,

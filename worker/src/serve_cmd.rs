@@ -63,17 +63,16 @@ pub struct ServeArgs {
 
 /// Runs `taskvm serve`.
 pub fn run(args: ServeArgs) -> Outcome {
-    let mut config =
-        match crate::documents::load_host_config(args.config.as_deref(), args.cache, args.state) {
-            Ok(config) => config,
-            Err(outcome) => return outcome,
-        };
-    if let Some(accel) = args.accel {
-        config.accel = accel.into();
-    }
-    if let Some(start) = args.start {
-        config.start = start.into();
-    }
+    let overrides = crate::documents::HostOverrides {
+        cache: args.cache,
+        state: args.state,
+        accel: args.accel.map(Into::into),
+        start: args.start.map(Into::into),
+    };
+    let config = match crate::documents::load_host_config(args.config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(outcome) => return outcome,
+    };
     let configured_listen = match &config.queue {
         Some(QueueConfig::Embedded(embedded)) => Some(embedded.listen.clone()),
         _ => None,

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use image_manager::ImageRequest;
-use schemas::{limit_violation, resolve_machine, MachineLayers};
 use taskvm::exit::Outcome;
 use taskvm::task::host::Host;
 
@@ -32,11 +31,17 @@ pub struct WarmArgs {
 
 /// Runs `taskvm image warm`.
 pub fn run(args: WarmArgs) -> Outcome {
-    let config =
-        match crate::documents::load_host_config(args.config.as_deref(), args.cache, args.state) {
-            Ok(config) => config,
-            Err(outcome) => return outcome,
-        };
+    let config = match crate::documents::load_host_config(
+        args.config.as_deref(),
+        crate::documents::HostOverrides {
+            cache: args.cache,
+            state: args.state,
+            ..Default::default()
+        },
+    ) {
+        Ok(config) => config,
+        Err(outcome) => return outcome,
+    };
     let request = match ImageRequest::parse(&args.reference, args.sha256.as_deref()) {
         Ok(request) => request,
         Err(error) => {
@@ -62,17 +67,9 @@ pub fn run(args: WarmArgs) -> Outcome {
             Ok(lease) => lease,
             Err(outcome) => return outcome,
         };
-        let layers = MachineLayers {
-            image: Some(lease.machine()),
-            worker: host.config.machine.as_ref(),
-            ..MachineLayers::default()
-        };
-        let machine = match resolve_machine(layers, &host.config.limits) {
+        let machine = match crate::documents::image_machine(&host, lease.machine(), &say) {
             Ok(machine) => machine,
-            Err(error) => {
-                say(&limit_violation(&error, "/machine").to_string());
-                return Outcome::Malformed;
-            }
+            Err(outcome) => return outcome,
         };
         let accelerator = host.accelerator(&lease, &say).await;
         let name = format!("warm-{:08x}", rand::random::<u32>());

@@ -56,14 +56,16 @@ pub struct WorkerArgs {
 
 /// Runs `taskvm worker`.
 pub fn run(args: WorkerArgs) -> Outcome {
-    let mut config =
-        match crate::documents::load_host_config(args.config.as_deref(), args.cache, args.state) {
-            Ok(config) => config,
-            Err(outcome) => return outcome,
-        };
-    if let Some(accel) = args.accel {
-        config.accel = accel.into();
-    }
+    let overrides = crate::documents::HostOverrides {
+        cache: args.cache,
+        state: args.state,
+        accel: args.accel.map(Into::into),
+        start: None,
+    };
+    let config = match crate::documents::load_host_config(args.config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(outcome) => return outcome,
+    };
     let section = match &config.queue {
         Some(QueueConfig::Taskcluster(section)) => Some(section.clone()),
         _ => None,

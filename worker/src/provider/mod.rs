@@ -254,18 +254,10 @@ impl ClaimedRun {
         let payload = match parse_payload(&payload) {
             Ok(payload) => payload,
             Err(violations) => {
-                for line in violations.to_string().lines() {
-                    log.note(line);
-                }
-                let reason = "the payload is malformed".to_owned();
-                log.note(&format!("resolved exception/malformed-payload: {reason}"));
-                return Ok(TaskOutcome {
-                    resolution: Resolution::Exception(ExceptionReason::MalformedPayload),
-                    exit_code: None,
-                    reason: Some(reason),
-                    timings: Default::default(),
-                    artifacts: Vec::new(),
-                });
+                return Ok(TaskOutcome::malformed_payload(
+                    &log,
+                    &violations.to_string(),
+                ))
             }
         };
         let mut request = TaskRequest::new(

@@ -286,21 +286,8 @@ impl Scheduler {
             .and_then(|value| parse_payload(&value).map_err(|error| error.to_string()));
         let payload = match payload {
             Ok(payload) => payload,
-            Err(violations) => {
-                // Accepted by an older version, refused by this one.
-                for line in violations.lines() {
-                    log.note(line);
-                }
-                let reason = "the payload is malformed".to_owned();
-                log.note(&format!("resolved exception/malformed-payload: {reason}"));
-                return Ok(TaskOutcome {
-                    resolution: Resolution::Exception(ExceptionReason::MalformedPayload),
-                    exit_code: None,
-                    reason: Some(reason),
-                    timings: Default::default(),
-                    artifacts: Vec::new(),
-                });
-            }
+            // Accepted by an older version, refused by this one.
+            Err(violations) => return Ok(TaskOutcome::malformed_payload(&log, &violations)),
         };
         log.note(&format!(
             "task {} run {} on taskvm serve",

@@ -78,6 +78,9 @@ pub struct LiveVm {
     pub has_display: bool,
 }
 
+/// How long a VM may take from its start to the guest asking for its task.
+pub const START_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// How long each stage took.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
@@ -121,6 +124,25 @@ pub struct TaskOutcome {
     pub timings: Timings,
     /// Artifacts collected.
     pub artifacts: Vec<Collected>,
+}
+
+impl TaskOutcome {
+    /// The ending of a task whose payload is malformed: `violations` (one per line) and the
+    /// resolution go to `log`; no image is fetched and no VM starts.
+    pub fn malformed_payload(log: &TaskLog, violations: &str) -> TaskOutcome {
+        for line in violations.lines() {
+            log.note(line);
+        }
+        let reason = "the payload is malformed".to_owned();
+        log.note(&format!("resolved exception/malformed-payload: {reason}"));
+        TaskOutcome {
+            resolution: Resolution::Exception(ExceptionReason::MalformedPayload),
+            exit_code: None,
+            reason: Some(reason),
+            timings: Timings::default(),
+            artifacts: Vec::new(),
+        }
+    }
 }
 
 /// Settings of the lifecycle that are not the payload's.
@@ -294,8 +316,9 @@ impl Run {
         let log = self.log.clone();
         let accelerator = host.accelerator(&lease, &|line| log.note(line)).await;
         let settings = host.vm_settings(&request.name, accelerator);
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_secs(u64::from(payload.max_run_time));
+        // The start (a snapshot made first included) has its own bound; maxRunTime is the
+        // command's, counted from when the guest takes it.
+        let start_deadline = tokio::time::Instant::now() + START_TIMEOUT;
         let (session, mut guest_log) = GuestSession::new(SessionConfig::new(&request.name));
         session.set_task(Execute {
             command: payload.command.clone(),
@@ -341,7 +364,9 @@ impl Run {
             })
         };
 
-        let ended = self.supervise(&mut vm, &session, payload, deadline).await;
+        let ended = self
+            .supervise(&mut vm, &session, payload, start_deadline)
+            .await;
         let (mut resolution, exit_code, mut reason, guest_alive) = match ended {
             Supervised::Ran {
                 resolution,
@@ -611,10 +636,10 @@ impl Run {
         vm: &mut VirtualMachine,
         session: &GuestSession,
         payload: &Payload,
-        deadline: tokio::time::Instant,
+        start_deadline: tokio::time::Instant,
     ) -> Supervised {
         let max = payload.max_run_time;
-        match self.race(vm, deadline, session.wait_taken()).await {
+        match self.race(vm, start_deadline, session.wait_taken()).await {
             Raced::Done(()) => self.stage_done(match self.timings.start {
                 "snapshot" => "restore",
                 "pool" => "resume",
@@ -624,14 +649,16 @@ impl Run {
                 return Supervised::Over(Early {
                     resolution: Resolution::Failed,
                     reason: format!(
-                        "maxRunTime of {max} s exceeded before the guest asked for its task \
-                         (does the image start the taskvm agent?); the task failed"
+                        "the guest did not ask for its task within {} s of starting (does the \
+                         image start the taskvm agent?); the task failed",
+                        START_TIMEOUT.as_secs()
                     ),
                 })
             }
             Raced::VmEnded(kind) => return Supervised::Over(ended_while_booting(&kind)),
             Raced::Stopped(reason) => return Supervised::Over(stopped(reason)),
         }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(max));
         match self.race(vm, deadline, session.wait_report()).await {
             Raced::Done(Report { exit_code }) => {
                 self.stage_done("run");

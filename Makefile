@@ -3,7 +3,7 @@
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all deps build agent test test-tools lint fmt schemas demo bench test-images clean
+.PHONY: all deps build agent test test-tools lint fmt schemas demo bench test-images test-images-debian clean
 
 all: build
 
@@ -20,7 +20,7 @@ test-tools: deps
 	@bash scripts/test-tools.sh
 
 ## fmt check, clippy with -D warnings, and the whole test suite (which boots the test image).
-test: deps lint test-images test-tools
+test: deps lint test-images test-images-debian test-tools
 ifeq ($(NEXTEST),yes)
 	bash scripts/with-tc-local.sh $(CARGO) nextest run --workspace --locked --no-fail-fast
 else
@@ -65,6 +65,14 @@ test-images: deps build agent
 
 $(TEST_IMAGE): test-images/build.sh test-images/packages.lock target/release/taskvm $(AGENT)
 	test-images/build.sh target/release/taskvm $(AGENT) test-images/out
+
+## A stock Debian with cloud-init and no taskvm agent (debootstrap; about 2 minutes, once).
+DEBIAN_IMAGE := test-images/out/debian-cloud/machine.json
+test-images-debian: deps
+	@$(MAKE) --no-print-directory $(DEBIAN_IMAGE)
+
+$(DEBIAN_IMAGE): test-images/debian-cloud.sh
+	test-images/debian-cloud.sh test-images/out
 
 clean:
 	$(CARGO) clean

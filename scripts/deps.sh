@@ -23,6 +23,13 @@ have chromium || missing+=(chromium)
 have node || missing+=(nodejs)
 have npm || missing+=(npm)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# The image build tests: a stock Debian made with debootstrap, an installer ISO made with
+# grub-mkrescue (BIOS grub modules, xorriso, mtools).
+have debootstrap || missing+=(debootstrap)
+have grub-mkrescue || missing+=(grub-common)
+[ -d /usr/lib/grub/i386-pc ] || missing+=(grub-pc-bin)
+have xorriso || missing+=(xorriso)
+have mformat || missing+=(mtools)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -152,6 +152,47 @@ json.dump(machine, open(sys.argv[2], "w"), indent=2)
 PY
 "$taskvm" image pack --disk "$work/disk.img" --disk-format raw --machine "$work/display-machine.json" \
   --kernel "$work/pkg/boot/vmlinuz-$kernel_release" --initrd "$work/initrd.img" --level 10 -o "$out/display.tar.zst" > "$out/display.sha256"
+# 7. installer.iso: a BIOS-bootable ISO (grub-mkrescue) whose "installer" — busybox as init —
+#    makes an ext2 file system on the first virtio disk, writes /installed.txt there and
+#    powers off. The image build tests install it onto a fresh disk.
+step "building installer.iso"
+installer="$work/installer"
+mkdir -p "$installer"/{bin,proc,sys,dev,mnt,modules} "$work/iso/boot/grub"
+cp "$work/pkg/bin/busybox" "$installer/bin/busybox"
+installer_modules="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"
+for module in $installer_modules; do
+  cp "$(find "$modules" -name "$module.ko")" "$installer/modules/"
+done
+cat > "$installer/init" <<INIT
+#!/bin/busybox sh
+bb=/bin/busybox
+\$bb mount -t proc proc /proc
+\$bb mount -t sysfs sys /sys
+\$bb mount -t devtmpfs dev /dev
+for module in $installer_modules; do \$bb insmod /modules/\$module.ko; done
+\$bb echo "taskvm-installer: writing /dev/vda"
+if \$bb mke2fs -L installed /dev/vda > /dev/null && \$bb mount -t ext2 /dev/vda /mnt; then
+  \$bb echo "installed from the ISO" > /mnt/installed.txt
+  \$bb umount /mnt
+  \$bb sync
+  \$bb echo "taskvm-installer: done"
+fi
+\$bb poweroff -f
+INIT
+chmod 0755 "$installer/init"
+find "$installer" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+(cd "$installer" && find . -print0 | sort -z | cpio --null --reproducible -o -H newc -R 0:0 --quiet) > "$work/iso/boot/installer.img"
+cp "$work/pkg/boot/vmlinuz-$kernel_release" "$work/iso/boot/vmlinuz"
+cat > "$work/iso/boot/grub/grub.cfg" <<'GRUB'
+set timeout=0
+menuentry "taskvm test installer" {
+  linux /boot/vmlinuz console=ttyS0 quiet panic=-1 reboot=t
+  initrd /boot/installer.img
+}
+GRUB
+grub-mkrescue -o "$out/installer.iso" "$work/iso" > "$work/grub-mkrescue.log" 2>&1 \
+  || { cat "$work/grub-mkrescue.log" >&2; exit 1; }
+
 for name in minimal display; do
   step "$name.tar.zst $(cat "$out/$name.sha256") ($(du -h --apparent-size "$out/$name.tar.zst" | cut -f1))"
 done

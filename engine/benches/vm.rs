@@ -62,6 +62,7 @@ async fn main() {
         tsc_khz: host_tsc_khz(),
         cgroups: CgroupHost::detect().ok(),
         network: None,
+        drives: Vec::new(),
         start_timeout: Duration::from_secs(10),
         state_dir: None,
     };

@@ -11,6 +11,8 @@ use schemas::machine::{
 use schemas::ResolvedMachine;
 use thiserror::Error;
 
+use crate::drives::DriveMedia;
+
 /// Which accelerator runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accelerator {
@@ -56,6 +58,34 @@ pub struct LaunchSpec {
     pub tsc_khz: Option<u64>,
     /// Where QEMU reads a saved state from instead of booting (`-incoming`), e.g. `fd:5`.
     pub incoming: Option<String>,
+    /// Drives after the root disk, in order.
+    pub drives: Vec<LaunchDrive>,
+    /// Inherited descriptors that `/dev/fdset/N` paths refer to.
+    pub fd_sets: Vec<FdSet>,
+}
+
+/// A drive after the root disk on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchDrive {
+    /// The file QEMU opens: a path, or `/dev/fdset/N`.
+    pub file: String,
+    /// Its format.
+    pub format: String,
+    /// Disk or CD-ROM.
+    pub media: DriveMedia,
+    /// Read-only for the guest.
+    pub read_only: bool,
+    /// Booted by the firmware before the root disk.
+    pub boot_first: bool,
+}
+
+/// A descriptor QEMU inherits, put in fd set `set` (`-add-fd fd=FD,set=SET`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdSet {
+    /// The descriptor's number in QEMU.
+    pub fd: i32,
+    /// The set's number, as in `/dev/fdset/SET`.
+    pub set: u32,
 }
 
 /// Paths of direct-boot files and the kernel command line.
@@ -144,6 +174,9 @@ pub fn qemu_args(
         "id=disk0,file={},format=qcow2,if=none,discard=unmap",
         spec.disk.display()
     );
+    for set in &spec.fd_sets {
+        args.push(["-add-fd", &format!("fd={},set={}", set.fd, set.set)]);
+    }
     args.push(["-drive", &drive]);
     args.push([
         "-device",
@@ -154,6 +187,7 @@ pub fn qemu_args(
             StorageDevice::Nvme => "nvme,drive=disk0,serial=taskvm-disk0".to_owned(),
         },
     ]);
+    push_extra_drives(&mut args, spec, bus);
 
     args.push([
         "-netdev",
@@ -213,6 +247,33 @@ pub fn qemu_args(
         args.push(["-incoming", incoming]);
     }
     Ok(args.0)
+}
+
+fn push_extra_drives(args: &mut Args, spec: &LaunchSpec, bus: &str) {
+    for (index, drive) in spec.drives.iter().enumerate() {
+        let id = format!("drive{}", index + 1);
+        let mut options = format!(
+            "id={id},file={},format={},if=none",
+            drive.file, drive.format
+        );
+        if drive.read_only {
+            options.push_str(",readonly=on");
+        }
+        let cdrom = drive.media == DriveMedia::Cdrom && bus == "pci";
+        if cdrom {
+            options.push_str(",media=cdrom");
+        }
+        args.push(["-drive", &options]);
+        let mut device = if cdrom {
+            format!("ide-cd,drive={id}")
+        } else {
+            format!("virtio-blk-{bus},drive={id}")
+        };
+        if drive.boot_first {
+            device.push_str(",bootindex=0");
+        }
+        args.push(["-device", &device]);
+    }
 }
 
 fn push_input_devices(args: &mut Args, machine: &ResolvedMachine) {
@@ -275,6 +336,9 @@ fn check_compatible(machine: &ResolvedMachine, spec: &LaunchSpec) -> Result<(), 
             || m.sound.is_some_and(|s| s != SoundDevice::None)
         {
             return fail("chipset microvm has no PCI bus for usb or sound: use none");
+        }
+        if spec.drives.iter().any(|drive| drive.boot_first) {
+            return fail("chipset microvm has no firmware that boots a CD-ROM: use q35 or pc");
         }
     } else if matches!(m.network, Some(NetworkDevice::VirtioNetDevice))
         || matches!(m.storage, Some(StorageDevice::VirtioBlkDevice))

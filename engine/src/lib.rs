@@ -11,6 +11,8 @@
 //! - [`metadata`]: the per-VM HTTP service, its listener inside the VM's namespace.
 //! - [`session`]: the guest protocol (`/engine/v1/`) and cloud-init metadata as a handler.
 //! - [`dhcp`]: a DHCP responder for stock cloud images.
+//! - [`drives`]: where the root disk comes from (the cache, or the host's own files) and the
+//!   drives besides it, handed to QEMU as open descriptors.
 //! - [`egress`]: opt-in NAT to other networks (never to the host itself).
 //! - [`network`]: all of these for one VM, owned as one.
 //! - [`overlay`]: the per-VM qcow2 overlay on the leased image.
@@ -20,6 +22,8 @@
 //! - [`records`]: what each VM created, on disk, and the start-up [`records::sweep`] that
 //!   cleans up after a worker killed with `kill -9`.
 //! - [`screenshot`]: the screen over VNC as an RGBA image or PNG.
+//! - [`seed`]: a cloud-init NoCloud seed (a FAT volume labelled CIDATA).
+//! - [`mutable`]: [`mutable::MutableImage`], a VM booted to be changed and packaged.
 //! - [`snapshot`]: a VM saved at agent-ready, restored in a fraction of a boot.
 //! - [`tsc`]: the host's TSC frequency for the guest's command line.
 //! - [`vm`]: [`VirtualMachine`], which owns all of the above and removes it on drop.
@@ -30,6 +34,7 @@ pub mod accel;
 pub mod cgroup;
 pub mod cmdline;
 pub mod dhcp;
+pub mod drives;
 pub mod egress;
 pub mod metadata;
 pub mod mutable;
@@ -41,6 +46,7 @@ pub mod qmp;
 pub mod records;
 pub mod runtime;
 pub mod screenshot;
+pub mod seed;
 pub mod session;
 pub mod snapshot;
 pub mod tsc;

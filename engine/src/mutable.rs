@@ -1,14 +1,16 @@
 //! A VM whose disk is kept: booted like a task's VM (sandbox, isolated network, metadata
-//! service) from a new overlay on a leased image, and packaged afterwards into a new image
-//! with the image manager's writer. The base image is never written: every change lands in the
-//! overlay, which `package` flattens into the new image's raw disk.
+//! service) from a new overlay on a leased image or on a disk of the host's, or from a fresh
+//! empty disk, and packaged afterwards into a new image with the image manager's writer. The
+//! base is never written: every change lands in the overlay, which `package` flattens into
+//! the new image's raw disk.
 
 use std::path::Path;
 
-use image_manager::{pack, Digest, Lease, PackInputs};
+use image_manager::{pack_with_progress, Digest, PackInputs, PackProgress};
 use schemas::{Machine, ResolvedMachine};
 use thiserror::Error;
 
+use crate::drives::BootSource;
 use crate::vm::{VirtualMachine, VmError, VmSettings};
 
 /// Why packaging failed.
@@ -20,6 +22,12 @@ pub enum PackageError {
     /// The machine definition could not be written.
     #[error("writing machine.json: {0}")]
     Machine(std::io::Error),
+    /// The disk could not be prepared for reading on the host.
+    #[error("settling the disk: {0}")]
+    Disk(std::io::Error),
+    /// The machine boots directly but the source has no such kernel or initrd.
+    #[error("the machine boots directly but the base has no {0}")]
+    BootFile(&'static str),
     /// Flattening or compressing failed.
     #[error(transparent)]
     Pack(#[from] image_manager::ImageError),
@@ -32,13 +40,14 @@ pub struct MutableImage {
 }
 
 impl MutableImage {
-    /// Boots `lease`'s image as `machine` on a fresh overlay.
+    /// Boots `source` (a leased image, or files of the host's) as `machine` on a fresh
+    /// overlay, or a fresh disk.
     pub async fn boot(
-        lease: Lease,
+        source: impl Into<BootSource>,
         machine: &ResolvedMachine,
         settings: &VmSettings,
     ) -> Result<MutableImage, VmError> {
-        let vm = VirtualMachine::start(lease, machine, settings).await?;
+        let vm = VirtualMachine::start_from(source.into(), machine, settings).await?;
         Ok(MutableImage { vm, ended: false })
     }
 
@@ -62,12 +71,13 @@ impl MutableImage {
     /// Packages the disk as the guest left it, with `machine` as the new image's
     /// `machine.json` and the base image's kernel and initrd when `machine` boots directly.
     /// Writes `output` atomically (a temporary file renamed at the end); the same disk gives
-    /// the same bytes.
+    /// the same bytes. `progress` hears how far flattening and compressing are.
     pub fn package(
         &self,
         machine: &Machine,
         output: &Path,
         level: i32,
+        progress: &(dyn Fn(PackProgress) + Sync),
     ) -> Result<Digest, PackageError> {
         if !self.ended {
             return Err(PackageError::Running);
@@ -85,20 +95,32 @@ impl MutableImage {
         let text = serde_json::to_vec_pretty(machine)
             .map_err(|error| PackageError::Machine(error.into()))?;
         std::fs::write(&machine_path, text).map_err(PackageError::Machine)?;
-        let lease = self.vm.lease();
-        let boots = machine.boot.is_some();
+        let source = self.vm.source();
+        let (kernel, initrd) = match &machine.boot {
+            None => (None, None),
+            Some(boot) => {
+                let kernel = source
+                    .kernel(&boot.kernel)
+                    .ok_or(PackageError::BootFile("kernel"))?;
+                let initrd = match &boot.initrd {
+                    Some(name) => Some(
+                        source
+                            .initrd(name)
+                            .ok_or(PackageError::BootFile("initrd"))?,
+                    ),
+                    None => None,
+                };
+                (Some(kernel), initrd)
+            }
+        };
         let inputs = PackInputs {
-            disk: self.vm.overlay(),
+            disk: self.vm.settled_disk().map_err(PackageError::Disk)?,
             disk_format: Some("qcow2".to_owned()),
             machine: machine_path,
-            kernel: boots.then(|| lease.kernel_path()).flatten(),
-            initrd: machine
-                .boot
-                .as_ref()
-                .and_then(|boot| boot.initrd.as_ref())
-                .and_then(|_| lease.initrd_path()),
+            kernel,
+            initrd,
             level,
         };
-        Ok(pack(&inputs, output)?)
+        Ok(pack_with_progress(&inputs, output, progress)?)
     }
 }

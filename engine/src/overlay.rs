@@ -1,5 +1,6 @@
-//! The per-VM disk: a qcow2 overlay whose backing file is the leased image's disk. Creating
-//! it costs the same whatever the base's size; the cached image is only ever read.
+//! The per-VM disk: a qcow2 overlay whose backing file is the leased image's disk (or a disk
+//! of the host's), or a fresh empty qcow2. Creating it costs the same whatever the base's
+//! size; the base is only ever read.
 
 use std::io;
 use std::path::Path;
@@ -7,19 +8,43 @@ use std::process::Command;
 
 /// Creates `overlay` (qcow2) on `base` of format `base_format`, with explicit formats.
 pub fn create_overlay(base: &Path, base_format: &str, overlay: &Path) -> io::Result<()> {
-    let output = Command::new("qemu-img")
+    let mut command = Command::new("qemu-img");
+    command
         .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
         .arg(base)
-        .arg(overlay)
-        .output()?;
+        .arg(overlay);
+    run(
+        command,
+        &format!("qemu-img create overlay on {}", base.display()),
+    )
+}
+
+/// Creates `disk`, an empty qcow2 of `size` bytes.
+pub fn create_empty_disk(disk: &Path, size: u64) -> io::Result<()> {
+    let mut command = Command::new("qemu-img");
+    command
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(disk)
+        .arg(size.to_string());
+    run(command, &format!("qemu-img create a {size}-byte disk"))
+}
+
+/// Renames `overlay`'s backing file to `backing` without opening it (`rebase -u`): the same
+/// file under another name, such as `/dev/fdset/N`, which only QEMU resolves.
+pub fn point_backing_at(overlay: &Path, backing: &str, backing_format: &str) -> io::Result<()> {
+    let mut command = Command::new("qemu-img");
+    command
+        .args(["rebase", "-u", "-F", backing_format, "-b", backing])
+        .arg(overlay);
+    run(command, &format!("qemu-img rebase {}", overlay.display()))
+}
+
+fn run(mut command: Command, what: &str) -> io::Result<()> {
+    let output = command.output()?;
     if output.status.success() {
         Ok(())
     } else {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        Err(io::Error::other(format!(
-            "qemu-img create overlay on {}: {}",
-            base.display(),
-            stderr.trim()
-        )))
+        Err(io::Error::other(format!("{what}: {}", stderr.trim())))
     }
 }

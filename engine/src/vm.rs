@@ -17,11 +17,14 @@ use schemas::ResolvedMachine;
 use thiserror::Error;
 
 use crate::cgroup::{CgroupHost, CgroupLimits, VmCgroup};
-use crate::cmdline::{qemu_args, Accelerator, BootFiles, CmdlineError, LaunchSpec, Netdev};
+use crate::cmdline::{
+    qemu_args, Accelerator, BootFiles, CmdlineError, FdSet, LaunchDrive, LaunchSpec, Netdev,
+};
+use crate::drives::{open_for_qemu, BootSource, ExtraDrive, HostDisk};
 use crate::metadata::Handler;
 use crate::netns::{namespace_name, NetworkError};
 use crate::network::{NetworkSettings, VmNetwork};
-use crate::overlay::create_overlay;
+use crate::overlay::{create_empty_disk, create_overlay, point_backing_at};
 use crate::process::{QemuProcess, RunAs};
 use crate::qmp::Qmp;
 use crate::records::{process_start_ticks, RecordFile, VmRecord};
@@ -37,6 +40,8 @@ const MIGRATION_BANDWIDTH: u64 = 100 << 30;
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most bytes of a log returned by [`VirtualMachine::serial_output`].
 const LOG_LIMIT: u64 = 4 << 20;
+/// The fd set of a host disk under the overlay; extra drives take the sets after it.
+const ROOT_BACKING_SET: u32 = 1;
 
 /// Host-side settings of a VM.
 #[derive(Debug, Clone)]
@@ -64,6 +69,48 @@ pub struct VmSettings {
     pub cgroups: Option<CgroupHost>,
     /// An isolated network with a metadata service (replaces `netdev`); None: `netdev`.
     pub network: Option<NetworkSettings>,
+    /// Drives besides the root disk (a cloud-init seed, an installer ISO).
+    pub drives: Vec<ExtraDrive>,
+}
+
+/// The kernel and initrd QEMU reads for a direct boot: the image's own files, or copies of the
+/// host's in the runtime directory (where the sandbox user can read them).
+fn runtime_boot_files(
+    source: &BootSource,
+    boot: &schemas::machine::LinuxBoot,
+    runtime: &RuntimeDir,
+    owner: Option<(u32, u32)>,
+) -> io::Result<(PathBuf, Option<PathBuf>)> {
+    let missing = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("the machine boots directly but no {what} was given"),
+        )
+    };
+    let kernel = source
+        .kernel(&boot.kernel)
+        .ok_or_else(|| missing("kernel"))?;
+    let initrd = match &boot.initrd {
+        Some(name) => Some(source.initrd(name).ok_or_else(|| missing("initrd"))?),
+        None => None,
+    };
+    if source.lease().is_some() {
+        return Ok((kernel, initrd));
+    }
+    let copy = |from: &Path, name: &str| -> io::Result<PathBuf> {
+        let to = runtime.path().join(name);
+        fs::copy(from, &to).map_err(|error| {
+            io::Error::new(error.kind(), format!("{}: {error}", from.display()))
+        })?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&to, Some(uid), Some(gid))?;
+        }
+        Ok(to)
+    };
+    Ok((
+        copy(&kernel, "kernel")?,
+        initrd.map(|path| copy(&path, "initrd")).transpose()?,
+    ))
 }
 
 /// How a VM ended.
@@ -131,7 +178,9 @@ pub struct VirtualMachine {
     cgroup: Option<VmCgroup>,
     runtime: RuntimeDir,
     _record: Option<RecordFile>,
-    lease: Lease,
+    source: BootSource,
+    /// The root disk's backing file on the host when QEMU reaches it as `/dev/fdset/N`.
+    host_backing: Option<(PathBuf, String)>,
 }
 
 impl VirtualMachine {
@@ -142,7 +191,18 @@ impl VirtualMachine {
         machine: &ResolvedMachine,
         settings: &VmSettings,
     ) -> Result<Self, VmError> {
-        Self::launch(lease, machine, settings, None).await
+        Self::launch(lease.into(), machine, settings, None).await
+    }
+
+    /// Starts a VM of `machine` whose root disk and boot files come from `source`: a cached
+    /// image, or files of the host's (an existing disk, read-only under the VM's overlay, or a
+    /// fresh empty disk). Files of the host's need not be readable by the sandbox user.
+    pub async fn start_from(
+        source: BootSource,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+    ) -> Result<Self, VmError> {
+        Self::launch(source, machine, settings, None).await
     }
 
     /// Starts a VM from `snapshot` (made of the same image and machine, see
@@ -167,7 +227,7 @@ impl VirtualMachine {
         settings: &VmSettings,
         snapshot: &Snapshot,
     ) -> Result<Self, VmError> {
-        let mut vm = Self::launch(lease, machine, settings, Some(snapshot)).await?;
+        let mut vm = Self::launch(lease.into(), machine, settings, Some(snapshot)).await?;
         vm.wait_migration("loading").await?;
         let console = fs::read_to_string(Snapshot::path_in(snapshot.dir(), SnapshotFile::Console))
             .unwrap_or_default();
@@ -179,7 +239,7 @@ impl VirtualMachine {
     }
 
     async fn launch(
-        lease: Lease,
+        source: BootSource,
         machine: &ResolvedMachine,
         settings: &VmSettings,
         snapshot: Option<&Snapshot>,
@@ -221,11 +281,45 @@ impl VirtualMachine {
             Some(network) => Some(VmNetwork::create(&settings.name, network)?),
             None => None,
         };
-        let (base, format) = match snapshot {
-            Some(snapshot) => (snapshot.disk_path(), "qcow2"),
-            None => lease.boot_disk(),
-        };
-        create_overlay(&base, format, &runtime.overlay()).map_err(VmError::Setup)?;
+        // Descriptors QEMU inherits: the tap, a saved state, files of the host's.
+        let mut host_fds: Vec<(fs::File, u32)> = Vec::new();
+        let mut host_backing = None;
+        match (snapshot, &source) {
+            (Some(snapshot), _) => {
+                create_overlay(&snapshot.disk_path(), "qcow2", &runtime.overlay())
+                    .map_err(VmError::Setup)?;
+            }
+            (None, BootSource::Image(lease)) => {
+                let (base, format) = lease.boot_disk();
+                create_overlay(&base, format, &runtime.overlay()).map_err(VmError::Setup)?;
+            }
+            (None, BootSource::Files(files)) => match &files.disk {
+                HostDisk::Existing { path, format } => {
+                    let file = open_for_qemu(path, false).map_err(VmError::Setup)?;
+                    create_overlay(path, format, &runtime.overlay()).map_err(VmError::Setup)?;
+                    let set = ROOT_BACKING_SET;
+                    point_backing_at(&runtime.overlay(), &format!("/dev/fdset/{set}"), format)
+                        .map_err(VmError::Setup)?;
+                    host_fds.push((file, set));
+                    host_backing = Some((path.clone(), format.clone()));
+                }
+                HostDisk::Empty { size } => {
+                    create_empty_disk(&runtime.overlay(), *size).map_err(VmError::Setup)?;
+                }
+            },
+        }
+        let mut drives = Vec::new();
+        for (index, drive) in settings.drives.iter().enumerate() {
+            let set = ROOT_BACKING_SET + 1 + index as u32;
+            host_fds.push((drive.open().map_err(VmError::Setup)?, set));
+            drives.push(LaunchDrive {
+                file: format!("/dev/fdset/{set}"),
+                format: drive.format.clone(),
+                media: drive.media,
+                read_only: !drive.writable,
+                boot_first: drive.boot_first,
+            });
+        }
         // The saved state, inherited by QEMU as `-incoming fd:N`.
         let state = match snapshot {
             Some(snapshot) => Some(
@@ -240,18 +334,29 @@ impl VirtualMachine {
                 .map_err(VmError::Setup)?;
         }
         let m = machine.machine();
-        let boot = m.boot.as_ref().map(|boot| BootFiles {
-            kernel: lease.dir().join(&boot.kernel),
-            initrd: boot.initrd.as_ref().map(|initrd| lease.dir().join(initrd)),
-            append: match &network {
-                Some(network) => format!(
-                    "{} {}",
-                    boot.append.clone().unwrap_or_default(),
-                    network.kernel_parameter()
-                ),
-                None => boot.append.clone().unwrap_or_default(),
-            },
-        });
+        let boot_files = match &m.boot {
+            Some(boot) => Some(
+                runtime_boot_files(&source, boot, &runtime, owner(settings.run_as))
+                    .map_err(VmError::Setup)?,
+            ),
+            None => None,
+        };
+        let boot = m
+            .boot
+            .as_ref()
+            .zip(boot_files)
+            .map(|(boot, (kernel, initrd))| BootFiles {
+                kernel,
+                initrd,
+                append: match &network {
+                    Some(network) => format!(
+                        "{} {}",
+                        boot.append.clone().unwrap_or_default(),
+                        network.kernel_parameter()
+                    ),
+                    None => boot.append.clone().unwrap_or_default(),
+                },
+            });
         let spec = LaunchSpec {
             name: settings.name.clone(),
             accelerator: settings.accelerator,
@@ -274,6 +379,14 @@ impl VirtualMachine {
             vnc_socket: runtime.vnc_socket(),
             tsc_khz: settings.tsc_khz,
             incoming: state.as_ref().map(|fd| format!("fd:{}", fd.as_raw_fd())),
+            fd_sets: host_fds
+                .iter()
+                .map(|(file, set)| FdSet {
+                    fd: file.as_raw_fd(),
+                    set: *set,
+                })
+                .collect(),
+            drives,
         };
         let argv = qemu_args(machine, &spec)?;
         let start_error = |reason: String, runtime: &RuntimeDir| VmError::Start {
@@ -295,6 +408,11 @@ impl VirtualMachine {
                 .iter()
                 .map(VmNetwork::tap)
                 .chain(state.iter().map(std::os::fd::AsFd::as_fd))
+                .chain(
+                    host_fds
+                        .iter()
+                        .map(|(file, _)| std::os::fd::AsFd::as_fd(file)),
+                )
                 .collect::<Vec<_>>(),
             &runtime.qemu_log(),
         )
@@ -333,7 +451,8 @@ impl VirtualMachine {
             cgroup,
             runtime,
             _record: record_file,
-            lease,
+            source,
+            host_backing,
         })
     }
 
@@ -352,9 +471,18 @@ impl VirtualMachine {
         self.runtime.overlay()
     }
 
-    /// The lease of the image the VM runs.
-    pub fn lease(&self) -> &Lease {
-        &self.lease
+    /// What the VM's root disk and boot files come from.
+    pub fn source(&self) -> &BootSource {
+        &self.source
+    }
+
+    /// The root disk as the host reads it once the VM has ended: the overlay, with its backing
+    /// file named by its host path again when QEMU had it as an inherited descriptor.
+    pub fn settled_disk(&self) -> io::Result<PathBuf> {
+        if let Some((path, format)) = &self.host_backing {
+            point_backing_at(&self.runtime.overlay(), &path.to_string_lossy(), format)?;
+        }
+        Ok(self.runtime.overlay())
     }
 
     /// QEMU's process id.
@@ -399,6 +527,11 @@ impl VirtualMachine {
         } else {
             format!("{}{current}", self.earlier_console)
         }
+    }
+
+    /// The file the serial console is written to, for following it as it grows.
+    pub fn serial_log_path(&self) -> PathBuf {
+        self.runtime.serial_log()
     }
 
     /// QEMU's own messages so far (bounded like the serial output).

@@ -38,6 +38,8 @@ fn spec(accelerator: Accelerator, boot: Option<BootFiles>, netdev: Netdev) -> La
         qmp_socket: run.join("qmp.sock"),
         vnc_socket: run.join("vnc.sock"),
         incoming: None,
+        drives: Vec::new(),
+        fd_sets: Vec::new(),
         tsc_khz: Some(2_445_406),
     }
 }
@@ -169,4 +171,59 @@ fn incompatible_devices_are_refused_with_the_reason() {
     )
     .unwrap_err();
     assert!(error.to_string().contains("direct kernel boot"), "{error}");
+}
+
+/// An installer build: the ISO as an IDE CD-ROM booted first and a cloud-init seed as a second
+/// virtio disk, both inherited descriptors (`-add-fd`, `/dev/fdset/N`); on microvm a seed is
+/// a virtio-mmio disk and a CD-ROM to boot from is refused.
+#[test]
+fn an_installer_cdrom_and_a_seed_disk_as_inherited_descriptors() {
+    use engine::cmdline::{FdSet, LaunchDrive};
+    use engine::drives::DriveMedia;
+    let image = machine(json!({
+        "version": 1, "chipset": "q35", "network": "virtio-net-pci", "storage": "virtio-blk-pci",
+        "graphics": "none"
+    }));
+    let mut launch = spec(Accelerator::Tcg, None, Netdev::TapFd(3));
+    launch.drives = vec![
+        LaunchDrive {
+            file: "/dev/fdset/2".into(),
+            format: "raw".into(),
+            media: DriveMedia::Disk,
+            read_only: true,
+            boot_first: false,
+        },
+        LaunchDrive {
+            file: "/dev/fdset/3".into(),
+            format: "raw".into(),
+            media: DriveMedia::Cdrom,
+            read_only: true,
+            boot_first: true,
+        },
+    ];
+    launch.fd_sets = vec![FdSet { fd: 7, set: 2 }, FdSet { fd: 8, set: 3 }];
+    let args = qemu_args(&resolved(&image, limits(512, 1)), &launch).unwrap();
+    check_golden("q35-installer", &args);
+
+    let microvm = machine(json!({
+        "version": 1, "chipset": "microvm", "network": "virtio-net-device",
+        "storage": "virtio-blk-device", "graphics": "none", "usb": "none", "sound": "none"
+    }));
+    let boot = BootFiles {
+        kernel: "/k".into(),
+        initrd: None,
+        append: String::new(),
+    };
+    let mut on_microvm = spec(Accelerator::Tcg, Some(boot), Netdev::TapFd(3));
+    on_microvm.drives = launch.drives.clone();
+    on_microvm.drives[1].boot_first = false;
+    let args = qemu_args(&resolved(&microvm, limits(256, 1)), &on_microvm).unwrap();
+    assert!(
+        args.windows(2)
+            .any(|pair| pair[0] == "-device" && pair[1] == "virtio-blk-device,drive=drive2"),
+        "{args:?}"
+    );
+    on_microvm.drives[1].boot_first = true;
+    let error = qemu_args(&resolved(&microvm, limits(256, 1)), &on_microvm).unwrap_err();
+    assert!(error.to_string().contains("CD-ROM"), "{error}");
 }

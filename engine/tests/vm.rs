@@ -58,6 +58,7 @@ impl Fixture {
             // As root on Linux the host must offer them; a failure here is a finding.
             cgroups: root.then(|| CgroupHost::detect().unwrap()),
             network: None,
+            drives: Vec::new(),
         }
     }
 }

@@ -39,9 +39,43 @@ pub struct PackInputs {
     pub level: i32,
 }
 
+/// How far a [`pack_with_progress`] is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PackProgress {
+    /// Flattening the disk into raw: bytes of the disk's virtual size done, of `total`.
+    Flattening {
+        /// Bytes done.
+        done: u64,
+        /// The disk's virtual size.
+        total: u64,
+    },
+    /// Writing the archive: bytes of the entries' data read so far, of `total`.
+    Compressing {
+        /// Bytes read (holes of the sparse disk count as read once passed).
+        done: u64,
+        /// The entries' sizes, holes included.
+        total: u64,
+        /// Compressed bytes written so far.
+        written: u64,
+    },
+}
+
+/// How often the archive writer's position is looked at for progress.
+const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Packs `inputs` into `output` (written to a temporary file, renamed at the end) and
 /// returns the digest of the compressed bytes.
 pub fn pack(inputs: &PackInputs, output: &Path) -> Result<Digest, ImageError> {
+    pack_with_progress(inputs, output, &|_| {})
+}
+
+/// [`pack`], telling `progress` how far flattening and compressing are (from other threads,
+/// a few times a second).
+pub fn pack_with_progress(
+    inputs: &PackInputs,
+    output: &Path,
+    progress: &(dyn Fn(PackProgress) + Sync),
+) -> Result<Digest, ImageError> {
     let machine_text = fs::read_to_string(&inputs.machine)
         .map_err(|e| ImageError::io_at("read", &inputs.machine, e))?;
     let machine = parse_json(&machine_text)
@@ -59,15 +93,13 @@ pub fn pack(inputs: &PackInputs, output: &Path) -> Result<Digest, ImageError> {
         Some(format) => format.clone(),
         None => detect_format(&inputs.disk)?,
     };
-    let source = inputs.disk.to_string_lossy();
-    let target = disk.to_string_lossy();
-    qemu_img::run(
-        &[
-            "convert", "-q", "-f", &format, "-O", "raw", "-S", "4k", &source, &target,
-        ],
-        "convert",
-        false,
-    )?;
+    let total = qemu_img::info(&inputs.disk, &format).map_or(0, |info| info.virtual_size);
+    qemu_img::convert_to_raw(&inputs.disk, &format, &disk, &|fraction| {
+        progress(PackProgress::Flattening {
+            done: (fraction * total as f64) as u64,
+            total,
+        });
+    })?;
     let mut files = vec![
         (MACHINE_JSON.to_owned(), inputs.machine.clone()),
         (DISK_IMG.to_owned(), disk),
@@ -76,7 +108,7 @@ pub fn pack(inputs: &PackInputs, output: &Path) -> Result<Digest, ImageError> {
     files[1..].sort();
 
     let temporary = staging.path().join("image.tar.zst");
-    let digest = write_archive(&files, &temporary, inputs.level)?;
+    let digest = write_archive(&files, &temporary, inputs.level, progress)?;
     fs::rename(&temporary, output).map_err(|e| ImageError::io_at("rename into", output, e))?;
     Ok(digest)
 }
@@ -128,8 +160,12 @@ fn write_archive(
     files: &[(String, PathBuf)],
     path: &Path,
     level: i32,
+    progress: &(dyn Fn(PackProgress) + Sync),
 ) -> Result<Digest, ImageError> {
     let file = File::create(path).map_err(|e| ImageError::io_at("create", path, e))?;
+    let written_watch = file
+        .try_clone()
+        .map_err(|e| ImageError::io_at("open", path, e))?;
     let hashing = HashingWriter {
         inner: file,
         hasher: Sha256::new(),
@@ -142,16 +178,51 @@ fn write_archive(
     builder.mode(tar::HeaderMode::Deterministic);
     builder.sparse(true);
     builder.follow_symlinks(true);
+    let total: u64 = files
+        .iter()
+        .map(|(_, source)| fs::metadata(source).map_or(0, |meta| meta.len()))
+        .sum();
+    let mut before = 0;
     for (name, source) in files {
         let mut input = File::open(source).map_err(|e| ImageError::io_at("open", source, e))?;
-        builder
-            .append_file(name, &mut input)
-            .map_err(|e| ImageError::io_at("pack", source, e))?;
+        // A duplicate shares the file position, which the tar writer advances as it reads.
+        let read_watch = input
+            .try_clone()
+            .map_err(|e| ImageError::io_at("open", source, e))?;
+        let report = || {
+            let at = |mut file: &File| io::Seek::stream_position(&mut file).unwrap_or(0);
+            progress(PackProgress::Compressing {
+                done: before + at(&read_watch),
+                total,
+                written: at(&written_watch),
+            });
+        };
+        let appended = watch_while(&report, || builder.append_file(name, &mut input));
+        appended.map_err(|e| ImageError::io_at("pack", source, e))?;
+        report();
+        before += input.metadata().map_or(0, |meta| meta.len());
     }
     let encoder = builder.into_inner().map_err(fail)?;
     let hashing = encoder.finish().map_err(fail)?;
     hashing.inner.sync_all().map_err(fail)?;
     Ok(Digest::from_bytes(&hashing.hasher.finalize()))
+}
+
+/// Runs `work`, calling `report` every [`PROGRESS_INTERVAL`] from another thread meanwhile.
+fn watch_while<T>(report: &(dyn Fn() + Sync), work: impl FnOnce() -> T) -> T {
+    let (done, stop) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stop.recv_timeout(PROGRESS_INTERVAL)
+            {
+                report();
+            }
+        });
+        let result = work();
+        drop(done);
+        result
+    })
 }
 
 struct HashingWriter {

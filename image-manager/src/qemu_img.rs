@@ -56,6 +56,55 @@ pub fn info(path: &Path, format: &str) -> Result<ImageInfo, ImageError> {
 /// Runs `qemu-img` with `args` and returns its stdout. `confined` (for untrusted files) adds
 /// the CPU-time and address-space limits and the wall-clock deadline.
 pub fn run(args: &[&str], action: &str, confined: bool) -> Result<Vec<u8>, ImageError> {
+    run_watching(args, action, confined, &|_| {})
+}
+
+/// `qemu-img convert -p` of `source` (of `format`) into a raw `target`, sparse at 4 KiB, telling
+/// `progress` the fraction done (0.0–1.0) as qemu-img reports it.
+pub fn convert_to_raw(
+    source: &Path,
+    format: &str,
+    target: &Path,
+    progress: &(dyn Fn(f64) + Sync),
+) -> Result<(), ImageError> {
+    let (source, target) = (source.to_string_lossy(), target.to_string_lossy());
+    let pending = std::sync::Mutex::new(Vec::new());
+    let on_output = |bytes: &[u8]| {
+        let Ok(mut pending) = pending.lock() else {
+            return;
+        };
+        pending.extend_from_slice(bytes);
+        // qemu-img -p rewrites one line: "    (12.34/100%)\r".
+        while let Some(end) = pending.iter().position(|&b| b == b'\r' || b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if let Some(fraction) = parse_percent(&line) {
+                progress(fraction);
+            }
+        }
+    };
+    run_watching(
+        &[
+            "convert", "-p", "-f", format, "-O", "raw", "-S", "4k", &source, &target,
+        ],
+        "convert",
+        false,
+        &on_output,
+    )
+    .map(drop)
+}
+
+fn parse_percent(line: &[u8]) -> Option<f64> {
+    let text = std::str::from_utf8(line).ok()?.trim();
+    let inner = text.strip_prefix('(')?.strip_suffix("/100%)")?;
+    inner.parse::<f64>().ok().map(|percent| percent / 100.0)
+}
+
+fn run_watching(
+    args: &[&str],
+    action: &str,
+    confined: bool,
+    on_output: &(dyn Fn(&[u8]) + Sync),
+) -> Result<Vec<u8>, ImageError> {
     let failure = |message: String| ImageError::QemuImg {
         action: action.to_owned(),
         message,
@@ -74,34 +123,55 @@ pub fn run(args: &[&str], action: &str, confined: bool) -> Result<Vec<u8>, Image
         .map_err(|error| failure(format!("cannot start qemu-img: {error}")))?;
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
-    let out_reader = std::thread::spawn(move || read_all(stdout.as_mut()));
-    let err_reader = std::thread::spawn(move || read_all(stderr.as_mut()));
-    let started = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if confined && started.elapsed() > DEADLINE => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(failure(format!("killed after {} s", DEADLINE.as_secs())));
+    std::thread::scope(|scope| {
+        let out_reader = scope.spawn(move || read_all_watching(stdout.as_mut(), on_output));
+        let err_reader = scope.spawn(move || read_all(stderr.as_mut()));
+        let started = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if confined && started.elapsed() > DEADLINE => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(failure(format!("killed after {} s", DEADLINE.as_secs())));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(error) => return Err(failure(error.to_string())),
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(error) => return Err(failure(error.to_string())),
+        };
+        let stdout = out_reader.join().unwrap_or_default();
+        let stderr = err_reader.join().unwrap_or_default();
+        if !status.success() {
+            let text = String::from_utf8_lossy(&stderr);
+            let last = text
+                .lines()
+                .last()
+                .unwrap_or("no error output")
+                .trim()
+                .to_owned();
+            return Err(failure(format!("{status}: {last}")));
         }
+        Ok(stdout)
+    })
+}
+
+fn read_all_watching(
+    stream: Option<&mut impl Read>,
+    on_output: &(dyn Fn(&[u8]) + Sync),
+) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let Some(stream) = stream else {
+        return bytes;
     };
-    let stdout = out_reader.join().unwrap_or_default();
-    let stderr = err_reader.join().unwrap_or_default();
-    if !status.success() {
-        let text = String::from_utf8_lossy(&stderr);
-        let last = text
-            .lines()
-            .last()
-            .unwrap_or("no error output")
-            .trim()
-            .to_owned();
-        return Err(failure(format!("{status}: {last}")));
+    let mut buffer = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        on_output(&buffer[..n]);
+        bytes.extend_from_slice(&buffer[..n]);
     }
-    Ok(stdout)
+    bytes
 }
 
 fn read_all(stream: Option<&mut impl Read>) -> Vec<u8> {

@@ -23,6 +23,29 @@ pub fn display_image() -> PathBuf {
     test_image("display")
 }
 
+/// Where the installer ISO of the image build tests is built (`make test-images`).
+pub fn installer_iso() -> PathBuf {
+    test_file("installer.iso", "make test-images")
+}
+
+/// The stock Debian with cloud-init and no taskvm agent (`make test-images-debian`): a
+/// directory with `disk.img`, `vmlinuz`, `initrd.img` and `machine.json`.
+pub fn debian_cloud() -> PathBuf {
+    let dir = test_file("debian-cloud", "make test-images-debian");
+    assert!(
+        dir.join("machine.json").is_file(),
+        "{} is incomplete: run `make test-images-debian`",
+        dir.display()
+    );
+    dir
+}
+
+fn test_file(name: &str, make: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../test-images/out/{name}"));
+    assert!(path.exists(), "{} is missing: run `{make}`", path.display());
+    path
+}
+
 fn test_image(name: &str) -> PathBuf {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../test-images/out/{name}.tar.zst"));

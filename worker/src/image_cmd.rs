@@ -55,7 +55,7 @@ pub enum ImageCommand {
     Warm(crate::warm_cmd::WarmArgs),
     /// Boot an image on a writable overlay, run a build in it, and package the result as a
     /// new image (prints its sha256).
-    Build(crate::build_cmd::BuildArgs),
+    Build(Box<crate::build_cmd::BuildArgs>),
     /// Build an image tarball from a disk, a machine.json and optional boot files.
     Pack {
         /// Root disk (raw or any format qemu-img reads; converted to raw).
@@ -210,7 +210,7 @@ fn execute(command: ImageCommand) -> Result<(), Outcome> {
             Outcome::Success => Ok(()),
             failed => Err(failed),
         },
-        ImageCommand::Build(args) => match crate::build_cmd::run(args) {
+        ImageCommand::Build(args) => match crate::build_cmd::run(*args) {
             Outcome::Success => Ok(()),
             failed => Err(failed),
         },

@@ -62,6 +62,7 @@ impl Fixture {
                 guest_address,
                 ..NetworkSettings::default()
             }),
+            drives: Vec::new(),
         }
     }
 }

@@ -199,6 +199,7 @@ impl Host {
                 egress: self.config.network.egress,
                 ..NetworkSettings::default()
             }),
+            drives: Vec::new(),
         }
     }
 
@@ -266,10 +267,20 @@ impl Host {
     /// The accelerator, decided on first use (an `auto` probe boots `lease`'s kernel under
     /// KVM once per host; the verdict is cached in the state directory).
     pub async fn accelerator(&self, lease: &Lease, notice: &(dyn Fn(&str) + Sync)) -> Accelerator {
+        self.accelerator_probing(lease.kernel_path(), notice).await
+    }
+
+    /// [`Host::accelerator`] with the kernel the probe boots given directly (None: no probe,
+    /// the cached verdict or TCG).
+    pub async fn accelerator_probing(
+        &self,
+        kernel: Option<PathBuf>,
+        notice: &(dyn Fn(&str) + Sync),
+    ) -> Accelerator {
         *self
             .accel
             .get_or_init(|| async {
-                let spec = lease.kernel_path().map(|kernel| ProbeSpec {
+                let spec = kernel.map(|kernel| ProbeSpec {
                     qemu: self.qemu.clone(),
                     kernel,
                     run_as: self.run_as,

@@ -3,7 +3,7 @@
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all deps build agent test test-tools lint fmt schemas demo bench test-images test-images-debian clean
+.PHONY: all deps build packer agent test test-tools lint fmt schemas demo bench test-images test-images-debian clean
 
 all: build
 
@@ -15,12 +15,25 @@ deps:
 build:
 	$(CARGO) build --release --locked --bin taskvm
 
+## The taskvm that packs the test images: the release binary (`make test-images`, `make demo`),
+## or the debug one for `make test`, which then builds no release profile at all. Packing is
+## deterministic, so both give the same images.
+PACKER ?= release
+PACKER_BIN := target/$(PACKER)/taskvm
+packer:
+ifeq ($(PACKER),debug)
+	$(CARGO) build --locked --bin taskvm
+else
+	$(CARGO) build --release --locked --bin taskvm
+endif
+
 ## Tools only the tests use, kept in the checkout: playwright-core (npm), schemathesis (PyPI).
 test-tools: deps
 	@bash scripts/test-tools.sh
 
 ## fmt check, clippy with -D warnings, and the whole test suite (which boots the test image).
-test: deps lint test-images test-images-debian test-tools
+test: deps lint test-tools
+	@$(MAKE) --no-print-directory test-images test-images-debian PACKER=debug
 ifeq ($(NEXTEST),yes)
 	bash scripts/with-tc-local.sh $(CARGO) nextest run --workspace --locked --no-fail-fast
 else
@@ -60,11 +73,11 @@ agent:
 
 ## Test images from pinned Debian packages; rebuilt only when an input changed.
 TEST_IMAGE := test-images/out/minimal.tar.zst
-test-images: deps build agent
+test-images: deps packer agent
 	@$(MAKE) --no-print-directory $(TEST_IMAGE)
 
-$(TEST_IMAGE): test-images/build.sh test-images/packages.lock target/release/taskvm $(AGENT)
-	test-images/build.sh target/release/taskvm $(AGENT) test-images/out
+$(TEST_IMAGE): test-images/build.sh test-images/packages.lock $(PACKER_BIN) $(AGENT)
+	test-images/build.sh $(PACKER_BIN) $(AGENT) test-images/out
 
 ## A stock Debian with cloud-init and no taskvm agent (debootstrap; about 2 minutes, once).
 DEBIAN_IMAGE := test-images/out/debian-cloud/machine.json

@@ -73,46 +73,6 @@ pub struct VmSettings {
     pub drives: Vec<ExtraDrive>,
 }
 
-/// The kernel and initrd QEMU reads for a direct boot: the image's own files, or copies of the
-/// host's in the runtime directory (where the sandbox user can read them).
-fn runtime_boot_files(
-    source: &BootSource,
-    boot: &schemas::machine::LinuxBoot,
-    runtime: &RuntimeDir,
-    owner: Option<(u32, u32)>,
-) -> io::Result<(PathBuf, Option<PathBuf>)> {
-    let missing = |what: &str| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("the machine boots directly but no {what} was given"),
-        )
-    };
-    let kernel = source
-        .kernel(&boot.kernel)
-        .ok_or_else(|| missing("kernel"))?;
-    let initrd = match &boot.initrd {
-        Some(name) => Some(source.initrd(name).ok_or_else(|| missing("initrd"))?),
-        None => None,
-    };
-    if source.lease().is_some() {
-        return Ok((kernel, initrd));
-    }
-    let copy = |from: &Path, name: &str| -> io::Result<PathBuf> {
-        let to = runtime.path().join(name);
-        fs::copy(from, &to).map_err(|error| {
-            io::Error::new(error.kind(), format!("{}: {error}", from.display()))
-        })?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&to, Some(uid), Some(gid))?;
-        }
-        Ok(to)
-    };
-    Ok((
-        copy(&kernel, "kernel")?,
-        initrd.map(|path| copy(&path, "initrd")).transpose()?,
-    ))
-}
-
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitKind {
@@ -798,6 +758,46 @@ fn read_bounded(path: &Path, limit: u64) -> String {
     let _ = file.take(limit).read_to_end(&mut bytes);
     text.push_str(&String::from_utf8_lossy(&bytes));
     text
+}
+
+/// The kernel and initrd QEMU reads for a direct boot: the image's own files, or copies of the
+/// host's in the runtime directory (where the sandbox user can read them).
+fn runtime_boot_files(
+    source: &BootSource,
+    boot: &schemas::machine::LinuxBoot,
+    runtime: &RuntimeDir,
+    owner: Option<(u32, u32)>,
+) -> io::Result<(PathBuf, Option<PathBuf>)> {
+    let missing = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("the machine boots directly but no {what} was given"),
+        )
+    };
+    let kernel = source
+        .kernel(&boot.kernel)
+        .ok_or_else(|| missing("kernel"))?;
+    let initrd = match &boot.initrd {
+        Some(name) => Some(source.initrd(name).ok_or_else(|| missing("initrd"))?),
+        None => None,
+    };
+    if source.lease().is_some() {
+        return Ok((kernel, initrd));
+    }
+    let copy = |from: &Path, name: &str| -> io::Result<PathBuf> {
+        let to = runtime.path().join(name);
+        fs::copy(from, &to).map_err(|error| {
+            io::Error::new(error.kind(), format!("{}: {error}", from.display()))
+        })?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&to, Some(uid), Some(gid))?;
+        }
+        Ok(to)
+    };
+    Ok((
+        copy(&kernel, "kernel")?,
+        initrd.map(|path| copy(&path, "initrd")).transpose()?,
+    ))
 }
 
 #[cfg(test)]

@@ -29,8 +29,10 @@ use taskvm::task::host::Host;
 use base::{BaseOptions, BuildBase};
 use progress::PackagingReport;
 
-/// How often a quiet boot or build says it is still going.
+/// How often a long boot or build says it is still going.
 const QUIET_TICK: Duration = Duration::from_secs(30);
+/// The most user-data taken (it goes on the seed and is served from memory).
+const USER_DATA_LIMIT: u64 = 16 << 20;
 
 /// Arguments of `taskvm image build`.
 #[derive(Debug, clap::Args)]
@@ -125,6 +127,17 @@ fn plan(args: &BuildArgs) -> Result<BuildPlan, String> {
             return Err("give the build as --script FILE or after `--`, not both".into())
         }
     };
+    if let Some(path) = &args.user_data {
+        let size = std::fs::metadata(path)
+            .map_err(|error| format!("cannot read {}: {error}", path.display()))?
+            .len();
+        if size > USER_DATA_LIMIT {
+            return Err(format!(
+                "{}: {size} bytes of user-data; at most {USER_DATA_LIMIT}",
+                path.display()
+            ));
+        }
+    }
     let user_data = args.user_data.as_ref().map(read).transpose()?;
     let base = BuildBase::from_options(&BaseOptions {
         from: args.from.as_deref(),
@@ -433,6 +446,7 @@ async fn build_through_agent(
         report = session.wait_report() => report,
         kind = image.vm_mut().wait() => return Err(format!("the VM ended during the build ({kind:?})")),
         () = tokio::time::sleep_until(deadline) => return Err("the build timed out".into()),
+        never = progress::tick(&say, "the build is still running", QUIET_TICK) => match never {},
     };
     if exit_code != 0 {
         return Err(format!(

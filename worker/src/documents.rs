@@ -21,40 +21,46 @@ pub fn read_document(path: &Path) -> Result<serde_json::Value, Violations> {
     }
 }
 
-/// What a command line overrides in the configuration of a command that starts VMs.
-#[derive(Debug, Default)]
-pub struct HostOverrides {
-    /// `--cache`.
+/// The flags every command that starts VMs has: its configuration file and what overrides it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArgs {
+    /// Worker configuration (limits, machine defaults, sandbox user, queue…).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Image cache directory (default: the configuration's cache.dir).
+    #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
-    /// `--state`.
+    /// State directory (default: the configuration's stateDir): VM records for the crash
+    /// sweep, snapshots, the KVM verdict, and the command's own files (the queue database of
+    /// `serve`, the runs of `worker`).
+    #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
-    /// `--accel`.
-    pub accel: Option<schemas::config::Accel>,
-    /// `--start`.
-    pub start: Option<schemas::config::StartMode>,
+    /// Accelerator (default: the configuration's accel, `auto` unless set).
+    #[arg(long, value_enum)]
+    pub accel: Option<crate::run_cmd::AccelArg>,
 }
 
-/// The worker configuration for a command that starts VMs: the file at `path` (or the
-/// defaults) with what the command line overrides. An invalid file is reported and yields
-/// the exit code.
+/// The worker configuration for a command that starts VMs: the `--config` file (or the
+/// defaults) with what the command line overrides (`start`: `--start`, where the command has
+/// it). An invalid file is reported and yields the exit code.
 pub fn load_host_config(
-    path: Option<&Path>,
-    overrides: HostOverrides,
+    host: &HostArgs,
+    start: Option<schemas::config::StartMode>,
 ) -> Result<WorkerConfig, Outcome> {
-    let mut config = load_config(path).map_err(|violations| {
+    let mut config = load_config(host.config.as_deref()).map_err(|violations| {
         eprintln!("taskvm: invalid configuration:\n{violations}");
         Outcome::Malformed
     })?;
-    if let Some(cache) = overrides.cache {
-        config.cache.dir = cache;
+    if let Some(cache) = &host.cache {
+        config.cache.dir = cache.clone();
     }
-    if let Some(state) = overrides.state {
-        config.state_dir = state;
+    if let Some(state) = &host.state {
+        config.state_dir = state.clone();
     }
-    if let Some(accel) = overrides.accel {
-        config.accel = accel;
+    if let Some(accel) = host.accel {
+        config.accel = accel.into();
     }
-    if let Some(start) = overrides.start {
+    if let Some(start) = start {
         config.start = start;
     }
     Ok(config)

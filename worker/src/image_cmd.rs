@@ -53,8 +53,9 @@ pub enum ImageCommand {
     },
     /// Make the image's snapshot now, so that its first task restores instead of booting.
     Warm(crate::warm_cmd::WarmArgs),
-    /// Boot an image on a writable overlay, run a build in it, and package the result as a
-    /// new image (prints its sha256).
+    /// Boot an image, a disk of the host's or an installer ISO with a writable disk, run a
+    /// build in it (through the agent, cloud-init user-data or the installer), and package the
+    /// result as a new image (prints its sha256).
     Build(Box<crate::build_cmd::BuildArgs>),
     /// Build an image tarball from a disk, a machine.json and optional boot files.
     Pack {

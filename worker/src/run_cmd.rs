@@ -18,24 +18,14 @@ use taskvm::task::{run_task, TaskRequest};
 /// Arguments of `taskvm run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// Configuration, cache, state and accelerator.
+    #[command(flatten)]
+    host: crate::documents::HostArgs,
     /// The task payload (JSON).
     task: PathBuf,
-    /// Image cache directory (default: the configuration's cache.dir).
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
     /// Where to put the task's artifacts, logs and screenshot (default: not kept).
     #[arg(long, value_name = "DIR")]
     artifacts: Option<PathBuf>,
-    /// Worker configuration (limits, machine defaults, sandbox user…).
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// State directory: VM records for the crash sweep, the KVM verdict (default: the
-    /// configuration's stateDir).
-    #[arg(long, value_name = "DIR")]
-    state: Option<PathBuf>,
-    /// Accelerator (default: the configuration's accel, `auto` unless set).
-    #[arg(long, value_enum)]
-    accel: Option<AccelArg>,
     /// How the VM starts (default: the configuration's start, `auto` unless set).
     #[arg(long, value_enum)]
     start: Option<StartArg>,
@@ -85,13 +75,7 @@ impl From<AccelArg> for Accel {
 
 /// Runs `taskvm run`.
 pub fn run(args: RunArgs) -> Outcome {
-    let overrides = crate::documents::HostOverrides {
-        cache: args.cache,
-        state: args.state,
-        accel: args.accel.map(Into::into),
-        start: args.start.map(Into::into),
-    };
-    let config = match crate::documents::load_host_config(args.config.as_deref(), overrides) {
+    let config = match crate::documents::load_host_config(&args.host, args.start.map(Into::into)) {
         Ok(config) => config,
         Err(outcome) => return outcome,
     };

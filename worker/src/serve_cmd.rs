@@ -10,7 +10,7 @@ use taskvm::serve::{serve, ServeOptions};
 use taskvm::task::capacity::Resources;
 use taskvm::task::host::Host;
 
-use crate::run_cmd::{AccelArg, StartArg};
+use crate::run_cmd::StartArg;
 
 /// Where Debian's `novnc` package puts noVNC.
 const DEBIAN_NOVNC: &str = "/usr/share/novnc";
@@ -18,25 +18,16 @@ const DEBIAN_NOVNC: &str = "/usr/share/novnc";
 /// Arguments of `taskvm serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// Configuration, cache, state and accelerator.
+    #[command(flatten)]
+    host: crate::documents::HostArgs,
     /// Address of the API and web UI (default: the configuration's queue.listen, else
     /// 127.0.0.1:8080). Anything but loopback requires the access token printed at start.
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// State directory: the queue database, tasks' logs and artifacts, VM records.
-    #[arg(long, value_name = "DIR")]
-    state: Option<PathBuf>,
-    /// Image cache directory (default: the configuration's cache.dir).
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
     /// Largest number of tasks run at once (default: the configuration's concurrency).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     concurrency: Option<u32>,
-    /// Worker configuration (limits, machine defaults, sandbox user…).
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Accelerator (default: the configuration's accel).
-    #[arg(long, value_enum)]
-    accel: Option<AccelArg>,
     /// How VMs start (default: the configuration's start).
     #[arg(long, value_enum)]
     start: Option<StartArg>,
@@ -63,13 +54,7 @@ pub struct ServeArgs {
 
 /// Runs `taskvm serve`.
 pub fn run(args: ServeArgs) -> Outcome {
-    let overrides = crate::documents::HostOverrides {
-        cache: args.cache,
-        state: args.state,
-        accel: args.accel.map(Into::into),
-        start: args.start.map(Into::into),
-    };
-    let config = match crate::documents::load_host_config(args.config.as_deref(), overrides) {
+    let config = match crate::documents::load_host_config(&args.host, args.start.map(Into::into)) {
         Ok(config) => config,
         Err(outcome) => return outcome,
     };

@@ -2,7 +2,6 @@
 //! machine under the configuration's limits and machine defaults, as a payload without a
 //! `machine` gets), so that even the first task restores instead of booting.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,27 +17,14 @@ pub struct WarmArgs {
     /// Refuse the image unless its compressed bytes have this sha256.
     #[arg(long, value_name = "HEX")]
     sha256: Option<String>,
-    /// Cache directory (default: the configuration's cache.dir).
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
-    /// State directory, where snapshots are kept (default: the configuration's stateDir).
-    #[arg(long, value_name = "DIR")]
-    state: Option<PathBuf>,
-    /// Worker configuration file.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
+    /// Configuration, cache, state and accelerator.
+    #[command(flatten)]
+    host: crate::documents::HostArgs,
 }
 
 /// Runs `taskvm image warm`.
 pub fn run(args: WarmArgs) -> Outcome {
-    let config = match crate::documents::load_host_config(
-        args.config.as_deref(),
-        crate::documents::HostOverrides {
-            cache: args.cache,
-            state: args.state,
-            ..Default::default()
-        },
-    ) {
+    let config = match crate::documents::load_host_config(&args.host, None) {
         Ok(config) => config,
         Err(outcome) => return outcome,
     };

@@ -1,6 +1,5 @@
 //! `taskvm worker`: claim and run tasks from a Taskcluster queue until SIGINT or SIGTERM.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,15 +11,12 @@ use taskvm::provider::{run_worker, say, WorkerOptions};
 use taskvm::task::capacity::Resources;
 use taskvm::task::host::Host;
 
-use crate::run_cmd::AccelArg;
-
 /// Arguments of `taskvm worker`.
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
-    /// Worker configuration; its `queue` section (provider "taskcluster") gives the defaults
-    /// of the flags below.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
+    /// Configuration, cache, state and accelerator.
+    #[command(flatten)]
+    host: crate::documents::HostArgs,
     /// Task queue to claim from (`provisionerId/workerType`).
     #[arg(long, value_name = "ID")]
     task_queue_id: Option<String>,
@@ -33,15 +29,6 @@ pub struct WorkerArgs {
     /// Tasks run at once (default: the configuration's, else 1).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
     capacity: Option<u32>,
-    /// Image cache directory.
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
-    /// State directory (VM records, snapshots, runs being uploaded).
-    #[arg(long, value_name = "DIR")]
-    state: Option<PathBuf>,
-    /// Accelerator.
-    #[arg(long, value_enum)]
-    accel: Option<AccelArg>,
     /// Seconds running tasks get after SIGTERM before they are resolved
     /// exception/worker-shutdown.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -56,13 +43,7 @@ pub struct WorkerArgs {
 
 /// Runs `taskvm worker`.
 pub fn run(args: WorkerArgs) -> Outcome {
-    let overrides = crate::documents::HostOverrides {
-        cache: args.cache,
-        state: args.state,
-        accel: args.accel.map(Into::into),
-        start: None,
-    };
-    let config = match crate::documents::load_host_config(args.config.as_deref(), overrides) {
+    let config = match crate::documents::load_host_config(&args.host, None) {
         Ok(config) => config,
         Err(outcome) => return outcome,
     };

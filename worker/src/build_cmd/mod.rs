@@ -80,18 +80,9 @@ pub struct BuildArgs {
     /// zstd level of the new image (1–19).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     level: i32,
-    /// Image cache directory.
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
-    /// State directory (VM records for the crash sweep).
-    #[arg(long, value_name = "DIR")]
-    state: Option<PathBuf>,
-    /// Worker configuration (limits, sandbox user…).
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Accelerator.
-    #[arg(long, value_enum)]
-    accel: Option<crate::run_cmd::AccelArg>,
+    /// Configuration, cache, state and accelerator.
+    #[command(flatten)]
+    host: crate::documents::HostArgs,
     /// The build command, instead of --script (after `--`).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -176,13 +167,7 @@ fn plan(args: &BuildArgs) -> Result<BuildPlan, String> {
 /// Runs `taskvm image build`. Exit status: 0 built, 1 the build failed in the guest, 2 bad
 /// input, 3 anything else.
 pub fn run(args: BuildArgs) -> Outcome {
-    let overrides = crate::documents::HostOverrides {
-        cache: args.cache.clone(),
-        state: args.state.clone(),
-        accel: args.accel.map(Into::into),
-        start: None,
-    };
-    let config = match crate::documents::load_host_config(args.config.as_deref(), overrides) {
+    let config = match crate::documents::load_host_config(&args.host, None) {
         Ok(config) => config,
         Err(outcome) => return outcome,
     };
@@ -246,7 +231,7 @@ async fn build_and_package(
     let name = format!("build-{:08x}", rand::random::<u32>());
     let mut settings = host.vm_settings(&name, accelerator);
     let mut session_config = SessionConfig::new(&name);
-    // The seed lives beside the VMs' runtime directories and goes when the build ends.
+    // The seed is written beside the VMs' runtime directories and removed once QEMU has it.
     let seed_dir = match tempfile::Builder::new()
         .prefix(&format!(".{name}-seed-"))
         .tempdir_in(host.runtime_parent())
@@ -286,7 +271,11 @@ async fn build_and_package(
         });
     }
     let started = Instant::now();
-    let mut image = match MutableImage::boot(source, &resolved, &settings).await {
+    let booted = MutableImage::boot(source, &resolved, &settings).await;
+    // QEMU holds the seed open from its start: the file can go now, so that not even a crash
+    // of this process leaves it behind.
+    drop(seed_dir);
+    let mut image = match booted {
         Ok(image) => image,
         Err(error) => {
             say(&format!("the VM did not start: {error}"));

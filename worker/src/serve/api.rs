@@ -514,17 +514,11 @@ pub async fn console(
 /// `GET /api/health`.
 pub async fn health(State(app): Shared) -> ApiResult<Json<Value>> {
     let counts = app.scheduler.store().counts()?;
-    let count = |state| {
-        counts
-            .iter()
-            .find(|(found, _)| *found == state)
-            .map_or(0, |(_, count)| *count)
-    };
     let capacity = app.scheduler.capacity();
     Ok(Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
-        "queued": count(TaskState::Queued),
+        "queued": count_of(&counts, TaskState::Queued),
         "running": app.scheduler.running_count(),
         "paused": app.scheduler.paused(),
         "concurrency": app.scheduler.concurrency(),
@@ -533,102 +527,94 @@ pub async fn health(State(app): Shared) -> ApiResult<Json<Value>> {
     })))
 }
 
+/// The count of `state` in [`Store::counts`]'s answer.
+fn count_of(counts: &[(TaskState, u64)], state: TaskState) -> u64 {
+    counts
+        .iter()
+        .find(|(found, _)| *found == state)
+        .map_or(0, |(_, count)| *count)
+}
+
 /// `GET /metrics`: Prometheus text exposition.
 pub async fn metrics(State(app): Shared) -> ApiResult<Response> {
-    use std::fmt::Write;
     let store = app.scheduler.store();
-    let mut text = String::new();
-    let _ = writeln!(text, "# HELP taskvm_tasks Tasks by state.");
-    let _ = writeln!(text, "# TYPE taskvm_tasks gauge");
-    for (state, count) in store.counts()? {
-        let _ = writeln!(text, "taskvm_tasks{{state=\"{}\"}} {count}", state.as_str());
+    let counts = store.counts()?;
+    let mut out = super::metrics::Exposition::default();
+    out.family("taskvm_tasks", "gauge", "Tasks by state.");
+    for (state, count) in &counts {
+        out.sample(
+            &format!("taskvm_tasks{{state=\"{}\"}}", state.as_str()),
+            count,
+        );
     }
-    let _ = writeln!(text, "# HELP taskvm_tasks_queued Tasks waiting to run.");
-    let _ = writeln!(text, "# TYPE taskvm_tasks_queued gauge");
-    let queued = store
-        .counts()?
-        .into_iter()
-        .find(|(state, _)| *state == TaskState::Queued)
-        .map_or(0, |(_, count)| count);
-    let _ = writeln!(text, "taskvm_tasks_queued {queued}");
-    let _ = writeln!(
-        text,
-        "# HELP taskvm_tasks_running Tasks whose run is under way."
+    out.family("taskvm_tasks_queued", "gauge", "Tasks waiting to run.")
+        .sample("taskvm_tasks_queued", count_of(&counts, TaskState::Queued));
+    out.family(
+        "taskvm_tasks_running",
+        "gauge",
+        "Tasks whose run is under way.",
+    )
+    .sample("taskvm_tasks_running", app.scheduler.running_count());
+    out.family(
+        "taskvm_runs_resolved_total",
+        "counter",
+        "Runs resolved, by resolution.",
     );
-    let _ = writeln!(text, "# TYPE taskvm_tasks_running gauge");
-    let _ = writeln!(
-        text,
-        "taskvm_tasks_running {}",
-        app.scheduler.running_count()
-    );
-    let _ = writeln!(
-        text,
-        "# HELP taskvm_runs_resolved_total Runs resolved, by resolution."
-    );
-    let _ = writeln!(text, "# TYPE taskvm_runs_resolved_total counter");
     for (resolution, count) in store.resolutions()? {
-        let _ = writeln!(
-            text,
-            "taskvm_runs_resolved_total{{resolution=\"{resolution}\"}} {count}"
+        out.sample(
+            &format!("taskvm_runs_resolved_total{{resolution=\"{resolution}\"}}"),
+            count,
         );
     }
     let totals = app.scheduler.totals();
-    let _ = writeln!(
-        text,
-        "# HELP taskvm_stage_seconds Time spent in each stage of a run, since the server started."
+    out.family(
+        "taskvm_stage_seconds",
+        "summary",
+        "Time spent in each stage of a run, since the server started.",
     );
-    let _ = writeln!(text, "# TYPE taskvm_stage_seconds summary");
     for (stage, (seconds, count)) in &totals.stages {
-        let _ = writeln!(
-            text,
-            "taskvm_stage_seconds_sum{{stage=\"{stage}\"}} {seconds:.6}"
-        );
-        let _ = writeln!(
-            text,
-            "taskvm_stage_seconds_count{{stage=\"{stage}\"}} {count}"
+        out.sample(
+            &format!("taskvm_stage_seconds_sum{{stage=\"{stage}\"}}"),
+            format!("{seconds:.6}"),
+        )
+        .sample(
+            &format!("taskvm_stage_seconds_count{{stage=\"{stage}\"}}"),
+            count,
         );
     }
-    let _ = writeln!(
-        text,
-        "# HELP taskvm_run_seconds Runs from start to resolution."
-    );
-    let _ = writeln!(text, "# TYPE taskvm_run_seconds summary");
-    let _ = writeln!(text, "taskvm_run_seconds_sum {:.6}", totals.total.0);
-    let _ = writeln!(text, "taskvm_run_seconds_count {}", totals.total.1);
+    out.family(
+        "taskvm_run_seconds",
+        "summary",
+        "Runs from start to resolution.",
+    )
+    .sample("taskvm_run_seconds_sum", format!("{:.6}", totals.total.0))
+    .sample("taskvm_run_seconds_count", totals.total.1);
     let capacity = app.scheduler.capacity();
-    let _ = writeln!(
-        text,
-        "# HELP taskvm_capacity_memory_mib Host memory for VMs."
+    out.family(
+        "taskvm_capacity_memory_mib",
+        "gauge",
+        "Host memory for VMs.",
+    )
+    .sample(
+        "taskvm_capacity_memory_mib{kind=\"total\"}",
+        capacity.total().memory_mib,
+    )
+    .sample(
+        "taskvm_capacity_memory_mib{kind=\"used\"}",
+        capacity.used().memory_mib,
     );
-    let _ = writeln!(text, "# TYPE taskvm_capacity_memory_mib gauge");
-    let _ = writeln!(
-        text,
-        "taskvm_capacity_memory_mib{{kind=\"total\"}} {}",
-        capacity.total().memory_mib
-    );
-    let _ = writeln!(
-        text,
-        "taskvm_capacity_memory_mib{{kind=\"used\"}} {}",
-        capacity.used().memory_mib
-    );
-    let _ = writeln!(text, "# HELP taskvm_capacity_cpus Host vCPUs for VMs.");
-    let _ = writeln!(text, "# TYPE taskvm_capacity_cpus gauge");
-    let _ = writeln!(
-        text,
-        "taskvm_capacity_cpus{{kind=\"total\"}} {}",
-        capacity.total().cpus
-    );
-    let _ = writeln!(
-        text,
-        "taskvm_capacity_cpus{{kind=\"used\"}} {}",
-        capacity.used().cpus
-    );
+    out.family("taskvm_capacity_cpus", "gauge", "Host vCPUs for VMs.")
+        .sample(
+            "taskvm_capacity_cpus{kind=\"total\"}",
+            capacity.total().cpus,
+        )
+        .sample("taskvm_capacity_cpus{kind=\"used\"}", capacity.used().cpus);
     Ok((
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        text,
+        out.into_text(),
     )
         .into_response())
 }

@@ -4,13 +4,14 @@
 //!
 //! - [`store`]: tasks and runs in SQLite.
 //! - [`scheduler`]: which task runs when; cancel, watch and follow running ones.
-//! - [`api`]: the JSON API and `/metrics`; [`openapi`]: its document.
+//! - [`api`]: the JSON API and `/metrics` (written by [`metrics`]); [`openapi`]: its document.
 //! - [`ui`]: the pages; [`console`]: the websocket to a VM's VNC server.
 //! - [`access`]: loopback or token.
 
 pub mod access;
 pub mod api;
 pub mod console;
+pub mod metrics;
 pub mod openapi;
 pub mod scheduler;
 pub mod store;

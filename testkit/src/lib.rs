@@ -7,6 +7,7 @@
 //! - [`metadata`]: a scripted peer for the guest agent's protocol.
 //! - [`netns`]: a network namespace with a tap device, for booting a guest in a test.
 //! - [`guest`]: the QEMU command line that boots a test image by hand (until the engine does).
+//! - [`process`]: a long-running taskvm process under test, its standard error collected.
 //! - [`stats`]: percentiles of timed series, for the benchmarks.
 
 pub mod guest;
@@ -14,4 +15,5 @@ pub mod http;
 pub mod images;
 pub mod metadata;
 pub mod netns;
+pub mod process;
 pub mod stats;

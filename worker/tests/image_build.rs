@@ -160,8 +160,8 @@ impl Scene {
     /// `taskvm image build ARGS…` with this scene's cache and state.
     fn image_build(&self, args: &[&std::ffi::OsStr]) -> Output {
         let mut command = taskvm(&["image", "build"]);
-        command.args(args);
-        self.dirs(&mut command).output().unwrap()
+        // The directories first: a command after `--` has to come last.
+        self.dirs(&mut command).args(args).output().unwrap()
     }
 
     /// The state's runtime directory holds nothing: no VM directory, no seed.
@@ -393,4 +393,62 @@ fn build_options_that_do_not_fit_are_refused_before_any_vm_starts() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
         assert!(!out.exists());
     }
+}
+
+#[test]
+fn a_qcow2_disk_only_root_can_read_builds_through_the_agent_with_its_own_kernel() {
+    let scene = Scene::new();
+    // The minimal image's files, the disk as qcow2, in a directory the sandbox user cannot
+    // enter: QEMU gets the disk as a descriptor and copies of the kernel and initrd.
+    let files = scene.path("private");
+    let unpacked = unpacked_disk(&minimal_image(), &files);
+    std::fs::set_permissions(&files, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let disk = files.join("disk.qcow2");
+    let converted = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&unpacked)
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(converted.success());
+    let before = sha256_file(&disk);
+    let output = scene.path("from-qcow2.tar.zst");
+    let built = scene.image_build(&[
+        os("-o"),
+        output.as_os_str(),
+        os("--disk"),
+        disk.as_os_str(),
+        os("--format"),
+        os("qcow2"),
+        os("--machine"),
+        files.join("machine.json").as_os_str(),
+        os("--kernel"),
+        files.join("vmlinux").as_os_str(),
+        os("--initrd"),
+        files.join("initrd.img").as_os_str(),
+        os("--"),
+        os("sh"),
+        os("-c"),
+        os("echo from a host disk > /host-disk.txt; echo built"),
+    ]);
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    let stderr = String::from_utf8_lossy(&built.stderr);
+    assert!(built.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("built"), "{stdout}");
+    assert_eq!(sha256_file(&disk), before, "the --disk file changed");
+    let verified = taskvm(&["image", "verify", output.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{verified:?}");
+    let built_disk = unpacked_disk(&output, &scene.path("built"));
+    assert_eq!(
+        read_from_disk(&built_disk, "/host-disk.txt").as_deref(),
+        Some("from a host disk\n")
+    );
+    // The new image carries the kernel and initrd it was given.
+    assert_eq!(
+        sha256_file(&scene.path("built/vmlinux")),
+        sha256_file(&files.join("vmlinux"))
+    );
+    scene.assert_nothing_left();
 }

@@ -2,34 +2,27 @@
 //! under TCG, the real SQLite database; the web UI in headless Chromium; schemathesis against
 //! the OpenAPI document.
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use testkit::guest::{display_image, minimal_image};
+use testkit::process::{file_url, qemu_processes_under, root_scratch, Spawned};
 
 /// A `taskvm serve` on 127.0.0.1 with its own state directory.
 struct Server {
-    child: Child,
+    process: Spawned,
     base: String,
-    lines: Arc<Mutex<Vec<String>>>,
     state: PathBuf,
     http: reqwest::blocking::Client,
 }
 
 /// A test's scratch directory (reachable by QEMU's sandbox user).
 fn scratch() -> tempfile::TempDir {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "taskvm serve runs VMs: tests need root (network namespaces, taps, the sandbox user)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
+    root_scratch(
+        "taskvm serve runs VMs: tests need root (network namespaces, taps, the sandbox user)",
+    )
 }
 
 fn shared_cache() -> PathBuf {
@@ -56,32 +49,19 @@ impl Server {
             .arg(state)
             .arg("--cache")
             .arg(shared_cache())
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("start taskvm serve");
-        let lines = Arc::new(Mutex::new(Vec::new()));
+            .args(extra);
         let (address_tx, address_rx) = std::sync::mpsc::channel();
-        {
-            let lines = lines.clone();
-            let stderr = child.stderr.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(rest) = line.split("listening on ").nth(1) {
-                        let _ = address_tx.send(rest.trim_end_matches('/').to_owned());
-                    }
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
+        let process = Spawned::spawn(&mut command, move |line| {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let _ = address_tx.send(rest.trim_end_matches('/').to_owned());
+            }
+        });
         let base = address_rx
             .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("serve did not start: {:?}", lines.lock().unwrap()));
+            .unwrap_or_else(|_| panic!("serve did not start: {:?}", process.lines()));
         Server {
-            child,
+            process,
             base,
-            lines,
             state: state.to_owned(),
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(120))
@@ -140,7 +120,7 @@ impl Server {
             assert!(
                 Instant::now() < deadline,
                 "task {task_id} never got there: {task:#}\nserver: {:#?}",
-                self.lines.lock().unwrap()
+                self.process.lines()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -180,59 +160,26 @@ impl Server {
     }
 
     fn said(&self, text: &str) -> bool {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|line| line.contains(text))
-    }
-
-    fn signal(&self, signal: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        rustix::process::kill_process(pid, signal).unwrap();
+        self.process.said(text)
     }
 
     /// SIGTERM, then the exit status and how long it took.
     fn terminate(mut self) -> (std::process::ExitStatus, Duration) {
         let started = Instant::now();
-        self.signal(rustix::process::Signal::TERM);
-        let status = wait_child(&mut self.child, Duration::from_secs(60));
+        self.process.signal(rustix::process::Signal::TERM);
+        let status = self.process.wait_exit(Duration::from_secs(60));
         (status, started.elapsed())
     }
 
     /// kill -9, as a crash.
     fn crash(mut self) {
-        self.signal(rustix::process::Signal::KILL);
-        wait_child(&mut self.child, Duration::from_secs(10));
+        self.process.signal(rustix::process::Signal::KILL);
+        self.process.wait_exit(Duration::from_secs(10));
     }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn wait_child(child: &mut Child, patience: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + patience;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the process did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn image_url(path: PathBuf) -> String {
-    format!("file://{}", path.canonicalize().unwrap().display())
 }
 
 fn minimal() -> String {
-    image_url(minimal_image())
+    file_url(minimal_image())
 }
 
 /// A payload running `script` on the minimal image.
@@ -257,20 +204,6 @@ fn submit_cli(server: &Server, payload: &Path, follow: bool) -> Output {
         command.arg("--follow");
     }
     command.output().unwrap()
-}
-
-fn qemu_processes_under(dir: &Path) -> usize {
-    let needle = dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|entry| {
-            std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
-                let text = String::from_utf8_lossy(&cmdline);
-                text.contains("qemu-system") && text.contains(&needle)
-            })
-        })
-        .count()
 }
 
 #[test]
@@ -638,18 +571,11 @@ fn off_loopback_every_request_needs_the_token_and_on_loopback_foreign_hosts_are_
     let state = dir.path().join("state");
     let state_text = state.to_string_lossy().into_owned();
     args.push(&state_text);
-    command
-        .args(&args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
+    command.args(&args);
     let (token_tx, token_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("access token (shown once): ").nth(1) {
-                let _ = token_tx.send(rest.split_whitespace().next().map(str::to_owned));
-            }
+    let server = Spawned::spawn(&mut command, move |line| {
+        if let Some(rest) = line.split("access token (shown once): ").nth(1) {
+            let _ = token_tx.send(rest.split_whitespace().next().map(str::to_owned));
         }
     });
     let token = token_rx
@@ -693,8 +619,7 @@ fn off_loopback_every_request_needs_the_token_and_on_loopback_foreign_hosts_are_
     assert_eq!(curl(&[], &format!("/?token={token}")), "200");
     let cookie = format!("Cookie: taskvm_token={token}");
     assert_eq!(curl(&["-H", &cookie], "/api/tasks"), "200");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
 
     // On loopback: no token, but a rebinding Host or a foreign Origin is refused.
     let server = Server::start(&dir.path().join("state2"), &["--paused"]);
@@ -739,7 +664,7 @@ fn the_web_ui_shows_the_log_a_screenshot_and_a_novnc_console_of_the_guests_scree
     let dir = scratch();
     let server = Server::start(&dir.path().join("state"), &[]);
     let payload = json!({
-        "image": image_url(display_image()),
+        "image": file_url(display_image()),
         "command": ["sh", "-c", "echo 'taskvm console test' > /dev/tty0; echo console-ready; sleep 100"],
         "maxRunTime": 150,
         "screenshot": true
@@ -821,7 +746,7 @@ fn schemathesis_finds_no_server_error_in_the_api() {
     // One resolved task with artifacts and a screenshot, so that those routes have data…
     let server = Server::start(&state, &[]);
     let shot = json!({
-        "image": image_url(display_image()),
+        "image": file_url(display_image()),
         "command": ["sh", "-c", "echo drawn > /dev/tty0; echo hi > /a.txt"],
         "maxRunTime": 60,
         "screenshot": true,

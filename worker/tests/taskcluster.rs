@@ -3,16 +3,14 @@
 //! real VMs under TCG, artifacts read back from the queue.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use taskcluster::{ClientBuilder, Credentials, Queue};
 use testkit::guest::{display_image, minimal_image};
+use testkit::process::{file_url, qemu_processes_under, root_scratch, Spawned};
 
 /// The deployment `tc-local up` started: its env file, or the variables already set.
 struct Deployment {
@@ -148,8 +146,7 @@ fn artifact_names(deployment: &Deployment, task_id: &str, run: u64) -> Vec<Strin
 
 /// A running `taskvm worker`.
 struct Worker {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    process: Spawned,
     state: PathBuf,
 }
 
@@ -157,7 +154,8 @@ impl Worker {
     fn start(deployment: &Deployment, task_queue_id: &str, state: &Path, extra: &[&str]) -> Worker {
         let config = state.with_extension("json");
         std::fs::write(&config, r#"{"start": "boot"}"#).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_taskvm"));
+        command
             .arg("worker")
             .args(["--task-queue-id", task_queue_id, "--worker-group", "local"])
             .args(["--worker-id", state.file_name().unwrap().to_str().unwrap()])
@@ -177,109 +175,36 @@ impl Worker {
                 "TASKCLUSTER_ACCESS_TOKEN",
                 &deployment.vars["TC_LOCAL_WORKER_ACCESS_TOKEN"],
             )
-            .env_remove("TASKCLUSTER_CERTIFICATE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line);
-                }
-            });
-        }
+            .env_remove("TASKCLUSTER_CERTIFICATE");
         Worker {
-            child,
-            lines,
+            process: Spawned::spawn(&mut command, |_| {}),
             state: state.to_owned(),
         }
     }
 
     fn said(&self, text: &str) -> bool {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|line| line.contains(text))
+        self.process.said(text)
     }
 
     fn wait_said(&self, text: &str, patience: Duration) {
-        let deadline = Instant::now() + patience;
-        while !self.said(text) {
-            assert!(
-                Instant::now() < deadline,
-                "the worker never said {text:?}: {:#?}",
-                self.lines.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.process.wait_said(text, patience);
     }
 
     fn signal(&self, signal: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        rustix::process::kill_process(pid, signal).unwrap();
+        self.process.signal(signal);
     }
 
     fn wait_exit(&mut self, patience: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + patience;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the worker did not exit: {:#?}",
-                self.lines.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.process.wait_exit(patience)
     }
 }
 
 fn scratch() -> tempfile::TempDir {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "the worker runs VMs: tests need root"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
-}
-
-fn image_url(path: PathBuf) -> String {
-    format!("file://{}", path.canonicalize().unwrap().display())
+    root_scratch("the worker runs VMs: tests need root")
 }
 
 fn script(text: &str, max_run_time: u32) -> Value {
-    json!({ "image": image_url(minimal_image()), "command": ["sh", "-c", text], "maxRunTime": max_run_time })
-}
-
-fn qemu_processes_under(dir: &Path) -> usize {
-    let needle = dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|entry| {
-            std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
-                let text = String::from_utf8_lossy(&cmdline);
-                text.contains("qemu-system") && text.contains(&needle)
-            })
-        })
-        .count()
+    json!({ "image": file_url(minimal_image()), "command": ["sh", "-c", text], "maxRunTime": max_run_time })
 }
 
 #[test]
@@ -291,7 +216,7 @@ fn a_worker_resolves_each_kind_of_task_and_publishes_its_artifacts() {
         &deployment,
         &queue_id,
         json!({
-            "image": image_url(minimal_image()),
+            "image": file_url(minimal_image()),
             "command": ["sh", "-c", "echo hello from the queue; mkdir -p /out/sub; echo one > /out/a.txt; echo two > /out/sub/b.txt; echo report > /report.txt"],
             "maxRunTime": 60,
             "artifacts": [
@@ -316,13 +241,13 @@ fn a_worker_resolves_each_kind_of_task_and_publishes_its_artifacts() {
         &deployment,
         &queue_id,
         json!({
-            "image": image_url(display_image()),
+            "image": file_url(display_image()),
             "command": ["sh", "-c", "echo on screen > /dev/tty0; echo drew"],
             "maxRunTime": 60,
             "screenshot": true
         }),
     );
-    let worker = Worker::start(
+    let mut worker = Worker::start(
         &deployment,
         &queue_id,
         &dir.path().join("w1"),
@@ -394,7 +319,7 @@ fn a_worker_resolves_each_kind_of_task_and_publishes_its_artifacts() {
         assert!(worker.said(&format!("claimed task {task_id} run 0")));
         assert!(worker.said(&format!("task {task_id} run 0 resolved")));
     }
-    assert!(worker.child.id() > 0);
+    assert!(worker.process.is_running(), "{:#?}", worker.process.lines());
 }
 
 #[test]
@@ -470,7 +395,7 @@ fn two_workers_run_each_task_once_and_a_killed_workers_claim_expires_to_the_othe
     assert!(
         restarted.said("swept 1 VM(s)"),
         "{:#?}",
-        restarted.lines.lock().unwrap()
+        restarted.process.lines()
     );
     assert_eq!(qemu_processes_under(&restarted.state), 0);
     for kept in ["run", "vms"] {

@@ -1,0 +1,142 @@
+//! A long-running taskvm process under test (`serve`, `worker`): its standard error read line
+//! by line on a thread and kept for assertions, signals, a bounded wait for its exit, and a
+//! kill when the test drops it. Also the checks the tests of such processes share.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A spawned process whose standard error is being collected.
+pub struct Spawned {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Spawned {
+    /// Spawns `command` (stdin and stdout to /dev/null, stderr collected), calling `on_line`
+    /// with each line of its standard error as it comes.
+    pub fn spawn(command: &mut Command, on_line: impl Fn(&str) + Send + 'static) -> Spawned {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    on_line(&line);
+                    if let Ok(mut lines) = lines.lock() {
+                        lines.push(line);
+                    }
+                }
+            });
+        }
+        Spawned { child, lines }
+    }
+
+    /// The lines of standard error so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .map(|lines| lines.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether a line so far contains `text`.
+    pub fn said(&self, text: &str) -> bool {
+        self.lines().iter().any(|line| line.contains(text))
+    }
+
+    /// Waits until a line contains `text`; panics with every line after `patience`.
+    pub fn wait_said(&self, text: &str, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        while !self.said(text) {
+            assert!(
+                Instant::now() < deadline,
+                "the process never said {text:?}: {:#?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends `signal`.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a pid");
+        rustix::process::kill_process(pid, signal).expect("kill");
+    }
+
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the exit; panics with every line after `patience`.
+    pub fn wait_exit(&mut self, patience: Duration) -> ExitStatus {
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the process did not exit: {:#?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A scratch directory QEMU's sandbox user can reach (0755); `why` says why the test needs
+/// root, which it asserts.
+pub fn root_scratch(why: &str) -> tempfile::TempDir {
+    assert!(rustix::process::geteuid().is_root(), "{why}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    dir
+}
+
+/// `file://` and the canonical path.
+pub fn file_url(path: PathBuf) -> String {
+    format!(
+        "file://{}",
+        path.canonicalize().expect("an existing path").display()
+    )
+}
+
+/// How many QEMU processes have `dir` in their command line.
+pub fn qemu_processes_under(dir: &Path) -> usize {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|entry| {
+                    std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
+                        let text = String::from_utf8_lossy(&cmdline);
+                        text.contains("qemu-system") && text.contains(&needle)
+                    })
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}

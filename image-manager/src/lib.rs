@@ -32,6 +32,6 @@ pub mod unpack;
 pub use cache::{Cache, EntryInfo, FetchKind, GcReport};
 pub use error::{ArchiveError, ImageError};
 pub use lease::Lease;
-pub use pack::{pack, pack_with_progress, verify_file, PackInputs, PackProgress};
+pub use pack::{detect_format, pack, pack_with_progress, verify_file, PackInputs, PackProgress};
 pub use pipeline::Progress;
 pub use reference::{Digest, ImageRequest, Source};

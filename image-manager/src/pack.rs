@@ -144,7 +144,8 @@ fn boot_files(
     Ok(files)
 }
 
-fn detect_format(disk: &Path) -> Result<String, ImageError> {
+/// `qcow2` or `raw`, from the disk file's first bytes.
+pub fn detect_format(disk: &Path) -> Result<String, ImageError> {
     let mut head = [0u8; 4];
     let mut file = File::open(disk).map_err(|e| ImageError::io_at("open", disk, e))?;
     let n = io::Read::read(&mut file, &mut head).map_err(|e| ImageError::io_at("read", disk, e))?;

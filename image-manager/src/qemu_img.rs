@@ -125,7 +125,7 @@ fn run_watching(
     let mut stderr = child.stderr.take();
     std::thread::scope(|scope| {
         let out_reader = scope.spawn(move || read_all_watching(stdout.as_mut(), on_output));
-        let err_reader = scope.spawn(move || read_all(stderr.as_mut()));
+        let err_reader = scope.spawn(move || read_all_watching(stderr.as_mut(), &|_| {}));
         let started = Instant::now();
         let status = loop {
             match child.try_wait() {
@@ -164,20 +164,16 @@ fn read_all_watching(
         return bytes;
     };
     let mut buffer = [0u8; 4096];
-    while let Ok(n) = stream.read(&mut buffer) {
-        if n == 0 {
-            break;
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                on_output(&buffer[..n]);
+                bytes.extend_from_slice(&buffer[..n]);
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
         }
-        on_output(&buffer[..n]);
-        bytes.extend_from_slice(&buffer[..n]);
-    }
-    bytes
-}
-
-fn read_all(stream: Option<&mut impl Read>) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    if let Some(stream) = stream {
-        let _ = stream.read_to_end(&mut bytes);
     }
     bytes
 }

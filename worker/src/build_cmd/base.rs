@@ -89,7 +89,9 @@ impl BuildBase {
             Some(path) => {
                 let format = match options.format {
                     Some(format) => format.to_owned(),
-                    None => detect_format(path)?,
+                    None => {
+                        image_manager::detect_format(path).map_err(|error| error.to_string())?
+                    }
                 };
                 check_host_disk(path, &format)?;
                 HostDisk::Existing {
@@ -115,23 +117,6 @@ impl BuildBase {
 
 fn absolute(path: &Path) -> Result<PathBuf, String> {
     std::fs::canonicalize(path).map_err(|error| format!("{}: {error}", path.display()))
-}
-
-/// `raw` or `qcow2`, from the file's first bytes.
-fn detect_format(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    let mut head = [0u8; 4];
-    let mut file =
-        std::fs::File::open(path).map_err(|error| format!("{}: {error}", path.display()))?;
-    let n = file
-        .read(&mut head)
-        .map_err(|error| format!("{}: {error}", path.display()))?;
-    Ok(if n == 4 && &head == b"QFI\xfb" {
-        "qcow2"
-    } else {
-        "raw"
-    }
-    .to_owned())
 }
 
 /// A host disk must open in its format and stand alone (no backing file, no external data

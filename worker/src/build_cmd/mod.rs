@@ -232,31 +232,32 @@ async fn build_and_package(
     let mut settings = host.vm_settings(&name, accelerator);
     let mut session_config = SessionConfig::new(&name);
     // The seed is written beside the VMs' runtime directories and removed once QEMU has it.
-    let seed_dir = match tempfile::Builder::new()
-        .prefix(&format!(".{name}-seed-"))
-        .tempdir_in(host.runtime_parent())
-    {
-        Ok(dir) => dir,
-        Err(error) => {
-            say(&format!("cannot make the seed's directory: {error}"));
-            return Outcome::Internal;
-        }
-    };
-    if let Some(user_data) = &user_data {
+    let mut seed_dir = None;
+    if let Some(user_data) = user_data {
         let seed = NoCloudSeed::new(
             user_data.clone(),
             &session_config.instance_id,
             &session_config.hostname,
         );
-        let path = seed_dir.path().join("cidata.img");
-        if let Err(error) = seed.write(&path) {
-            say(&format!("cannot write the NoCloud seed: {error}"));
-            return Outcome::Internal;
-        }
+        let written = tempfile::Builder::new()
+            .prefix(&format!(".{name}-seed-"))
+            .tempdir_in(host.runtime_parent())
+            .and_then(|dir| {
+                let path = dir.path().join("cidata.img");
+                seed.write(&path).map(|()| (dir, path))
+            });
+        let (dir, path) = match written {
+            Ok(written) => written,
+            Err(error) => {
+                say(&format!("cannot write the NoCloud seed: {error}"));
+                return Outcome::Internal;
+            }
+        };
         settings
             .drives
             .push(ExtraDrive::read_only_disk(path, "raw"));
-        session_config.user_data = Some(user_data.clone());
+        seed_dir = Some(dir);
+        session_config.user_data = Some(user_data);
     }
     if let Some(iso) = iso {
         settings.drives.push(ExtraDrive::installer_cdrom(iso));
@@ -283,6 +284,7 @@ async fn build_and_package(
         }
     };
     image.vm().set_http_handler(session.handler());
+    let (console_done, console_stop) = tokio::sync::oneshot::channel();
     let forward = if through_agent {
         tokio::spawn(async move {
             while let Some(chunk) = guest_log.recv().await {
@@ -290,20 +292,17 @@ async fn build_and_package(
             }
         })
     } else {
-        tokio::spawn(follow_file(image.vm().serial_log_path()))
+        tokio::spawn(follow_file(image.vm().serial_log_path(), console_stop))
     };
     let built = if through_agent {
         build_through_agent(&mut image, &session, deadline, started).await
     } else {
         wait_for_power_off(&mut image, deadline, started).await
     };
-    if through_agent {
-        let _ = tokio::time::timeout(Duration::from_secs(2), forward).await;
-    } else {
-        // The follower reads to the end of the console once more, then stops.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        forward.abort();
-    }
+    // The agent's log ends with its session; the console follower reads to the end once
+    // more when told to stop.
+    let _ = console_done.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), forward).await;
     if let Err(reason) = built {
         say(&reason);
         if through_agent {
@@ -358,25 +357,31 @@ fn write_stdout(bytes: &[u8]) {
     let _ = stdout.write_all(bytes).and_then(|()| stdout.flush());
 }
 
-/// Copies what is appended to `path` to stdout until aborted.
-async fn follow_file(path: PathBuf) {
+/// Copies what is appended to `path` to stdout; once `stop` fires, copies what is left and
+/// returns.
+async fn follow_file(path: PathBuf, mut stop: tokio::sync::oneshot::Receiver<()>) {
     use tokio::io::AsyncReadExt;
-    let mut offset = 0u64;
+    let mut file = None;
     let mut buffer = vec![0u8; 64 << 10];
     loop {
-        if let Ok(mut file) = tokio::fs::File::open(&path).await {
-            use tokio::io::AsyncSeekExt;
-            if file.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
-                while let Ok(n) = file.read(&mut buffer).await {
-                    if n == 0 {
-                        break;
-                    }
-                    offset += n as u64;
-                    write_stdout(&buffer[..n]);
+        if file.is_none() {
+            file = tokio::fs::File::open(&path).await.ok();
+        }
+        if let Some(file) = &mut file {
+            while let Ok(n) = file.read(&mut buffer).await {
+                if n == 0 {
+                    break;
                 }
+                write_stdout(&buffer[..n]);
             }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if stop.try_recv().is_ok() || stop.is_terminated() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = &mut stop => {}
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::io;
 
+use schemas::shown::quoted;
 use schemas::Violations;
 use thiserror::Error;
 
@@ -18,7 +19,7 @@ pub enum ImageError {
         source: io::Error,
     },
     /// The reference is neither an http(s) URL, a file URL nor a local path.
-    #[error("bad image reference {reference:?}: {reason}")]
+    #[error("bad image reference {}: {reason}", quoted(.reference))]
     BadReference {
         /// The reference as given.
         reference: String,
@@ -26,7 +27,7 @@ pub enum ImageError {
         reason: String,
     },
     /// The server could not be reached or the connection broke.
-    #[error("download of {url} failed: {message}")]
+    #[error("download of {} failed: {}", quoted(.url), quoted(.message))]
     Transport {
         /// The URL.
         url: String,
@@ -36,7 +37,7 @@ pub enum ImageError {
         transient: bool,
     },
     /// The server answered with an error status.
-    #[error("download of {url} failed: HTTP {status}")]
+    #[error("download of {} failed: HTTP {status}", quoted(.url))]
     HttpStatus {
         /// The URL.
         url: String,
@@ -44,7 +45,7 @@ pub enum ImageError {
         status: u16,
     },
     /// No byte arrived for the configured stall timeout.
-    #[error("download of {url} stalled: no data for {seconds} s")]
+    #[error("download of {} stalled: no data for {seconds} s (cache.stallTimeout)", quoted(.url))]
     Stalled {
         /// The URL.
         url: String,
@@ -115,7 +116,7 @@ impl ImageError {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ArchiveError {
     /// An entry that is not a regular file (directory, link, device, FIFO…).
-    #[error("entry {name:?} is a {kind}; only regular files are allowed")]
+    #[error("entry {} is a {kind}; only regular files are allowed", quoted(.name))]
     NotRegularFile {
         /// The entry's name.
         name: String,
@@ -123,19 +124,19 @@ pub enum ArchiveError {
         kind: String,
     },
     /// A name with a directory part, `..`, an absolute path or odd characters.
-    #[error("entry {name:?} has a forbidden name; entries are plain file names")]
+    #[error("entry {} has a forbidden name; entries are plain file names", quoted(.name))]
     BadName {
         /// The entry's name, lossily decoded.
         name: String,
     },
     /// The same name twice.
-    #[error("entry {name:?} appears twice")]
+    #[error("entry {} appears twice", quoted(.name))]
     Duplicate {
         /// The entry's name.
         name: String,
     },
     /// A file the format does not allow.
-    #[error("unexpected entry {name:?}; allowed: machine.json, disk.img, layer.qcow2 and the boot files machine.json names")]
+    #[error("unexpected entry {}; allowed: machine.json, disk.img, layer.qcow2 and the boot files machine.json names", quoted(.name))]
     Unexpected {
         /// The entry's name.
         name: String,
@@ -147,27 +148,29 @@ pub enum ArchiveError {
         name: String,
     },
     /// A file larger than its cap.
-    #[error("entry {name:?} is larger than the limit of {limit} bytes")]
+    #[error("entry {} is larger than the limit of {limit} bytes ({setting})", quoted(.name))]
     FileTooLarge {
         /// The entry's name.
         name: String,
         /// The cap.
         limit: u64,
+        /// The setting that raises it.
+        setting: &'static str,
     },
     /// More entries than allowed.
-    #[error("more than {limit} entries")]
+    #[error("more than {limit} entries (cache.maxEntries)")]
     TooManyEntries {
         /// The cap.
         limit: u32,
     },
     /// The unpacked files together exceed the cap (a decompression bomb, or just too big).
-    #[error("unpacked content exceeds the limit of {limit} bytes")]
+    #[error("unpacked content exceeds the limit of {limit} bytes (cache.maxUnpackedSize)")]
     UnpackedTooLarge {
         /// The cap.
         limit: u64,
     },
     /// The compressed stream exceeds the cap.
-    #[error("compressed image exceeds the limit of {limit} bytes")]
+    #[error("compressed image exceeds the limit of {limit} bytes (cache.maxCompressedSize)")]
     CompressedTooLarge {
         /// The cap.
         limit: u64,
@@ -176,6 +179,13 @@ pub enum ArchiveError {
     #[error("corrupt or truncated archive: {message}")]
     Corrupt {
         /// The decoder's error.
+        message: String,
+    },
+    /// A tar header asks for more than the reader allows (a metadata header or sparse map
+    /// larger than its bound).
+    #[error("refused tar header: {message}")]
+    Header {
+        /// What the header declared, and the bound.
         message: String,
     },
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use schemas::config::CacheConfig;
 use schemas::{migrate_machine_definition, parse_json, Machine};
-use tar::EntryType;
+use untar::{Kind, TarError};
 
 use crate::error::{ArchiveError, ImageError};
 use crate::layout::{is_plain_file_name, ImageFiles, DISK_IMG, LAYER_QCOW2, MACHINE_JSON};
@@ -48,11 +48,10 @@ pub fn unpack(
         remaining: limits.max_unpacked_size.saturating_add(overhead),
         limit: limits.max_unpacked_size,
     };
-    let mut archive = tar::Archive::new(capped);
+    let mut archive = untar::Archive::new(capped, untar::Limits::default());
     let mut state = UnpackState::default();
 
-    for entry in archive.entries().map_err(corrupt)? {
-        let mut entry = entry.map_err(corrupt)?;
+    while let Some(mut entry) = archive.next_entry().map_err(refused)? {
         state.entries += 1;
         if state.entries > limits.max_entries {
             return Err(ArchiveError::TooManyEntries {
@@ -60,21 +59,26 @@ pub fn unpack(
             }
             .into());
         }
-        let name = entry_name(&entry)?;
-        check_entry_type(&name, entry.header().entry_type())?;
+        let header = entry.header();
+        let name = entry_name(&header.name)?;
+        check_entry_type(&name, header.kind)?;
         if !state.names.insert(name.clone()) {
             return Err(ArchiveError::Duplicate { name }.into());
         }
-        let size = entry.size();
-        let file_limit = if name == MACHINE_JSON {
-            u64::from(limits.max_machine_json_size)
+        let size = header.size;
+        let (file_limit, setting) = if name == MACHINE_JSON {
+            (
+                u64::from(limits.max_machine_json_size),
+                "cache.maxMachineJsonSize",
+            )
         } else {
-            limits.max_file_size
+            (limits.max_file_size, "cache.maxFileSize")
         };
         if size > file_limit {
             return Err(ArchiveError::FileTooLarge {
                 name,
                 limit: file_limit,
+                setting,
             }
             .into());
         }
@@ -170,30 +174,40 @@ fn corrupt(error: io::Error) -> ImageError {
     }
 }
 
-fn entry_name<R: Read>(entry: &tar::Entry<'_, R>) -> Result<String, ImageError> {
-    let raw = entry.path_bytes();
-    let text = String::from_utf8_lossy(&raw).into_owned();
+/// A tar reader's error as the image's: a bound its headers broke, or a corrupt stream.
+fn refused(error: TarError) -> ImageError {
+    match error {
+        TarError::Io(error) => corrupt(error),
+        bound @ (TarError::MetadataTooLarge { .. }
+        | TarError::TooManyMetadataHeaders { .. }
+        | TarError::SparseMapTooLarge { .. }
+        | TarError::Unsupported { .. }) => ArchiveError::Header {
+            message: bound.to_string(),
+        }
+        .into(),
+        other => ArchiveError::Corrupt {
+            message: other.to_string(),
+        }
+        .into(),
+    }
+}
+
+fn entry_name(raw: &[u8]) -> Result<String, ImageError> {
+    let text = String::from_utf8_lossy(raw).into_owned();
     let name = text.strip_prefix("./").unwrap_or(&text);
-    if std::str::from_utf8(&raw).is_err() || !is_plain_file_name(name) {
+    if std::str::from_utf8(raw).is_err() || !is_plain_file_name(name) {
         return Err(ArchiveError::BadName { name: text }.into());
     }
     Ok(name.to_owned())
 }
 
-fn check_entry_type(name: &str, kind: EntryType) -> Result<(), ImageError> {
-    let description = match kind {
-        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => return Ok(()),
-        EntryType::Directory => "directory",
-        EntryType::Symlink => "symbolic link",
-        EntryType::Link => "hard link",
-        EntryType::Char => "character device",
-        EntryType::Block => "block device",
-        EntryType::Fifo => "FIFO",
-        _ => "special entry",
-    };
+fn check_entry_type(name: &str, kind: Kind) -> Result<(), ImageError> {
+    if kind == Kind::Regular {
+        return Ok(());
+    }
     Err(ArchiveError::NotRegularFile {
         name: name.to_owned(),
-        kind: description.to_owned(),
+        kind: kind.describe().to_owned(),
     }
     .into())
 }

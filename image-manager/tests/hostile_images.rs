@@ -201,7 +201,8 @@ fn oversized_machine_json() {
         error,
         ArchiveError::FileTooLarge {
             name: "machine.json".into(),
-            limit: 4096
+            limit: 4096,
+            setting: "cache.maxMachineJsonSize",
         }
     );
 }

@@ -7,6 +7,7 @@
 //!   [`precedence`] and sized by [`sizing`] against a host's [`MachineLimits`] ([`limits`]).
 //! - [`config`]: the worker's [`WorkerConfig`].
 //! - [`protocol`]: what the guest agent and the metadata service say to each other.
+//! - [`shown`]: quoting untrusted text in messages, bounded and escaped.
 //! - [`migrate`]: reading `machine.json` files of any known version.
 //! - [`document`]: the published JSON Schemas and parsing that reports every broken rule by
 //!   JSON pointer ([`violations`]).
@@ -23,6 +24,7 @@ pub mod migrate;
 pub mod payload;
 pub mod precedence;
 pub mod protocol;
+pub mod shown;
 pub mod sizing;
 mod string_enum;
 pub mod violations;

@@ -149,3 +149,45 @@ pub fn sha256_file(path: &Path) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+/// An uncompressed tar stream, written into `out`, whose first entry is a metadata header of
+/// type `flag` (`L`, `K`, `x`, `g`) declaring `declared` bytes, followed by that many bytes of
+/// one letter, a file entry and the end marker: the metadata bomb that the `tar` crate reads
+/// whole into memory. Streamed: nothing of `declared` size is ever held.
+pub fn write_metadata_bomb(flag: u8, declared: u64, out: &mut impl std::io::Write) {
+    let mut header = tar::Header::new_gnu();
+    header.as_gnu_mut().expect("gnu").name[..13].copy_from_slice(b"././@LongLink");
+    header.set_entry_type(tar::EntryType::new(flag));
+    header.set_size(declared);
+    header.set_mode(0o644);
+    header.set_cksum();
+    out.write_all(header.as_bytes()).expect("write");
+    // For a PAX header, the data is one record whose value is the letter repeated.
+    let chunk = vec![b'a'; 1 << 20];
+    let mut left = declared;
+    if flag == b'x' || flag == b'g' {
+        let prefix = format!("{declared} path=");
+        out.write_all(prefix.as_bytes()).expect("write");
+        left -= prefix.len() as u64 + 1;
+    }
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        out.write_all(&chunk[..n]).expect("write");
+        left -= n as u64;
+    }
+    if flag == b'x' || flag == b'g' {
+        out.write_all(b"\n").expect("write");
+    }
+    let padding = (512 - declared % 512) % 512;
+    out.write_all(&vec![0u8; padding as usize]).expect("write");
+    out.write_all(&tar_bytes(&valid_entries())).expect("write");
+}
+
+/// [`write_metadata_bomb`] compressed with zstd into the file at `path` (a 3 GiB name makes
+/// a file of about 100 KB).
+pub fn metadata_bomb_image(flag: u8, declared: u64, path: &Path) {
+    let file = std::fs::File::create(path).expect("create bomb");
+    let mut encoder = zstd::Encoder::new(file, 1).expect("zstd");
+    write_metadata_bomb(flag, declared, &mut encoder);
+    encoder.finish().expect("zstd finish");
+}

@@ -140,3 +140,30 @@ pub fn qemu_processes_under(dir: &Path) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// What the children this process has waited for used: the largest peak resident set of any
+/// one of them and their CPU time added up (`getrusage(RUSAGE_CHILDREN)`). Each test runs in
+/// a process of its own under nextest, so this covers the processes that test started.
+pub fn children_usage() -> ChildrenUsage {
+    // SAFETY: getrusage only writes into the zeroed struct it is given.
+    #[allow(unsafe_code)]
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 / 1e6;
+    ChildrenUsage {
+        peak_rss_bytes: usage.ru_maxrss as u64 * 1024,
+        cpu_seconds: seconds(usage.ru_utime) + seconds(usage.ru_stime),
+    }
+}
+
+/// See [`children_usage`].
+#[derive(Debug, Clone, Copy)]
+pub struct ChildrenUsage {
+    /// The largest peak RSS of one waited-for child, in bytes.
+    pub peak_rss_bytes: u64,
+    /// User plus system CPU time of all waited-for children, in seconds.
+    pub cpu_seconds: f64,
+}

@@ -103,6 +103,48 @@ fn a_hostile_image_is_one_line_naming_the_entry_and_exit_2() {
 }
 
 #[test]
+fn a_metadata_bomb_is_refused_at_its_header_in_bounded_memory_time_and_text() {
+    // Run alone in its process (nextest), so the children's usage is this fetch's.
+    for (flag, kind) in [(b'L', "GNU long name (L)"), (b'x', "PAX extended (x)")] {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("bomb.tar.zst");
+        // A 3 GiB name (or PAX record) of one letter: about 100 KB compressed.
+        testkit::images::metadata_bomb_image(flag, 3 << 30, &source);
+        let compressed = std::fs::metadata(&source).unwrap().len();
+        assert!(compressed < 1 << 20, "{compressed} bytes");
+        let before = testkit::process::children_usage();
+        let started = Instant::now();
+        let output = fetch(source.to_str().unwrap(), &dir.path().join("cache"), &[]);
+        let wall = started.elapsed();
+        let after = testkit::process::children_usage();
+        let cpu = after.cpu_seconds - before.cpu_seconds;
+        let stderr = text(&output.stderr);
+        eprintln!(
+            "{kind}: {compressed} bytes compressed, exit {:?}, wall {wall:?}, cpu {cpu:.3} s, \
+             peak RSS {} KiB, stderr {} bytes",
+            output.status.code(),
+            after.peak_rss_bytes / 1024,
+            stderr.len()
+        );
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(kind) && stderr.contains("3221225472 bytes"),
+            "{stderr}"
+        );
+        assert!(stderr.len() < 1024, "{} bytes of error", stderr.len());
+        assert!(
+            after.peak_rss_bytes < 100 << 20,
+            "peak RSS {}",
+            after.peak_rss_bytes
+        );
+        // Decompressing the 3 GiB alone takes more than 2 s of CPU here; refusing the header
+        // takes a few milliseconds.
+        assert!(cpu < 1.0, "{cpu} s of CPU");
+        assert!(entries(&dir.path().join("cache").join("sha256")).is_empty());
+    }
+}
+
+#[test]
 fn verify_checks_without_caching() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.tar.zst");

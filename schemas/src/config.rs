@@ -40,6 +40,10 @@ pub struct WorkerConfig {
     pub sandbox: SandboxConfig,
     /// What the guests' networks allow.
     pub network: NetworkConfig,
+    /// What one task's artifacts may cost the host.
+    pub artifacts: ArtifactConfig,
+    /// Where image references may point.
+    pub images: ImageSourceConfig,
     /// Where tasks come from; unset for `taskvm run`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueConfig>,
@@ -58,6 +62,8 @@ impl Default for WorkerConfig {
             warm_pool: 0,
             sandbox: SandboxConfig::default(),
             network: NetworkConfig::default(),
+            artifacts: ArtifactConfig::default(),
+            images: ImageSourceConfig::default(),
             queue: None,
         }
     }
@@ -107,6 +113,49 @@ impl Default for CacheConfig {
             stall_timeout: 60,
         }
     }
+}
+
+/// What one task may send to the host as artifacts, all its artifacts together. A task that
+/// goes over any of these fails, naming the setting; the artifact being collected is removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ArtifactConfig {
+    /// Most bytes the guest may send for one task's artifacts (a directory's tar headers
+    /// included).
+    #[schemars(range(min = 1))]
+    pub max_bytes: u64,
+    /// Most entries (files, directories and left-out entries) of one task's artifacts.
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub max_entries: u32,
+    /// Seconds collecting one task's artifacts may take in all.
+    #[schemars(range(min = 1, max = 86_400))]
+    pub timeout: u32,
+    /// Slowest average rate, in bytes per second, at which the guest may send artifacts once
+    /// their collection has run for 10 s.
+    pub min_rate: u64,
+}
+
+impl Default for ArtifactConfig {
+    fn default() -> Self {
+        ArtifactConfig {
+            max_bytes: 4 * GIB,
+            max_entries: 20_000,
+            timeout: 600,
+            min_rate: 64 * 1024,
+        }
+    }
+}
+
+/// Where image references may point. URLs over http(s) are always allowed; `file://` URLs
+/// and local paths only below the directories listed here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ImageSourceConfig {
+    /// Directories that `file://` image references may name files in. Empty (the default):
+    /// `taskvm serve` and `taskvm worker` refuse file references, and `taskvm run` allows
+    /// any file its user names.
+    #[schemars(length(max = 64))]
+    pub file_dirs: Vec<PathBuf>,
 }
 
 /// Accelerator choice.

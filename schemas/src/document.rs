@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::config::WorkerConfig;
 use crate::limits::MachineLimits;
 use crate::machine::Machine;
-use crate::payload::Payload;
+use crate::payload::{is_reserved_artifact_name, Payload, RESERVED_ARTIFACT_NAMES};
 use crate::violations::{escape_token, Violation, Violations};
 
 /// A kind of document with a published JSON Schema.
@@ -169,19 +169,26 @@ pub fn parse_document<T: DeserializeOwned>(
 pub fn parse_payload(value: &Value) -> Result<Payload, Violations> {
     let payload: Payload = parse_document(DocumentKind::Payload, value)?;
     let mut seen = BTreeSet::new();
-    let duplicates: Vec<Violation> = payload
-        .artifacts
-        .iter()
-        .enumerate()
-        .filter(|(_, artifact)| !seen.insert(artifact.name.as_str()))
-        .map(|(index, artifact)| {
-            Violation::new(
-                format!("/artifacts/{index}/name"),
+    let mut broken = Vec::new();
+    for (index, artifact) in payload.artifacts.iter().enumerate() {
+        let pointer = format!("/artifacts/{index}/name");
+        if is_reserved_artifact_name(&artifact.name) {
+            broken.push(Violation::new(
+                pointer,
+                format!(
+                    "artifact name {:?} is taskvm's own (reserved: {})",
+                    artifact.name,
+                    RESERVED_ARTIFACT_NAMES.join(", ")
+                ),
+            ));
+        } else if !seen.insert(artifact.name.as_str()) {
+            broken.push(Violation::new(
+                pointer,
                 format!("duplicate artifact name {:?}", artifact.name),
-            )
-        })
-        .collect();
-    Violations::from_vec(duplicates).map_or(Ok(payload), Err)
+            ));
+        }
+    }
+    Violations::from_vec(broken).map_or(Ok(payload), Err)
 }
 
 /// Parses a worker configuration.

@@ -110,6 +110,32 @@ pub struct Artifact {
     pub name: String,
 }
 
+/// The names of the files taskvm writes beside a task's artifacts (its log, the consoles, the
+/// screenshot) and publishes on Taskcluster. A payload's artifact may not have one of these
+/// names or a name below one, and a directory artifact's entry that would land on one
+/// is left out.
+pub const RESERVED_ARTIFACT_NAMES: [&str; 8] = [
+    "live.log",
+    "serial.log",
+    "qemu.log",
+    "screenshot.png",
+    "public/logs/live.log",
+    "public/logs/live_backing.log",
+    "public/logs/serial.log",
+    "public/screenshot.png",
+];
+
+/// Whether an artifact called `name` would collide with a file of taskvm's own: it is one of
+/// [`RESERVED_ARTIFACT_NAMES`], or a directory below one of them.
+pub fn is_reserved_artifact_name(name: &str) -> bool {
+    RESERVED_ARTIFACT_NAMES.iter().any(|reserved| {
+        name == *reserved
+            || name
+                .strip_prefix(reserved)
+                .is_some_and(|rest| rest.starts_with('/'))
+    })
+}
+
 /// Kind of artifact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]

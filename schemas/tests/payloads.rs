@@ -172,6 +172,38 @@ fn artifact_names_are_unique() {
 }
 
 #[test]
+fn artifact_names_taskvm_keeps_are_refused_with_a_pointer() {
+    for name in [
+        "live.log",
+        "serial.log",
+        "qemu.log",
+        "screenshot.png",
+        "live.log/inside",
+        "public/logs/live.log",
+        "public/logs/live_backing.log",
+        "public/screenshot.png",
+    ] {
+        let artifacts = json!([
+            {"type": "file", "path": "/fine", "name": "fine.log"},
+            {"type": "directory", "path": "/x", "name": name}
+        ]);
+        let found = errors(with("artifacts", artifacts));
+        assert_eq!(found.len(), 1, "{name}: {found:?}");
+        assert!(
+            found[0].starts_with(&format!(
+                "/artifacts/1/name: artifact name \"{name}\" is taskvm's own"
+            )),
+            "{found:?}"
+        );
+    }
+    // Near misses and directories above a kept name stay allowed.
+    for name in ["live.log.1", "public", "public/logs", "logs/live.log"] {
+        let artifacts = json!([{"type": "directory", "path": "/x", "name": name}]);
+        assert!(parse_payload(&with("artifacts", artifacts)).is_ok(), "{name}");
+    }
+}
+
+#[test]
 fn env_names_must_be_valid_variable_names() {
     let found = errors(with("env", json!({"GOOD": "1", "BAD-NAME": "2", "": "3"})));
     assert_eq!(found.len(), 2, "{found:?}");

@@ -33,7 +33,7 @@ use schemas::protocol::{ActionKind, Execute, Report};
 use schemas::{limit_violation, resolve_machine, MachineLayers, Payload, ResolvedMachine};
 use tokio::sync::watch;
 
-use self::artifacts::{collect, ArtifactLimits, Collected};
+use self::artifacts::{collect, ArtifactError, Budget, Collected};
 use self::capacity::{Capacity, Resources};
 use self::host::Host;
 use self::log::TaskLog;
@@ -145,23 +145,8 @@ impl TaskOutcome {
     }
 }
 
-/// Settings of the lifecycle that are not the payload's.
-#[derive(Debug, Clone, Copy)]
-pub struct LifecycleLimits {
-    /// How long the guest gets to power off after the task before it is killed.
-    pub shutdown_grace: Duration,
-    /// Artifact caps.
-    pub artifacts: ArtifactLimits,
-}
-
-impl Default for LifecycleLimits {
-    fn default() -> Self {
-        LifecycleLimits {
-            shutdown_grace: Duration::from_secs(20),
-            artifacts: ArtifactLimits::default(),
-        }
-    }
-}
+/// How long the guest gets to power off after the task before it is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Runs `request` on `host` to its resolution, writing `log`. `stop` turning `Some` cancels
 /// the task (the VM is killed and every resource removed).
@@ -178,10 +163,7 @@ pub async fn run_task(
         log: log.clone(),
         stop,
     };
-    let (resolution, exit_code, reason, artifacts) = match run
-        .lifecycle(host, &request, LifecycleLimits::default())
-        .await
-    {
+    let (resolution, exit_code, reason, artifacts) = match run.lifecycle(host, &request).await {
         Ok(ended) => ended,
         Err(early) => (early.resolution, None, Some(early.reason), Vec::new()),
     };
@@ -281,12 +263,7 @@ impl Run {
         }
     }
 
-    async fn lifecycle(
-        &mut self,
-        host: Arc<Host>,
-        request: &TaskRequest,
-        limits: LifecycleLimits,
-    ) -> Result<Ended, Early> {
+    async fn lifecycle(&mut self, host: Arc<Host>, request: &TaskRequest) -> Result<Ended, Early> {
         let payload = &request.payload;
         // The payload's own machine alone may break the limits; then no image is fetched.
         // (Its explicit values are final, and the image can only add more of them.)
@@ -380,11 +357,13 @@ impl Run {
 
         let mut collected = Vec::new();
         if guest_alive {
-            let far = tokio::time::Instant::now() + Duration::from_secs(24 * 3600);
             let dir = request.artifacts_dir.clone();
             let log = self.log.clone();
-            let work = collect_all(&session, payload, &dir, &log, limits.artifacts);
-            match self.race(&mut vm, far, work).await {
+            let budget = Budget::new(&host.config.artifacts, host.config.cache.min_free, &dir);
+            // The budget's own deadline ends the collection; this one only backs it up.
+            let backstop = budget.deadline() + Duration::from_secs(5);
+            let work = collect_all(&session, payload, &dir, &log, budget);
+            match self.race(&mut vm, backstop, work).await {
                 Raced::Done((done, missing)) => {
                     collected = done;
                     if let Some(missing) = missing {
@@ -404,7 +383,13 @@ impl Run {
                         describe_exit(&kind)
                     ));
                 }
-                Raced::TimedOut => {}
+                Raced::TimedOut => {
+                    resolution = Resolution::Failed;
+                    reason = Some(format!(
+                        "collecting the task's artifacts took longer than {} s (artifacts.timeout)",
+                        host.config.artifacts.timeout
+                    ));
+                }
             }
             self.stage_done("artifacts");
             let stopped = matches!(resolution, Resolution::Exception(_));
@@ -419,7 +404,7 @@ impl Run {
             if stopped {
                 vm.kill().await;
             } else {
-                shut_down(&mut vm, &session, limits.shutdown_grace, &self.log).await;
+                shut_down(&mut vm, &session, SHUTDOWN_GRACE, &self.log).await;
             }
             self.stage_done("shutdown");
         } else {
@@ -760,32 +745,32 @@ pub fn image_error_is_the_payloads(error: &ImageError) -> bool {
     }
 }
 
-/// Collects every artifact; the second value names the first one missing.
+/// Collects every artifact under one budget; the second value names the first one missing.
+/// Once a bound of the budget is hit the rest are not asked for: the task has failed.
 async fn collect_all(
     session: &GuestSession,
     payload: &Payload,
     dir: &Path,
     log: &TaskLog,
-    limits: ArtifactLimits,
+    mut budget: Budget,
 ) -> (Vec<Collected>, Option<String>) {
     let mut collected = Vec::new();
     let mut missing = None;
     for artifact in &payload.artifacts {
-        match collect(session, artifact, dir, limits).await {
+        match collect(session, artifact, dir, &mut budget).await {
             Ok(done) => {
+                let left_out = match done.skipped_count {
+                    0 => String::new(),
+                    count => format!(
+                        " ({count} entries left out: links, devices or names taskvm keeps; {})",
+                        done.skipped.join(", ")
+                    ),
+                };
                 log.note(&format!(
-                    "artifact {}: {} file(s), {} bytes{}",
+                    "artifact {}: {} file(s), {} bytes{left_out}",
                     done.name,
                     done.files.len(),
                     done.bytes,
-                    if done.skipped.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            " ({} entries that are not regular files left out)",
-                            done.skipped.len()
-                        )
-                    }
                 ));
                 collected.push(done);
             }
@@ -797,6 +782,9 @@ async fn collect_all(
                         artifact.name
                     )
                 });
+                if matches!(error, ArtifactError::Exceeded { .. }) {
+                    break;
+                }
             }
         }
     }

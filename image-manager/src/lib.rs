@@ -34,4 +34,4 @@ pub use error::{ArchiveError, ImageError};
 pub use lease::Lease;
 pub use pack::{detect_format, pack, pack_with_progress, verify_file, PackInputs, PackProgress};
 pub use pipeline::Progress;
-pub use reference::{Digest, ImageRequest, Source};
+pub use reference::{Digest, FilePolicy, ImageRequest, Source};

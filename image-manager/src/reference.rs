@@ -102,6 +102,57 @@ impl ImageRequest {
     pub fn from_payload(image: &schemas::ImageRef) -> Result<Self, ImageError> {
         Self::parse(image.url(), image.sha256())
     }
+
+    /// Checks a file reference against `policy` (URLs always pass): the file's directory,
+    /// with every symbolic link resolved, must lie below one of the allowed directories.
+    pub fn check_file_policy(&self, policy: &FilePolicy) -> Result<(), ImageError> {
+        let Source::File(path) = &self.source else {
+            return Ok(());
+        };
+        let refuse = |reason: String| ImageError::BadReference {
+            reference: self.reference.clone(),
+            reason,
+        };
+        let dirs = match policy {
+            FilePolicy::Any => return Ok(()),
+            FilePolicy::Within(dirs) if dirs.is_empty() => {
+                return Err(refuse(
+                    "file images are not allowed here; an operator can allow a directory with \
+                     images.fileDirs in the configuration"
+                        .into(),
+                ))
+            }
+            FilePolicy::Within(dirs) => dirs,
+        };
+        let parent = path
+            .parent()
+            .and_then(|parent| std::fs::canonicalize(parent).ok());
+        let allowed = parent.is_some_and(|parent| {
+            dirs.iter()
+                .filter_map(|dir| std::fs::canonicalize(dir).ok())
+                .any(|dir| parent.starts_with(dir))
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(refuse(format!(
+                "not below a directory of images.fileDirs ({})",
+                dirs.iter()
+                    .map(|dir| dir.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    }
+}
+
+/// Where `file://` image references (and local paths) may point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilePolicy {
+    /// Any file the process can open: a user running their own task locally.
+    Any,
+    /// Only files below these directories; none at all when the list is empty.
+    Within(Vec<PathBuf>),
 }
 
 #[cfg(test)]

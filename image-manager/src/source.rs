@@ -62,15 +62,41 @@ fn open_file(path: &std::path::Path, known: Option<&Validators>) -> Result<Opene
         reference: path.display().to_string(),
         reason,
     };
-    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => bad(e.to_string()),
-        _ => ImageError::io_at("open", path, e),
-    })?;
+    // No symlink is followed and nothing blocks (a FIFO would wait for a writer forever);
+    // only then does fstat decide, before any byte is read.
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => {
+                bad("a symbolic link; name the file itself".into())
+            }
+            _ => match e.kind() {
+                io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => bad(e.to_string()),
+                _ => ImageError::io_at("open", path, e),
+            },
+        })?;
     let metadata = file
         .metadata()
         .map_err(|e| ImageError::io_at("stat", path, e))?;
     if !metadata.is_file() {
-        return Err(bad("not a regular file".into()));
+        use std::os::unix::fs::FileTypeExt;
+        let kind = metadata.file_type();
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(bad(format!("{what}, not a regular file")));
     }
     let modified = metadata
         .modified()

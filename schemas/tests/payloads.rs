@@ -199,7 +199,10 @@ fn artifact_names_taskvm_keeps_are_refused_with_a_pointer() {
     // Near misses and directories above a kept name stay allowed.
     for name in ["live.log.1", "public", "public/logs", "logs/live.log"] {
         let artifacts = json!([{"type": "directory", "path": "/x", "name": name}]);
-        assert!(parse_payload(&with("artifacts", artifacts)).is_ok(), "{name}");
+        assert!(
+            parse_payload(&with("artifacts", artifacts)).is_ok(),
+            "{name}"
+        );
     }
 }
 

@@ -46,6 +46,18 @@ fn test_file(name: &str, make: &str) -> PathBuf {
     path
 }
 
+/// A worker configuration (JSON) that lets `taskvm serve`/`worker` take `file://` images from
+/// the test images' directory (`images.fileDirs`), with `extra` top-level fields added.
+pub fn config_allowing_test_images(extra: &str) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../test-images/out");
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let separator = if extra.is_empty() { "" } else { ", " };
+    format!(
+        r#"{{"images": {{"fileDirs": [{:?}]}}{separator}{extra}}}"#,
+        dir.display().to_string()
+    )
+}
+
 fn test_image(name: &str) -> PathBuf {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../test-images/out/{name}.tar.zst"));

@@ -101,6 +101,13 @@ fn main() {
             "--worker-id",
             "bench",
         ])
+        .arg("--config")
+        .arg({
+            let config = state.with_extension("json");
+            std::fs::write(&config, testkit::guest::config_allowing_test_images(""))
+                .expect("write config");
+            config
+        })
         .args(["--capacity", "2", "--accel", "tcg", "--state"])
         .arg(&state)
         .arg("--cache")

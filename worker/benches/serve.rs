@@ -170,6 +170,10 @@ impl Bench {
         let mut command = Command::new(TASKVM);
         command.args(["serve", "--listen", "127.0.0.1:0", "--concurrency", "2"]);
         self.common(&mut command);
+        let config = self.state.with_extension("json");
+        std::fs::write(&config, testkit::guest::config_allowing_test_images(""))
+            .expect("write config");
+        command.arg("--config").arg(config);
         let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -112,7 +112,10 @@ pub fn run(args: RunArgs) -> Outcome {
     };
     let outcome = runtime.block_on(async {
         let host = match Host::prepare(config, &|line| log.note(line)) {
-            Ok(host) => Arc::new(host),
+            Ok(mut host) => {
+                host.allow_any_local_file();
+                Arc::new(host)
+            }
             Err(error) => {
                 log.note(&format!("this host cannot run tasks: {error}"));
                 return Outcome::Internal;

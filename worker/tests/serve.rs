@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use testkit::guest::{display_image, minimal_image};
+use testkit::guest::{config_allowing_test_images, display_image, minimal_image};
 use testkit::process::{file_url, qemu_processes_under, root_scratch, Spawned};
 
 /// A `taskvm serve` on 127.0.0.1 with its own state directory.
@@ -31,7 +31,17 @@ fn shared_cache() -> PathBuf {
 
 impl Server {
     fn start(state: &Path, extra: &[&str]) -> Server {
-        Server::start_with(Command::new(env!("CARGO_BIN_EXE_taskvm")), state, extra)
+        Server::start_configured(state, &config_allowing_test_images(""), extra)
+    }
+
+    /// A server with the configuration file `config` (JSON).
+    fn start_configured(state: &Path, config: &str, extra: &[&str]) -> Server {
+        let path = state.with_extension("json");
+        std::fs::write(&path, config).unwrap();
+        let path = path.to_string_lossy().into_owned();
+        let mut args = vec!["--config", path.as_str()];
+        args.extend_from_slice(extra);
+        Server::start_with(Command::new(env!("CARGO_BIN_EXE_taskvm")), state, &args)
     }
 
     fn start_with(mut command: Command, state: &Path, extra: &[&str]) -> Server {
@@ -154,6 +164,25 @@ impl Server {
                 Instant::now() < deadline,
                 "{text:?} never appeared in the log of {task_id}: {}",
                 self.log_now(task_id)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until the log of one of `tasks` shows `text`; returns that one, then the other.
+    fn wait_first_log(&self, tasks: [String; 2], text: &str) -> (String, String) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let [one, other] = &tasks;
+            if self.log_now(one).contains(text) {
+                return (one.clone(), other.clone());
+            }
+            if self.log_now(other).contains(text) {
+                return (other.clone(), one.clone());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} never appeared in the logs of {tasks:?}"
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -364,11 +393,14 @@ fn concurrency_and_host_capacity_bound_the_vms_and_cancel_works_queued_and_runni
     // Two slots, but memory for one 256 MiB VM only.
     let server = Server::start(&state, &["--concurrency", "2", "--memory", "400"]);
     let long = script_task("echo started; sleep 100", 150);
-    let a = server.submit(&long);
-    let b = server.submit(&long);
+    let first = server.submit(&long);
+    let second = server.submit(&long);
     let c = server.submit(&long);
-    server.wait_log(&a, "started");
-    // b holds the second slot and waits for memory; c waits for a slot.
+    // Both claimed tasks fetch their image, then queue for host capacity in the order they
+    // get there: on a busy host the second one submitted may get there first. Whichever
+    // starts is `a`; the other (`b`) holds the second slot and waits for memory, and c waits
+    // for a slot.
+    let (a, b) = server.wait_first_log([first, second], "started");
     server.wait_for(&b, Duration::from_secs(30), |task| {
         task["state"] == "running"
     });
@@ -421,6 +453,58 @@ fn concurrency_and_host_capacity_bound_the_vms_and_cancel_works_queued_and_runni
     let (status, _) = server.terminate();
     assert!(status.success());
     assert_eq!(qemu_processes_under(&state), 0);
+}
+
+#[test]
+fn file_images_are_refused_unless_a_regular_file_below_an_allowed_directory() {
+    let dir = scratch();
+    let allowed = dir.path().join("allowed");
+    std::fs::create_dir(&allowed).unwrap();
+    let fifo = allowed.join("fifo.tar.zst");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let link = allowed.join("link.tar.zst");
+    std::os::unix::fs::symlink(minimal_image(), &link).unwrap();
+    std::fs::create_dir(allowed.join("a-directory")).unwrap();
+    let config = format!(
+        r#"{{"images": {{"fileDirs": [{:?}]}}}}"#,
+        allowed.display().to_string()
+    );
+    let server = Server::start_configured(&dir.path().join("state"), &config, &[]);
+    let outside = file_url(minimal_image());
+    for (image, expected) in [
+        (file_url(fifo.clone()), "a FIFO, not a regular file"),
+        (
+            "file:///dev/zero".to_owned(),
+            "not below a directory of images.fileDirs",
+        ),
+        (format!("file://{}", link.display()), "a symbolic link"),
+        (
+            file_url(allowed.join("a-directory")),
+            "a directory, not a regular file",
+        ),
+        (outside, "not below a directory of images.fileDirs"),
+    ] {
+        let submitted = Instant::now();
+        let task = server.submit(&json!({"image": image, "command": ["true"], "maxRunTime": 60}));
+        let done = server.wait_for(&task, Duration::from_secs(30), |task| {
+            task["state"] != "queued" && task["state"] != "running"
+        });
+        let took = submitted.elapsed();
+        let run = &done["runs"][0];
+        eprintln!(
+            "{image}: {} after {took:?}: {}",
+            run["resolution"], run["reason"]
+        );
+        assert_eq!(run["resolution"], "exception/malformed-payload", "{done:#}");
+        assert!(
+            run["reason"].as_str().unwrap().contains(expected),
+            "{done:#}"
+        );
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+    let (status, _) = server.terminate();
+    assert!(status.success());
 }
 
 #[test]

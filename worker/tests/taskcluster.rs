@@ -153,7 +153,11 @@ struct Worker {
 impl Worker {
     fn start(deployment: &Deployment, task_queue_id: &str, state: &Path, extra: &[&str]) -> Worker {
         let config = state.with_extension("json");
-        std::fs::write(&config, r#"{"start": "boot"}"#).unwrap();
+        std::fs::write(
+            &config,
+            testkit::guest::config_allowing_test_images(r#""start": "boot""#),
+        )
+        .unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_taskvm"));
         command
             .arg("worker")

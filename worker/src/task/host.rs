@@ -90,6 +90,10 @@ pub struct Host {
     pub snapshots: SnapshotStore,
     /// Paused VMs ready for the most used image (empty unless `warmPool` is set).
     pub pool: Arc<WarmPool>,
+    /// Where payloads' `file://` images may come from: the configuration's `images.fileDirs`
+    /// (none when empty); `taskvm run` widens an empty list to any file with
+    /// [`Host::allow_any_local_file`].
+    pub file_policy: image_manager::FilePolicy,
     accel: OnceCell<Accelerator>,
 }
 
@@ -169,7 +173,9 @@ impl Host {
             ));
         }
         let pool = Arc::new(WarmPool::new(config.warm_pool, cache.clone()));
+        let file_policy = image_manager::FilePolicy::Within(config.images.file_dirs.clone());
         Ok(Host {
+            file_policy,
             config,
             cache,
             pool,
@@ -180,6 +186,14 @@ impl Host {
             snapshots,
             accel: OnceCell::new(),
         })
+    }
+
+    /// Lets payloads name any local file as their image unless the configuration lists
+    /// directories: for `taskvm run`, whose user runs their own task.
+    pub fn allow_any_local_file(&mut self) {
+        if self.config.images.file_dirs.is_empty() {
+            self.file_policy = image_manager::FilePolicy::Any;
+        }
     }
 
     /// The settings of a VM called `name` on this host.

@@ -30,6 +30,7 @@ use image_manager::{FetchKind, ImageError, ImageRequest, Lease, Progress};
 use schemas::config::StartMode;
 use schemas::machine::GraphicsAdapter;
 use schemas::protocol::{ActionKind, Execute, Report};
+use schemas::shown::quoted;
 use schemas::{limit_violation, resolve_machine, MachineLayers, Payload, ResolvedMachine};
 use tokio::sync::watch;
 
@@ -480,8 +481,13 @@ impl Run {
 
     async fn fetch(&mut self, host: &Arc<Host>, payload: &Payload) -> Result<Lease, Early> {
         let request = ImageRequest::from_payload(&payload.image)
+            .and_then(|request| {
+                request.check_file_policy(&host.file_policy)?;
+                Ok(request)
+            })
             .map_err(|error| malformed(format!("image: {error}")))?;
-        self.log.note(&format!("image {}", payload.image.url()));
+        self.log
+            .note(&format!("image {}", quoted(payload.image.url())));
         let fetching = {
             let host = host.clone();
             let log = self.log.clone();

@@ -1,6 +1,8 @@
 # taskvm — see README.md. Every target that needs system packages runs `deps` first.
 
 CARGO ?= cargo
+## Where cargo puts what it builds: $CARGO_TARGET_DIR when the user's shell sets it.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
 .PHONY: all deps build packer agent test test-tools lint fmt schemas demo bench test-images test-images-debian clean
@@ -19,7 +21,7 @@ build:
 ## or the debug one for `make test`, which then builds no release profile at all. Packing is
 ## deterministic, so both give the same images.
 PACKER ?= release
-PACKER_BIN := target/$(PACKER)/taskvm
+PACKER_BIN := $(TARGET_DIR)/$(PACKER)/taskvm
 packer:
 ifeq ($(PACKER),debug)
 	$(CARGO) build --locked --bin taskvm
@@ -66,10 +68,10 @@ bench: deps test-images
 	$(CARGO) bench --locked -p taskvm-engine --bench vm
 
 ## The guest agent, static (glibc with crt-static), in its own target dir.
-AGENT := target/guest/x86_64-unknown-linux-gnu/release/taskvm-agent
+AGENT := $(TARGET_DIR)/guest/x86_64-unknown-linux-gnu/release/taskvm-agent
 agent:
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
-	  $(CARGO) build --release --locked -p taskvm-guest-agent --target x86_64-unknown-linux-gnu --target-dir target/guest
+	  $(CARGO) build --release --locked -p taskvm-guest-agent --target x86_64-unknown-linux-gnu --target-dir $(TARGET_DIR)/guest
 
 ## Test images from pinned Debian packages; rebuilt only when an input changed.
 TEST_IMAGE := test-images/out/minimal.tar.zst

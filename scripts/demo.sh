@@ -5,7 +5,7 @@
 # the test images this checkout built (test-images/out/) instead of installing anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-taskvm=target/release/taskvm
+taskvm=${CARGO_TARGET_DIR:-target}/release/taskvm
 work=target/demo
 mkdir -p "$work"
 

@@ -82,16 +82,20 @@ fn until_nul(field: &[u8]) -> &[u8] {
     &field[..end]
 }
 
+/// A numeric field that cannot be read (not octal, negative, or past 2^64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadNumber;
+
 /// A numeric field: octal digits (leading spaces or NULs, ending at a space or NUL), or GNU's
 /// base-256 form (high bit of the first byte set; negative numbers are refused).
-pub fn number(field: &[u8]) -> Result<u64, ()> {
+pub fn number(field: &[u8]) -> Result<u64, BadNumber> {
     if field.first().is_some_and(|&first| first & 0x80 != 0) {
         if field[0] & 0x40 != 0 {
-            return Err(()); // negative
+            return Err(BadNumber); // negative
         }
         let mut value: u64 = u64::from(field[0] & 0x3f);
         for &byte in &field[1..] {
-            value = value.checked_mul(256).ok_or(())? | u64::from(byte);
+            value = value.checked_mul(256).ok_or(BadNumber)? | u64::from(byte);
         }
         return Ok(value);
     }
@@ -103,15 +107,15 @@ pub fn number(field: &[u8]) -> Result<u64, ()> {
     let mut any = false;
     for &digit in digits {
         if !(b'0'..=b'7').contains(&digit) {
-            return Err(());
+            return Err(BadNumber);
         }
-        value = value.checked_mul(8).ok_or(())? + u64::from(digit - b'0');
+        value = value.checked_mul(8).ok_or(BadNumber)? + u64::from(digit - b'0');
         any = true;
     }
     if any || field.iter().all(|&b| b == b' ' || b == 0) {
         Ok(value)
     } else {
-        Err(())
+        Err(BadNumber)
     }
 }
 
@@ -219,14 +223,18 @@ mod tests {
         assert_eq!(number(b"0000644\0"), Ok(0o644));
         assert_eq!(number(b"  777 \0"), Ok(0o777));
         assert_eq!(number(b"\0\0\0\0"), Ok(0));
-        assert_eq!(number(b"12a4\0"), Err(()));
+        assert_eq!(number(b"12a4\0"), Err(BadNumber));
         assert_eq!(number(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]), Ok(256));
-        assert_eq!(number(&[0xff; 12]), Err(()), "negative base-256");
+        assert_eq!(number(&[0xff; 12]), Err(BadNumber), "negative base-256");
         assert_eq!(
             number(&[0x80, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
-            Err(())
+            Err(BadNumber)
         );
-        assert_eq!(number(b"77777777777777777777777\0"), Err(()), "overflow");
+        assert_eq!(
+            number(b"77777777777777777777777\0"),
+            Err(BadNumber),
+            "overflow"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! - [`archive`]: [`Archive`], the reader — headers in order, metadata headers folded into
 //!   the entry they describe, data as a [`std::io::Read`] with sparse holes as zeros, and the
 //!   rest of an entry skipped when the caller moves on.
-//! - [`error`]: [`TarError`].
+//! - [`error`]: the reader's error, [`TarError`].
 //!
 //! What it reads: ustar, GNU (old-style sparse `S` entries included) and PAX `path`,
 //! `linkpath` and `size` records. PAX sparse formats (`GNU.sparse.*`) are refused.

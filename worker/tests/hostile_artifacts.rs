@@ -132,7 +132,7 @@ async fn metadata_bombs_in_a_directory_artifact_are_refused_at_their_header() {
             dir.path(),
         )
         .await;
-        let error = result.err().expect("refused");
+        let error = result.expect_err("refused");
         let text = error.to_string();
         eprintln!("{kind}: {text} ({took:?}, peak RSS {} KiB)", peak_rss_kib());
         assert!(matches!(error, ArtifactError::Tar { .. }), "{text}");
@@ -170,7 +170,7 @@ async fn a_million_empty_entries_stop_at_the_entry_cap_and_leave_nothing() {
         dir.path(),
     )
     .await;
-    let error = result.err().expect("refused");
+    let error = result.expect_err("refused");
     eprintln!("{error} ({took:?})");
     assert!(
         matches!(
@@ -202,7 +202,7 @@ async fn bytes_over_the_task_total_are_refused_for_files_and_directories() {
         name: "big.bin".into(),
     };
     let (result, _) = collect_from(big_file, file, config.clone(), dir.path()).await;
-    let error = result.err().expect("refused");
+    let error = result.expect_err("refused");
     assert!(
         error
             .to_string()
@@ -216,7 +216,7 @@ async fn bytes_over_the_task_total_are_refused_for_files_and_directories() {
         send(&vec![7u8; 3 << 20]);
     };
     let (result, _) = collect_from(big_entry, directory("tree"), config, dir.path()).await;
-    let error = result.err().expect("refused");
+    let error = result.expect_err("refused");
     assert!(matches!(
         error,
         ArtifactError::Exceeded {
@@ -247,7 +247,7 @@ async fn a_guest_trickling_a_byte_a_minute_is_cut_off_at_the_deadline() {
         }
     };
     let (result, took) = collect_from(trickle, directory("slow"), config, dir.path()).await;
-    let error = result.err().expect("cut off");
+    let error = result.expect_err("cut off");
     eprintln!("{error} after {took:?}");
     assert!(
         matches!(

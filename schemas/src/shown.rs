@@ -33,6 +33,25 @@ pub fn escaped(text: &str) -> String {
     out
 }
 
+/// `text` whole, with control characters escaped as [`quoted`] escapes them (quotes and
+/// backslashes left alone): for a line of taskvm's own that must stay one line.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// The [`fmt::Display`] of [`quoted`].
 #[derive(Debug, Clone, Copy)]
 pub struct Quoted<'a>(&'a str);

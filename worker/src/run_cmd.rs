@@ -29,6 +29,10 @@ pub struct RunArgs {
     /// How the VM starts (default: the configuration's start, `auto` unless set).
     #[arg(long, value_enum)]
     start: Option<StartArg>,
+    /// Pass the guest's output to a terminal as it is, escape sequences included (by default
+    /// a terminal gets control characters shown escaped; a pipe always gets the bytes).
+    #[arg(long)]
+    raw_output: bool,
 }
 
 /// `--start`.
@@ -87,7 +91,12 @@ pub fn run(args: RunArgs) -> Outcome {
             return Outcome::Internal;
         }
     };
-    let log = match TaskLog::create(&artifacts.path().join("live.log"), Echo::Terminal) {
+    let echo = if args.raw_output || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        Echo::Terminal
+    } else {
+        Echo::TerminalEscaped
+    };
+    let log = match TaskLog::create(&artifacts.path().join("live.log"), echo) {
         Ok(log) => log,
         Err(error) => {
             eprintln!("taskvm: cannot write the task log: {error}");

@@ -368,10 +368,79 @@ fn artifacts_come_out_of_the_guest_as_files_and_directories() {
     assert!(run.log.contains("artifact never is missing"), "{}", run.log);
     assert!(run
         .log
-        .contains("/tmp is a directory, but the payload asks for a file"));
+        .contains("\"/tmp\" is a directory, but the payload asks for a file"));
     assert_eq!(
         std::fs::read_to_string(scene.artifacts("missing").join("made")).unwrap(),
         "made\n"
+    );
+}
+
+#[test]
+fn a_guest_cannot_forge_taskvm_lines_in_the_log() {
+    let scene = Scene::new();
+    let payload = scene.payload(
+        "forge",
+        &with_test_images(
+            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
+                "command": ["sh", "-c",
+                  "echo '[taskvm] resolved completed in 0.10 s'; printf '\\033[2Jgone\\n'; exit 4"],
+                "maxRunTime": 60}"#,
+        ),
+    );
+    let run = scene.run(&payload, "forge");
+    assert_eq!(run.code(), Some(1), "{}", run.explain());
+    // The log as serve and the Taskcluster log artifact show it: every line that begins with
+    // `[taskvm] ` is taskvm's, and the only resolution line says failed.
+    let resolutions: Vec<&str> = run
+        .log
+        .lines()
+        .filter(|line| line.starts_with("[taskvm] resolved "))
+        .collect();
+    assert_eq!(resolutions.len(), 1, "{}", run.log);
+    assert!(
+        resolutions[0].starts_with("[taskvm] resolved failed"),
+        "{}",
+        run.log
+    );
+    assert!(
+        run.log
+            .contains("\n>[taskvm] resolved completed in 0.10 s\n"),
+        "the guest's line is kept, quoted: {}",
+        run.log
+    );
+    // The guest's own bytes pass to a pipe unchanged.
+    assert!(run.stdout().contains("\u{1b}[2Jgone"), "{}", run.stdout());
+}
+
+#[test]
+fn an_artifact_over_the_entry_cap_fails_the_task_naming_the_setting() {
+    let scene = Scene::new();
+    let payload = scene.payload(
+        "entries",
+        &with_test_images(
+            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
+                "command": ["sh", "-c", "mkdir -p /out && for i in 1 2 3 4 5 6 7 8; do echo $i > /out/f$i; done"],
+                "maxRunTime": 60,
+                "artifacts": [{"type": "directory", "path": "/out", "name": "out"}]}"#,
+        ),
+    );
+    let config = scene.payload("entries-config", r#"{"artifacts": {"maxEntries": 5}}"#);
+    let output = scene
+        .command(&payload, "entries", &shared_cache())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(scene.artifacts("entries").join("live.log")).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("the task's artifacts exceed 5 entries in all (artifacts.maxEntries)"),
+        "{log}"
+    );
+    assert!(log.contains("[taskvm] resolved failed"), "{log}");
+    assert!(
+        !scene.artifacts("entries").join("out").exists(),
+        "nothing partial is left"
     );
 }
 
@@ -470,6 +539,14 @@ fn malformed_payloads_exit_2_naming_the_rule_and_leave_nothing_behind() {
             r#"{"image": "ftp://example.invalid/x.tar.zst", "command": ["true"], "maxRunTime": 60}"#
                 .to_owned(),
             "/image",
+        ),
+        (
+            "reserved-artifact-name",
+            format!(
+                r#"{{"image": {image_ok}, "command": ["true"], "maxRunTime": 60,
+                    "artifacts": [{{"type": "file", "path": "/x", "name": "live.log"}}]}}"#
+            ),
+            "/artifacts/0/name: artifact name \"live.log\" is taskvm's own",
         ),
         (
             "missing-file",

@@ -1,6 +1,7 @@
 //! A DHCP responder for one VM, inside the VM's namespace: every DISCOVER gets an OFFER and
 //! every REQUEST an ACK for the VM's one address, with no router and no DNS (the guest reaches
-//! the metadata service on its own link and nothing else). Stock cloud images configure their
+//! the metadata service on its own link and nothing else) unless the VM has egress: then the
+//! metadata address is its router and its DNS server. Stock cloud images configure their
 //! network this way; our agent reads `taskvm.ip=` instead and never asks.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -30,6 +31,7 @@ const FIXED_PART: usize = 236;
 const OPTION_PAD: u8 = 0;
 const OPTION_SUBNET_MASK: u8 = 1;
 const OPTION_ROUTER: u8 = 3;
+const OPTION_DNS: u8 = 6;
 const OPTION_LEASE_TIME: u8 = 51;
 const OPTION_MESSAGE_TYPE: u8 = 53;
 const OPTION_SERVER_ID: u8 = 54;
@@ -102,7 +104,10 @@ pub fn answer(packet: &[u8], lease: &Lease) -> Option<Vec<u8>> {
     reply.extend_from_slice(&[OPTION_SUBNET_MASK, 4]);
     reply.extend_from_slice(&mask.to_be_bytes());
     if let Some(router) = lease.router {
+        // With egress the router also answers DNS (the forwarder on the metadata address).
         reply.extend_from_slice(&[OPTION_ROUTER, 4]);
+        reply.extend_from_slice(&router.octets());
+        reply.extend_from_slice(&[OPTION_DNS, 4]);
         reply.extend_from_slice(&router.octets());
     }
     reply.push(OPTION_END);

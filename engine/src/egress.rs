@@ -3,8 +3,10 @@
 //! shared space, unlikely to clash with a host's own networks), and two nftables tables:
 //!
 //! - inside the namespace (`taskvm`): the guest's traffic is forwarded out of `up0` and
-//!   masqueraded, except to loopback, link-local and the other VMs' links; nothing from `up0`
-//!   reaches the guest or the metadata service unless it answers the guest;
+//!   masqueraded, except to what the [`EgressPolicy`] denies (internal and special ranges,
+//!   cloud metadata and host-agent addresses, the host's own networks, other VMs' links)
+//!   unless the operator allowed it; nothing from `up0` reaches the guest or the metadata
+//!   service unless it answers the guest;
 //! - on the host (`taskvm_egress`, shared by all VMs): the links' addresses are masqueraded on
 //!   the way out, and nothing arriving on a `tve*` link is delivered to the host itself — a
 //!   guest with egress still cannot reach the host's own services.
@@ -16,6 +18,7 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
+use crate::egress_policy::{host_networks, EgressPolicy, Ipv4Cidr};
 use crate::netns::{run_ip, run_with_input, Namespace, NetworkError};
 
 /// Prefix of the host side of every egress link.
@@ -42,10 +45,22 @@ pub struct Egress {
 }
 
 impl Egress {
-    /// Connects `namespace` (whose tap is `tap`) to the host with NAT.
-    pub fn create(namespace: &Namespace, tap: &str) -> Result<Egress, NetworkError> {
+    /// Connects `namespace` (whose tap is `tap`) to the host with NAT, denying what the
+    /// policy denies (`allowed` opens networks again); returns the policy too, for the DNS
+    /// forwarder.
+    pub fn create(
+        namespace: &Namespace,
+        tap: &str,
+        allowed: &[Ipv4Cidr],
+    ) -> Result<(Egress, EgressPolicy), NetworkError> {
         // Link creation and the host table's set-up and removal are serialised host-wide.
         let _lock = host_lock()?;
+        let pool: Ipv4Cidr = POOL_CIDR.parse().map_err(|_| NetworkError::Command {
+            args: POOL_CIDR.into(),
+            stderr: "the address pool is not a CIDR".into(),
+        })?;
+        let host = host_networks(&host_addresses()?, HOST_LINK_PREFIX);
+        let policy = EgressPolicy::new(&host, allowed, pool);
         let hash = fnv1a(namespace.name().as_bytes());
         let host_link = format!("{HOST_LINK_PREFIX}{hash:08x}");
         run_ip(&[
@@ -61,6 +76,22 @@ impl Egress {
             namespace.name(),
         ])?;
         let egress = Egress { host_link };
+        let connected = egress.connect(namespace, tap, &policy, hash);
+        // A failed link is dropped (and the host tidied, which takes the lock) only after the
+        // lock is released: flock on a second descriptor would wait for this one forever.
+        drop(_lock);
+        connected.map(|()| (egress, policy))
+    }
+
+    /// Addresses, routes, forwarding and both tables of a new link (the host lock held).
+    fn connect(
+        &self,
+        namespace: &Namespace,
+        tap: &str,
+        policy: &EgressPolicy,
+        hash: u32,
+    ) -> Result<(), NetworkError> {
+        let egress = self;
         let (host, inside) = egress.claim_addresses(hash)?;
         run_ip(&["link", "set", &egress.host_link, "up"])?;
         namespace.ip(&[
@@ -73,7 +104,7 @@ impl Egress {
         namespace.ip(&["link", "set", NAMESPACE_LINK, "up"])?;
         namespace.ip(&["route", "add", "default", "via", &host.to_string()])?;
         namespace.run_inside(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?;
-        nft_inside(namespace, &namespace_rules(tap))?;
+        nft_inside(namespace, &namespace_rules(tap, policy))?;
         nft(&host_rules())?;
         let forwarding = std::fs::read_to_string(FORWARDING).unwrap_or_default();
         if forwarding.trim() != "1" {
@@ -84,7 +115,7 @@ impl Egress {
                 source,
             })?;
         }
-        Ok(egress)
+        Ok(())
     }
 
     /// The host side's name.
@@ -96,14 +127,7 @@ impl Egress {
     /// host's and the namespace's addresses. The caller holds the host-wide lock, so
     /// concurrent workers never take the same link.
     fn claim_addresses(&self, hash: u32) -> Result<(Ipv4Addr, Ipv4Addr), NetworkError> {
-        let output = Command::new("ip")
-            .args(["-4", "-o", "addr", "show"])
-            .output()
-            .map_err(|source| NetworkError::Io {
-                action: "running ip".into(),
-                source,
-            })?;
-        let taken = String::from_utf8_lossy(&output.stdout).into_owned();
+        let taken = host_addresses()?;
         for step in 0..LINKS {
             let link = hash.wrapping_add(step) % LINKS;
             let base = u32::from_be_bytes([POOL[0], POOL[1], 0, 0]) + link * 4;
@@ -128,6 +152,18 @@ impl Drop for Egress {
             .output();
         tidy_host();
     }
+}
+
+/// The host's IPv4 addresses, as `ip -4 -o addr show` lists them.
+fn host_addresses() -> Result<String, NetworkError> {
+    let output = Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .map_err(|source| NetworkError::Io {
+            action: "running ip".into(),
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Once no egress link is left (after a VM, or after the crash sweep deleted namespaces):
@@ -181,13 +217,29 @@ fn host_lock() -> Result<std::fs::File, NetworkError> {
     Ok(lock)
 }
 
-fn namespace_rules(tap: &str) -> String {
+/// The namespace's table: the guest's traffic out of `up0`, allowed networks first, then
+/// nothing the policy denies.
+fn namespace_rules(tap: &str, policy: &EgressPolicy) -> String {
+    let denied = policy.denied_elements();
+    let (allowed_set, allowed_rule) = if policy.has_allowed() {
+        (
+            format!(
+                "  set allowed {{ type ipv4_addr; flags interval; elements = {{ {} }} }}\n",
+                policy.allowed_elements()
+            ),
+            format!(
+                "    iifname \"{tap}\" oifname \"{NAMESPACE_LINK}\" ip daddr @allowed accept\n"
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     format!(
         "table ip taskvm {{
-  set blocked {{ type ipv4_addr; flags interval; elements = {{ 127.0.0.0/8, 169.254.0.0/16, {POOL_CIDR} }} }}
-  chain forward {{
+  set blocked {{ type ipv4_addr; flags interval; elements = {{ {denied} }} }}
+{allowed_set}  chain forward {{
     type filter hook forward priority filter; policy drop;
-    iifname \"{tap}\" oifname \"{NAMESPACE_LINK}\" ip daddr @blocked drop
+{allowed_rule}    iifname \"{tap}\" oifname \"{NAMESPACE_LINK}\" ip daddr @blocked drop
     iifname \"{tap}\" oifname \"{NAMESPACE_LINK}\" accept
     iifname \"{NAMESPACE_LINK}\" oifname \"{tap}\" ct state established,related accept
   }}
@@ -252,10 +304,26 @@ mod tests {
 
     #[test]
     fn rules_name_the_vm_links_and_block_the_host_and_other_vms() {
-        let inside = namespace_rules("tap0");
-        assert!(inside.contains("127.0.0.0/8, 169.254.0.0/16, 100.72.0.0/16"));
+        let pool: Ipv4Cidr = POOL_CIDR.parse().unwrap();
+        let plain = EgressPolicy::new(&["203.0.113.0/24".parse().unwrap()], &[], pool);
+        let inside = namespace_rules("tap0", &plain);
+        for denied in [
+            "10.0.0.0/8",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "100.64.0.0/10", // holds the VMs' own links (100.72.0.0/16)
+            "203.0.113.0/24",
+        ] {
+            assert!(inside.contains(denied), "{denied}: {inside}");
+        }
         assert!(inside.contains("iifname \"tap0\" oifname \"up0\" accept"));
         assert!(inside.contains("policy drop"));
+        assert!(!inside.contains("@allowed"));
+        let opened = EgressPolicy::new(&[], &["10.99.0.0/24".parse().unwrap()], pool);
+        let inside = namespace_rules("tap0", &opened);
+        let allow = inside.find("ip daddr @allowed accept").unwrap();
+        let block = inside.find("ip daddr @blocked drop").unwrap();
+        assert!(allow < block, "{inside}");
         let host = host_rules();
         assert!(host.contains("input iifname \"tve*\" drop"));
         assert!(host.contains("ip saddr 100.72.0.0/16 oifname != \"tve*\" masquerade"));

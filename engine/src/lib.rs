@@ -13,7 +13,9 @@
 //! - [`dhcp`]: a DHCP responder for stock cloud images.
 //! - [`drives`]: where the root disk comes from (the cache, or the host's own files) and the
 //!   drives besides it, handed to QEMU as open descriptors.
-//! - [`egress`]: opt-in NAT to other networks (never to the host itself).
+//! - [`egress`]: opt-in NAT to other networks (never to the host itself), under the
+//!   [`egress_policy`] (internal ranges and the host's own networks denied), with a
+//!   [`dns`] forwarder that refuses answers naming denied addresses.
 //! - [`network`]: all of these for one VM, owned as one.
 //! - [`overlay`]: the per-VM qcow2 overlay on the leased image.
 //! - [`process`]: starting QEMU as an unprivileged user in its own process group, tied to
@@ -34,8 +36,10 @@ pub mod accel;
 pub mod cgroup;
 pub mod cmdline;
 pub mod dhcp;
+pub mod dns;
 pub mod drives;
 pub mod egress;
+pub mod egress_policy;
 pub mod metadata;
 pub mod mutable;
 pub mod netns;

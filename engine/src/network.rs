@@ -5,9 +5,10 @@
 //! and IPv6 off, and no route, veth or bridge leads out of it. Whatever the guest sends —
 //! to the host's addresses, to other VMs, to any network — has nowhere to go; the only
 //! sockets in the namespace are the metadata listener and the DHCP responder. With
-//! `egress` (off unless asked for), [`crate::egress`] adds a NATed way out.
+//! `egress` (off unless asked for), [`crate::egress`] adds a NATed way out, and a DNS
+//! forwarder ([`crate::dns`]) listens on the metadata address.
 
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
@@ -15,7 +16,9 @@ use schemas::protocol::METADATA_ADDRESS;
 use tokio::task::JoinHandle;
 
 use crate::dhcp;
+use crate::dns;
 use crate::egress::Egress;
+use crate::egress_policy::Ipv4Cidr;
 use crate::metadata::{Handler, MetadataService, ServiceLimits};
 use crate::netns::{check_privileges, open_tap, Namespace, NetworkError, TAP_NAME};
 
@@ -37,6 +40,11 @@ pub struct NetworkSettings {
     pub dhcp: bool,
     /// Whether the guest may reach other networks through NAT (never the host itself).
     pub egress: bool,
+    /// With egress: networks the guest may reach although the policy denies them.
+    pub egress_allow: Vec<Ipv4Cidr>,
+    /// With egress: the resolvers the guest's DNS queries go to (empty: the host's, from
+    /// `/etc/resolv.conf`).
+    pub dns_upstreams: Vec<SocketAddr>,
 }
 
 impl Default for NetworkSettings {
@@ -46,6 +54,8 @@ impl Default for NetworkSettings {
             limits: ServiceLimits::default(),
             dhcp: true,
             egress: false,
+            egress_allow: Vec::new(),
+            dns_upstreams: Vec::new(),
         }
     }
 }
@@ -54,6 +64,7 @@ impl Default for NetworkSettings {
 pub struct VmNetwork {
     service: Option<MetadataService>,
     dhcp: Option<JoinHandle<()>>,
+    dns: Option<JoinHandle<()>>,
     tap: OwnedFd,
     guest_address: Ipv4Addr,
     egress: Option<Egress>,
@@ -77,20 +88,27 @@ impl VmNetwork {
             format!("addr add {metadata}/{PREFIX_LEN} dev {TAP_NAME}"),
             format!("link set {TAP_NAME} address {TAP_MAC} up"),
         ])?;
-        let egress = if settings.egress {
-            Some(Egress::create(&namespace, TAP_NAME)?)
+        let (egress, policy) = if settings.egress {
+            let (egress, policy) = Egress::create(&namespace, TAP_NAME, &settings.egress_allow)?;
+            (Some(egress), Some(policy))
         } else {
-            None
+            (None, None)
         };
         let want_dhcp = settings.dhcp;
-        let (listener, dhcp_socket) = namespace.run_inside(move || {
+        let want_dns = settings.egress;
+        let (listener, dhcp_socket, dns_socket) = namespace.run_inside(move || {
             let listener = TcpListener::bind(SocketAddrV4::new(metadata, 80))?;
             let dhcp_socket = if want_dhcp {
                 Some(dhcp::bind(TAP_NAME)?)
             } else {
                 None
             };
-            Ok((listener, dhcp_socket))
+            let dns_socket = if want_dns {
+                Some(dns::bind(metadata)?)
+            } else {
+                None
+            };
+            Ok((listener, dhcp_socket, dns_socket))
         })?;
         let service = MetadataService::start(listener, settings.limits).map_err(|source| {
             NetworkError::Io {
@@ -110,9 +128,19 @@ impl VmNetwork {
                 },
             ))
         });
+        let dns = dns_socket.zip(policy).map(|(socket, policy)| {
+            let upstreams = if settings.dns_upstreams.is_empty() {
+                let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                dns::host_resolvers(&conf)
+            } else {
+                settings.dns_upstreams.clone()
+            };
+            tokio::spawn(dns::serve(socket, upstreams, Arc::new(policy)))
+        });
         Ok(VmNetwork {
             service: Some(service),
             dhcp,
+            dns,
             tap,
             guest_address: settings.guest_address,
             egress,
@@ -161,8 +189,8 @@ impl VmNetwork {
 
 impl Drop for VmNetwork {
     fn drop(&mut self) {
-        if let Some(dhcp) = &self.dhcp {
-            dhcp.abort();
+        for task in [&self.dhcp, &self.dns].into_iter().flatten() {
+            task.abort();
         }
     }
 }

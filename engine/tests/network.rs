@@ -17,30 +17,10 @@ use tokio::sync::mpsc;
 
 mod common;
 
+use common::nets::{
+    collect_log, host_address, run_to_report, serve_forever, shell, vm_name, RestOfNetwork,
+};
 use common::{resolved, Fixture};
-
-/// A unique VM name per test process.
-fn vm_name(base: &str) -> String {
-    format!("{base}-{}", std::process::id())
-}
-
-fn shell(script: &str) -> Execute {
-    Execute {
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        ..Execute::default()
-    }
-}
-
-/// Collects a log channel into a string in the background.
-fn collect_log(mut log: mpsc::Receiver<Bytes>) -> tokio::task::JoinHandle<String> {
-    tokio::spawn(async move {
-        let mut text = Vec::new();
-        while let Some(chunk) = log.recv().await {
-            text.extend_from_slice(&chunk);
-        }
-        String::from_utf8_lossy(&text).into_owned()
-    })
-}
 
 /// Starts a VM on the isolated network running `task`.
 async fn start(
@@ -59,19 +39,6 @@ async fn start(
     session.set_task(task);
     vm.set_http_handler(session.handler());
     (vm, session, log)
-}
-
-/// Waits for the guest's report, shuts it down and returns its whole log.
-async fn run_to_report(session: &GuestSession, log: mpsc::Receiver<Bytes>) -> String {
-    let log = collect_log(log);
-    tokio::time::timeout(Duration::from_secs(180), session.wait_report())
-        .await
-        .expect("the guest reported");
-    session.perform(ActionKind::Shutdown).await.ok();
-    tokio::time::timeout(Duration::from_secs(60), log)
-        .await
-        .expect("the log ended")
-        .unwrap()
 }
 
 fn namespaces() -> String {
@@ -121,110 +88,6 @@ async fn a_guest_runs_its_task_through_the_metadata_service_then_powers_off() {
         !namespaces().contains(&namespace),
         "namespace deleted with the VM"
     );
-}
-
-/// A listener answering every connection with a fixed line, on a thread.
-fn serve_forever(listener: TcpListener) {
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut stream = stream;
-            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\n\r\nreached\n");
-        }
-    });
-}
-
-/// The host namespace's first global IPv4 address other than loopback.
-fn host_address() -> Option<Ipv4Addr> {
-    let output = Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "scope", "global"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| !line.contains(" 10.200."))
-        .find_map(|line| {
-            let cidr = line.split_whitespace().nth(3)?;
-            cidr.split('/').next()?.parse().ok()
-        })
-}
-
-/// A "rest of the network": a namespace of the test's own joined to the host namespace by a
-/// veth pair, with a listener at 10.200.SUBNET.1:80 (the host side is 10.200.SUBNET.2).
-/// Removed on drop.
-struct RestOfNetwork {
-    namespace: String,
-    host_side: String,
-}
-
-impl RestOfNetwork {
-    fn create(subnet: u8) -> RestOfNetwork {
-        let id = std::process::id();
-        let rest = RestOfNetwork {
-            namespace: format!("taskvm-test-rest-{id}"),
-            host_side: format!("tvr{id}"),
-        };
-        let ip = |args: &[&str]| {
-            let status = Command::new("ip").args(args).status().unwrap();
-            assert!(status.success(), "ip {args:?}");
-        };
-        let peer = format!("tvp{id}");
-        ip(&["netns", "add", &rest.namespace]);
-        ip(&[
-            "link",
-            "add",
-            &rest.host_side,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-        ]);
-        ip(&["link", "set", &peer, "netns", &rest.namespace]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("10.200.{subnet}.2/24"),
-            "dev",
-            &rest.host_side,
-        ]);
-        ip(&["link", "set", &rest.host_side, "up"]);
-        ip(&[
-            "-n",
-            &rest.namespace,
-            "addr",
-            "add",
-            &format!("10.200.{subnet}.1/24"),
-            "dev",
-            &peer,
-        ]);
-        ip(&["-n", &rest.namespace, "link", "set", &peer, "up"]);
-        ip(&["-n", &rest.namespace, "link", "set", "lo", "up"]);
-        let path = format!("/run/netns/{}", rest.namespace);
-        let listener = std::thread::spawn(move || {
-            let namespace = std::fs::File::open(path).unwrap();
-            rustix::thread::move_into_link_name_space(
-                std::os::fd::AsFd::as_fd(&namespace),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .unwrap();
-            TcpListener::bind(format!("10.200.{subnet}.1:80")).unwrap()
-        })
-        .join()
-        .unwrap();
-        serve_forever(listener);
-        rest
-    }
-}
-
-impl Drop for RestOfNetwork {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_side])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.namespace])
-            .status();
-    }
 }
 
 fn reachable_from_here(address: &str) -> bool {
@@ -518,69 +381,4 @@ async fn namespaces_are_named_recorded_and_swept_after_a_crash() {
     let report = engine::records::sweep(&state).unwrap();
     assert_eq!(report.removed_namespaces, std::slice::from_ref(&namespace));
     assert!(!namespaces().contains(&namespace));
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn with_egress_the_guest_reaches_other_networks_but_never_the_host() {
-    let fixture = Fixture::new();
-    let loopback = TcpListener::bind("127.0.0.1:0").unwrap();
-    let loopback_address = loopback.local_addr().unwrap().to_string();
-    serve_forever(loopback);
-    let rest = RestOfNetwork::create(1);
-    // The host's own end of the test network is a host address too.
-    let host_side = TcpListener::bind("10.200.1.2:0").unwrap();
-    let host_side_address = host_side.local_addr().unwrap().to_string();
-    serve_forever(host_side);
-    let mut blocked = vec![loopback_address, host_side_address];
-    blocked.extend(host_address().map(|address| {
-        let listener = TcpListener::bind((address, 0)).unwrap();
-        let bound = listener.local_addr().unwrap().to_string();
-        serve_forever(listener);
-        bound
-    }));
-    let probe = |target: &String| {
-        format!(
-            "if timeout 5 wget -q -O /dev/null http://{target}/; \
-             then echo REACHED {target}; else echo BLOCKED {target}; fi; "
-        )
-    };
-    let script: String = std::iter::once("10.200.1.1:80".to_owned())
-        .chain(blocked.iter().cloned())
-        .map(|target| probe(&target))
-        .collect::<String>()
-        + "echo metadata says $(timeout 3 wget -q -O - http://169.254.169.254/latest/meta-data/instance-id)";
-
-    let name = vm_name("egress");
-    let lease = fixture.lease();
-    let machine = resolved(&lease);
-    let mut settings = fixture.settings(&name, Ipv4Addr::new(169, 254, 0, 2));
-    if let Some(network) = settings.network.as_mut() {
-        network.egress = true;
-    }
-    let vm = VirtualMachine::start(lease, &machine, &settings)
-        .await
-        .unwrap();
-    let link = vm.network().unwrap().egress_link().unwrap().to_owned();
-    assert!(Path::new("/sys/class/net").join(&link).exists());
-    let (session, log) = GuestSession::new(SessionConfig::new(&name));
-    session.set_task(shell(&script));
-    vm.set_http_handler(session.handler());
-    let text = run_to_report(&session, log).await;
-    assert!(
-        text.contains("REACHED 10.200.1.1:80"),
-        "egress works:\n{text}"
-    );
-    for target in &blocked {
-        assert!(
-            text.contains(&format!("BLOCKED {target}")),
-            "{target} is the host's and must stay unreachable:\n{text}"
-        );
-    }
-    assert!(text.contains(&format!("metadata says {name}")), "{text}");
-    drop(vm);
-    drop(rest);
-    assert!(
-        !Path::new("/sys/class/net").join(&link).exists(),
-        "the egress link goes with the VM"
-    );
 }

@@ -158,7 +158,14 @@ fn configure_network(address: &str, gateway: Option<&str>) -> io::Result<()> {
     netlink.add_address(index, cidr)?;
     netlink.link_up(index)?;
     match gateway {
-        Some(gateway) => netlink.add_default_route(index, gateway),
+        Some(gateway) => {
+            netlink.add_default_route(index, gateway)?;
+            // The gateway (the metadata address) also answers DNS when there is egress.
+            if let Err(error) = fs::write("/etc/resolv.conf", format!("nameserver {gateway}\n")) {
+                eprintln!("taskvm-agent: /etc/resolv.conf: {error}");
+            }
+            Ok(())
+        }
         None => Ok(()),
     }
 }

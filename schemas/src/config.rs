@@ -206,9 +206,40 @@ impl Default for SandboxConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct NetworkConfig {
     /// Let guests reach the outside world through NAT. Off: a guest reaches the metadata
-    /// service and nothing else.
+    /// service and nothing else. On: everything but internal and special ranges (RFC 1918,
+    /// 100.64/10, 0/8, 127/8, 169.254/16, 192.0.0/24, 198.18/15, 224/4, 240/4), cloud
+    /// host-agent addresses and the host's own networks, and DNS through a forwarder on the
+    /// metadata address that refuses answers naming such addresses.
     pub egress: bool,
+    /// Networks (`A.B.C.D/N`) guests with egress may reach although they are denied by
+    /// default, e.g. a cache on the LAN.
+    #[schemars(length(max = 256))]
+    pub egress_allow: Vec<Cidr>,
+    /// Resolvers (`A.B.C.D` or `A.B.C.D:PORT`) the guests' DNS queries are forwarded to; empty
+    /// (the default): the host's own, from `/etc/resolv.conf`.
+    #[schemars(length(max = 8))]
+    pub dns_servers: Vec<Resolver>,
 }
+
+/// An IPv4 network, `A.B.C.D/N`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Cidr(
+    #[schemars(regex(
+        pattern = r"^(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){3}/([0-9]|[12][0-9]|3[0-2])$"
+    ))]
+    pub String,
+);
+
+/// A resolver's IPv4 address, with an optional port: `A.B.C.D` or `A.B.C.D:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Resolver(
+    #[schemars(regex(
+        pattern = r"^(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){3}(:[0-9]{1,5})?$"
+    ))]
+    pub String,
+);
 
 /// Where a long-running worker takes its tasks from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -80,3 +80,4 @@ pub fn resolved(lease: &Lease) -> ResolvedMachine {
     };
     resolve_machine(layers, &limits).unwrap()
 }
+pub mod nets;

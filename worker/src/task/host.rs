@@ -94,6 +94,8 @@ pub struct Host {
     /// (none when empty); `taskvm run` widens an empty list to any file with
     /// [`Host::allow_any_local_file`].
     pub file_policy: image_manager::FilePolicy,
+    egress_allow: Vec<engine::egress_policy::Ipv4Cidr>,
+    dns_upstreams: Vec<std::net::SocketAddr>,
     accel: OnceCell<Accelerator>,
 }
 
@@ -110,6 +112,7 @@ impl Host {
                 source,
             })?;
         }
+        let (egress_allow, dns_upstreams) = network_lists(&config)?;
         if config.network.egress && !program_exists("nft") {
             return Err(HostError::Unsupported(
                 "network.egress = true needs nftables (the `nft` program); install it (make deps \
@@ -176,6 +179,8 @@ impl Host {
         let file_policy = image_manager::FilePolicy::Within(config.images.file_dirs.clone());
         Ok(Host {
             file_policy,
+            egress_allow,
+            dns_upstreams,
             config,
             cache,
             pool,
@@ -211,6 +216,8 @@ impl Host {
             cgroups: self.cgroups.clone(),
             network: Some(NetworkSettings {
                 egress: self.config.network.egress,
+                egress_allow: self.egress_allow.clone(),
+                dns_upstreams: self.dns_upstreams.clone(),
                 ..NetworkSettings::default()
             }),
             drives: Vec::new(),
@@ -365,4 +372,39 @@ fn make_dir(path: &Path) -> Result<(), HostError> {
         fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o755)).map_err(failed)?;
     }
     Ok(())
+}
+
+/// `network.egressAllow` and `network.dnsServers`, parsed (the schema checked their shape).
+fn network_lists(
+    config: &WorkerConfig,
+) -> Result<
+    (
+        Vec<engine::egress_policy::Ipv4Cidr>,
+        Vec<std::net::SocketAddr>,
+    ),
+    HostError,
+> {
+    let network = &config.network;
+    let allow = network
+        .egress_allow
+        .iter()
+        .map(|cidr| {
+            cidr.0
+                .parse()
+                .map_err(|error| HostError::Unsupported(format!("network.egressAllow: {error}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let resolvers = network
+        .dns_servers
+        .iter()
+        .map(|resolver| {
+            let text = &resolver.0;
+            text.parse::<std::net::SocketAddr>()
+                .or_else(|_| text.parse::<std::net::Ipv4Addr>().map(|ip| (ip, 53).into()))
+                .map_err(|_| {
+                    HostError::Unsupported(format!("network.dnsServers: not an address {text:?}"))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((allow, resolvers))
 }

@@ -63,6 +63,7 @@ async fn main() {
         cgroups: CgroupHost::detect().ok(),
         network: None,
         drives: Vec::new(),
+        max_file_size: None,
         start_timeout: Duration::from_secs(10),
         state_dir: None,
     };

@@ -104,11 +104,15 @@ pub async fn probe_boot(accelerator: Accelerator, spec: &ProbeSpec) -> ProbeOutc
         _ => Vec::new(),
     };
     let started = Instant::now();
+    let confinement = crate::process::Confinement {
+        run_as: spec.run_as,
+        extra_groups,
+        max_file_size: None,
+    };
     let mut qemu = match QemuProcess::spawn(
         &spec.qemu,
         &args,
-        spec.run_as,
-        &extra_groups,
+        &confinement,
         None,
         &[],
         &runtime.qemu_log(),

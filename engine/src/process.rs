@@ -23,6 +23,19 @@ pub struct QemuProcess {
     pid: u32,
 }
 
+/// How the QEMU process is confined besides its control group: the user it runs as (plus
+/// extra groups) and the largest file it may write.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confinement {
+    /// The user QEMU drops to before exec (None: it stays the worker's).
+    pub run_as: Option<RunAs>,
+    /// Supplementary groups besides the user's (the group owning `/dev/kvm` under KVM).
+    pub extra_groups: Vec<u32>,
+    /// `RLIMIT_FSIZE`: no file QEMU writes (its overlay, serial console, messages) may grow
+    /// past this many bytes; QEMU is killed with SIGXFSZ when one would.
+    pub max_file_size: Option<u64>,
+}
+
 /// Who QEMU runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunAs {
@@ -33,21 +46,21 @@ pub struct RunAs {
 }
 
 impl QemuProcess {
-    /// Starts `program` with `args`; standard error goes to `stderr_log`. With `run_as`, the
-    /// child drops to that user (plus `extra_groups`) before exec; with `cgroup`, it joins
-    /// that group first, while still privileged enough to. Each of `inherit` stays open in QEMU
+    /// Starts `program` with `args`; standard error goes to `stderr_log`. With a user in
+    /// `confinement`, the child drops to it (plus its extra groups) before exec; with
+    /// `cgroup`, it joins that group first, while still privileged enough to. Each of `inherit` stays open in QEMU
     /// under the same number (for `-netdev tap,fd=N`, `-incoming fd:N`).
     #[allow(unsafe_code)]
     pub fn spawn(
         program: &str,
         args: &[String],
-        run_as: Option<RunAs>,
-        extra_groups: &[u32],
+        confinement: &Confinement,
         cgroup: Option<&VmCgroup>,
         inherit: &[BorrowedFd<'_>],
         stderr_log: &Path,
     ) -> io::Result<Self> {
         let stderr = File::create(stderr_log)?;
+        let run_as = confinement.run_as;
         if let Some(user) = run_as {
             std::os::unix::fs::chown(stderr_log, Some(user.uid), Some(user.gid))?;
         }
@@ -62,7 +75,11 @@ impl QemuProcess {
         // Everything the child needs is made here, before fork: it must not allocate.
         let cgroup = cgroup.map(VmCgroup::try_clone).transpose()?;
         let credentials = run_as.map(|user| {
-            let groups: Vec<Gid> = extra_groups.iter().map(|&g| Gid::from_raw(g)).collect();
+            let groups: Vec<Gid> = confinement
+                .extra_groups
+                .iter()
+                .map(|&g| Gid::from_raw(g))
+                .collect();
             (Uid::from_raw(user.uid), Gid::from_raw(user.gid), groups)
         });
         let parent = rustix::process::getpid();
@@ -75,6 +92,10 @@ impl QemuProcess {
             current: Some(ceiling),
             maximum: Some(ceiling),
         };
+        let file_size = confinement.max_file_size.map(|bytes| Rlimit {
+            current: Some(bytes),
+            maximum: Some(bytes),
+        });
         // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
         // (fcntl, write, setgroups, setresgid, setresuid, setrlimit, prctl, getppid) on data prepared before fork.
         unsafe {
@@ -99,6 +120,9 @@ impl QemuProcess {
                 };
                 rustix::process::setrlimit(Resource::Core, no_core)?;
                 rustix::process::setrlimit(Resource::Nofile, open_files)?;
+                if let Some(file_size) = &file_size {
+                    rustix::process::setrlimit(Resource::Fsize, *file_size)?;
+                }
                 // After the uid change, which would clear it.
                 rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
                 if rustix::process::getppid() != Some(parent) {

@@ -71,6 +71,9 @@ pub struct VmSettings {
     pub network: Option<NetworkSettings>,
     /// Drives besides the root disk (a cloud-init seed, an installer ISO).
     pub drives: Vec<ExtraDrive>,
+    /// The largest file QEMU may write (overlay, serial console, messages); past it QEMU is
+    /// killed and the VM ends as [`ExitKind::FileTooLarge`]. None: no bound.
+    pub max_file_size: Option<u64>,
 }
 
 /// How a VM ended.
@@ -84,6 +87,12 @@ pub enum ExitKind {
     Panicked,
     /// [`VirtualMachine::kill`] ended it.
     Killed,
+    /// QEMU was killed for writing a file past [`VmSettings::max_file_size`] (SIGXFSZ): the
+    /// guest filled its disk overlay, or its serial console, beyond the bound.
+    FileTooLarge {
+        /// The bound, in bytes.
+        limit: u64,
+    },
     /// QEMU ended for another reason (a crash, a signal from elsewhere).
     Crashed {
         /// QEMU's exit status, as text.
@@ -141,6 +150,7 @@ pub struct VirtualMachine {
     source: BootSource,
     /// The root disk's backing file on the host when QEMU reaches it as `/dev/fdset/N`.
     host_backing: Option<(PathBuf, String)>,
+    max_file_size: Option<u64>,
 }
 
 impl VirtualMachine {
@@ -358,11 +368,15 @@ impl VirtualMachine {
             (Accelerator::Kvm, Some(_)) => kvm_group().into_iter().collect(),
             _ => Vec::new(),
         };
+        let confinement = crate::process::Confinement {
+            run_as: settings.run_as,
+            extra_groups,
+            max_file_size: settings.max_file_size,
+        };
         let mut qemu = QemuProcess::spawn(
             &settings.qemu,
             &argv,
-            settings.run_as,
-            &extra_groups,
+            &confinement,
             cgroup.as_ref(),
             &network
                 .iter()
@@ -413,6 +427,7 @@ impl VirtualMachine {
             _record: record_file,
             source,
             host_backing,
+            max_file_size: settings.max_file_size,
         })
     }
 
@@ -662,6 +677,22 @@ impl VirtualMachine {
         let _ = self.qemu.wait().await;
     }
 
+    /// The first file QEMU writes (disk overlay, serial console, messages) that has reached
+    /// [`VmSettings::max_file_size`], with the bound: writes past it failed (QEMU's I/O threads
+    /// get EFBIG and the guest an I/O error; a write from QEMU's main thread kills it, which
+    /// [`VirtualMachine::wait`] reports as [`ExitKind::FileTooLarge`]).
+    pub fn file_at_size_limit(&self) -> Option<(&'static str, u64)> {
+        let limit = self.max_file_size?;
+        [
+            ("disk overlay", self.runtime.overlay()),
+            ("serial console", self.runtime.serial_log()),
+            ("QEMU's messages", self.runtime.qemu_log()),
+        ]
+        .into_iter()
+        .find(|(_, path)| fs::metadata(path).is_ok_and(|meta| meta.len() >= limit))
+        .map(|(what, _)| (what, limit))
+    }
+
     /// Waits for the VM to end and says how it ended.
     pub async fn wait(&mut self) -> ExitKind {
         let status = self.qemu.wait().await;
@@ -683,6 +714,12 @@ impl VirtualMachine {
             Some((true, cause)) if cause == "guest-shutdown" => return ExitKind::PoweredOff,
             Some((true, cause)) if cause == "guest-reset" => return ExitKind::Rebooted,
             _ => {}
+        }
+        let file_size_signal = rustix::process::Signal::XFSZ.as_raw();
+        if let (Ok(status), Some(limit)) = (&status, self.max_file_size) {
+            if std::os::unix::process::ExitStatusExt::signal(status) == Some(file_size_signal) {
+                return ExitKind::FileTooLarge { limit };
+            }
         }
         ExitKind::Crashed {
             status: match status {

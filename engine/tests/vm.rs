@@ -59,6 +59,7 @@ impl Fixture {
             cgroups: root.then(|| CgroupHost::detect().unwrap()),
             network: None,
             drives: Vec::new(),
+            max_file_size: None,
         }
     }
 }

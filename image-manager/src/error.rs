@@ -52,6 +52,14 @@ pub enum ImageError {
         /// The stall timeout.
         seconds: u32,
     },
+    /// The whole download took longer than allowed.
+    #[error("download of {} took longer than {seconds} s (cache.downloadTimeout)", quoted(.url))]
+    TooSlow {
+        /// The URL.
+        url: String,
+        /// The bound.
+        seconds: u32,
+    },
     /// The compressed bytes do not have the pinned digest.
     #[error("sha256 mismatch: expected {expected}, got {actual}")]
     DigestMismatch {

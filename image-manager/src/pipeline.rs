@@ -4,7 +4,7 @@
 use std::io::{self, Read};
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use schemas::config::CacheConfig;
 use sha2::{Digest as _, Sha256};
@@ -50,6 +50,7 @@ pub fn stream_into(
 ) -> Result<Streamed, ImageError> {
     let (sender, receiver) = sync_channel::<Vec<u8>>(IN_FLIGHT);
     let stall = Duration::from_secs(u64::from(limits.stall_timeout));
+    let deadline = Instant::now() + Duration::from_secs(u64::from(limits.download_timeout));
     std::thread::scope(|scope| {
         let reading = scope.spawn(move || {
             let mut reader = reader;
@@ -63,6 +64,12 @@ pub fn stream_into(
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(Some(read_error(origin, &e, stall))),
                 };
+                if Instant::now() > deadline {
+                    return Err(Some(ImageError::TooSlow {
+                        url: origin.to_owned(),
+                        seconds: limits.download_timeout,
+                    }));
+                }
                 chunk.truncate(n);
                 hasher.update(&chunk);
                 total += n as u64;

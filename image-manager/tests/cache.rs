@@ -155,6 +155,37 @@ fn a_stalled_download_times_out() {
 }
 
 #[test]
+fn a_trickling_download_ends_at_the_download_timeout() {
+    let server = Server::start();
+    let bytes = testkit::images::incompressible_image(1 << 20);
+    // A 64 KiB piece every 400 ms never stalls, but takes 6 s in all.
+    server.route(
+        "/trickle",
+        Behaviour::Slow(bytes, Duration::from_millis(400)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = CacheConfig {
+        stall_timeout: 5,
+        download_timeout: 2,
+        ..limits(dir.path())
+    };
+    let cache = Cache::open(config).unwrap();
+    let request = ImageRequest::parse(&server.url("/trickle"), None).unwrap();
+    let started = std::time::Instant::now();
+    let error = cache.fetch(&request, &|_| {}).unwrap_err();
+    assert!(
+        matches!(error, ImageError::TooSlow { seconds: 2, .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("cache.downloadTimeout"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn gc_removes_least_recently_used_and_never_a_leased_image() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(limits(dir.path())).unwrap();

@@ -95,6 +95,9 @@ pub struct CacheConfig {
     /// Seconds a download may go without receiving a byte before it is abandoned.
     #[schemars(range(min = 1, max = 3600))]
     pub stall_timeout: u32,
+    /// Seconds a whole download may take (a server trickling bytes never stalls).
+    #[schemars(range(min = 1, max = 86_400))]
+    pub download_timeout: u32,
 }
 
 const GIB: u64 = 1 << 30;
@@ -111,6 +114,7 @@ impl Default for CacheConfig {
             max_entries: 8,
             max_machine_json_size: 1_048_576,
             stall_timeout: 60,
+            download_timeout: 3600,
         }
     }
 }
@@ -191,12 +195,18 @@ pub struct SandboxConfig {
     /// Unprivileged user (name or numeric uid) QEMU runs as when the worker runs as root.
     #[schemars(length(min = 1, max = 64))]
     pub user: String,
+    /// The largest file a VM's QEMU may write, in bytes: its disk overlay (what the guest
+    /// writes to its disk), its serial console and its messages. A VM that goes past it is
+    /// stopped and its task fails.
+    #[schemars(range(min = 1_048_576))]
+    pub max_file_size: u64,
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
             user: "nobody".to_owned(),
+            max_file_size: 32 * GIB,
         }
     }
 }

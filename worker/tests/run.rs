@@ -445,6 +445,38 @@ fn an_artifact_over_the_entry_cap_fails_the_task_naming_the_setting() {
 }
 
 #[test]
+fn a_guest_writing_past_the_file_size_bound_fails_the_task_naming_it() {
+    let scene = Scene::new();
+    let payload = scene.payload(
+        "disk-filler",
+        &with_test_images(
+            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
+                "command": ["sh", "-c", "dd if=/dev/urandom of=/root/fill bs=1M count=48; sync; echo survived"],
+                "maxRunTime": 120}"#,
+        ),
+    );
+    let config = scene.payload("filler-config", r#"{"sandbox": {"maxFileSize": 33554432}}"#);
+    let output = scene
+        .command(&payload, "filler", &shared_cache())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let log = std::fs::read_to_string(scene.artifacts("filler").join("live.log")).unwrap();
+    assert_eq!(output.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("the VM's disk overlay reached 33554432 bytes (sandbox.maxFileSize)"),
+        "{log}"
+    );
+    assert!(log.contains("[taskvm] resolved failed"), "{log}");
+    let vm = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .find_map(|line| line.strip_prefix("taskvm: VM "))
+        .map(|rest| rest.split(':').next().unwrap_or_default().to_owned());
+    assert!(scene.leftovers(vm.as_deref()).is_empty());
+}
+
+#[test]
 fn a_screenshot_of_the_display_is_saved_as_png() {
     let scene = Scene::new();
     let run = scene.run(&scene.example("screenshot"), "screen");

@@ -400,7 +400,14 @@ fn concurrency_and_host_capacity_bound_the_vms_and_cancel_works_queued_and_runni
     // get there: on a busy host the second one submitted may get there first. Whichever
     // starts is `a`; the other (`b`) holds the second slot and waits for memory, and c waits
     // for a slot.
+    let submitted_first = first.clone();
     let (a, b) = server.wait_first_log([first, second], "started");
+    let order = if a == submitted_first {
+        "first"
+    } else {
+        "second"
+    };
+    eprintln!("the task submitted {order} reached host capacity first");
     server.wait_for(&b, Duration::from_secs(30), |task| {
         task["state"] == "running"
     });

@@ -63,6 +63,7 @@ impl Fixture {
                 ..NetworkSettings::default()
             }),
             drives: Vec::new(),
+            max_file_size: None,
         }
     }
 }

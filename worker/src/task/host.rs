@@ -221,6 +221,7 @@ impl Host {
                 ..NetworkSettings::default()
             }),
             drives: Vec::new(),
+            max_file_size: Some(self.config.sandbox.max_file_size),
         }
     }
 

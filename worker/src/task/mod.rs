@@ -353,6 +353,15 @@ impl Run {
             } => (resolution, exit_code, reason, true),
             Supervised::Over(early) => (early.resolution, None, Some(early.reason), false),
         };
+        if let Some((file, limit)) = vm.file_at_size_limit() {
+            if !matches!(resolution, Resolution::Exception(_)) {
+                resolution = Resolution::Failed;
+                reason = Some(format!(
+                    "the VM's {file} reached {limit} bytes (sandbox.maxFileSize) and writes \
+                     past it failed; the task failed"
+                ));
+            }
+        }
         // The agent closes its log before it reports; let the last bytes land.
         let _ = tokio::time::timeout(Duration::from_secs(2), forward).await;
 
@@ -704,6 +713,10 @@ fn describe_exit(kind: &ExitKind) -> String {
         ExitKind::Rebooted => "the guest rebooted".to_owned(),
         ExitKind::Panicked => "the guest kernel panicked".to_owned(),
         ExitKind::Killed => "the VM was killed".to_owned(),
+        ExitKind::FileTooLarge { limit } => format!(
+            "the VM was stopped for writing a file (its disk overlay or serial console) past \
+             {limit} bytes (sandbox.maxFileSize)"
+        ),
         ExitKind::Crashed {
             status,
             stderr_tail,

@@ -15,10 +15,12 @@ pub struct Violation {
 
 impl Violation {
     /// A violation at `pointer`.
+    /// Both parts are cut (a pointer at 300 characters, a rule at 500, with `…`) and their
+    /// control characters escaped: they quote the document, which may be hostile.
     pub fn new(pointer: impl Into<String>, rule: impl Into<String>) -> Self {
         Violation {
-            pointer: pointer.into(),
-            rule: rule.into(),
+            pointer: bounded(pointer.into(), MAX_POINTER_CHARS),
+            rule: bounded(rule.into(), MAX_RULE_CHARS),
         }
     }
 }
@@ -34,6 +36,21 @@ impl fmt::Display for Violation {
     }
 }
 
+/// Most characters of a violation's pointer.
+const MAX_POINTER_CHARS: usize = 300;
+/// Most characters of a violation's rule.
+const MAX_RULE_CHARS: usize = 500;
+/// Most violations listed; the rest are counted in one last line.
+pub const MAX_LISTED: usize = 100;
+
+fn bounded(text: String, max_chars: usize) -> String {
+    let escaped = crate::shown::escape_controls(&text);
+    match escaped.char_indices().nth(max_chars) {
+        None => escaped.into_owned(),
+        Some((cut, _)) => format!("{}…", &escaped[..cut]),
+    }
+}
+
 /// Every rule a document breaks, sorted by pointer; never empty.
 ///
 /// For a task this is a *malformed payload*: the task cannot run as written.
@@ -42,9 +59,15 @@ pub struct Violations(Vec<Violation>);
 
 impl Violations {
     /// Collects violations; `None` when there are none.
+    /// At most [`MAX_LISTED`] are kept, then one line saying how many more there were.
     pub fn from_vec(mut violations: Vec<Violation>) -> Option<Self> {
         violations.sort();
         violations.dedup();
+        if violations.len() > MAX_LISTED {
+            let more = violations.len() - MAX_LISTED;
+            violations.truncate(MAX_LISTED);
+            violations.push(Violation::new("", format!("and {more} more violations")));
+        }
         (!violations.is_empty()).then_some(Violations(violations))
     }
 
@@ -85,4 +108,29 @@ impl fmt::Display for Violations {
 /// Escapes one JSON pointer reference token (RFC 6901: `~` → `~0`, `/` → `~1`).
 pub fn escape_token(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_documents_make_bounded_violations() {
+        let huge = Violation::new(format!("/{}", "k".repeat(1 << 20)), "x".repeat(1 << 20));
+        assert!(
+            huge.to_string().chars().count() < 900,
+            "{}",
+            huge.to_string().len()
+        );
+        let escaped = Violation::new("/a\u{1b}", "bad \u{1b}[2J value");
+        assert_eq!(escaped.to_string(), "/a\\u{1b}: bad \\u{1b}[2J value");
+        let many = (0..1000)
+            .map(|index| Violation::new(format!("/f{index:04}"), "unknown field"))
+            .collect();
+        let listed = Violations::from_vec(many).unwrap();
+        assert_eq!(listed.as_slice().len(), MAX_LISTED + 1);
+        assert!(listed
+            .to_string()
+            .ends_with("<document>: and 900 more violations"));
+    }
 }

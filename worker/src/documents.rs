@@ -6,11 +6,25 @@ use std::path::{Path, PathBuf};
 use schemas::{parse_config, parse_json, Violations, WorkerConfig};
 use taskvm::exit::Outcome;
 
+/// Largest document file read (payloads and configurations are a few KiB; `taskvm serve`
+/// takes 1 MiB bodies).
+const MAX_DOCUMENT: u64 = 16 << 20;
+
 /// Reads a file as JSON, or TOML when its name ends in `.toml`; any failure is a violation
 /// naming the file.
 pub fn read_document(path: &Path) -> Result<serde_json::Value, Violations> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| Violations::one("", format!("cannot read {}: {error}", path.display())))?;
+    use std::io::Read;
+    let cannot = |error: &dyn std::fmt::Display| {
+        Violations::one("", format!("cannot read {}: {error}", path.display()))
+    };
+    let file = std::fs::File::open(path).map_err(|error| cannot(&error))?;
+    let mut text = String::new();
+    file.take(MAX_DOCUMENT + 1)
+        .read_to_string(&mut text)
+        .map_err(|error| cannot(&error))?;
+    if text.len() as u64 > MAX_DOCUMENT {
+        return Err(cannot(&format!("larger than {MAX_DOCUMENT} bytes")));
+    }
     if path.extension().is_some_and(|ext| ext == "toml") {
         let value: toml::Value = toml::from_str(&text)
             .map_err(|error| Violations::one("", format!("not valid TOML: {}", error.message())))?;

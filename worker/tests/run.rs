@@ -70,6 +70,24 @@ impl Scene {
         self.run_with_cache(payload, artifacts, &shared_cache())
     }
 
+    /// Runs `payload` with the configuration file `config` (JSON text).
+    fn run_configured(&self, payload: &Path, artifacts: &str, config: &str) -> Run {
+        let config = self.payload(&format!("{artifacts}-config"), config);
+        let started = Instant::now();
+        let output = self
+            .command(payload, artifacts, &shared_cache())
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run taskvm");
+        Run {
+            output,
+            took: started.elapsed(),
+            log: std::fs::read_to_string(self.artifacts(artifacts).join("live.log"))
+                .unwrap_or_default(),
+        }
+    }
+
     fn run_with_cache(&self, payload: &Path, artifacts: &str, cache: &Path) -> Run {
         let started = Instant::now();
         let output = self
@@ -424,15 +442,9 @@ fn an_artifact_over_the_entry_cap_fails_the_task_naming_the_setting() {
                 "artifacts": [{"type": "directory", "path": "/out", "name": "out"}]}"#,
         ),
     );
-    let config = scene.payload("entries-config", r#"{"artifacts": {"maxEntries": 5}}"#);
-    let output = scene
-        .command(&payload, "entries", &shared_cache())
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let log = std::fs::read_to_string(scene.artifacts("entries").join("live.log")).unwrap();
-    assert_eq!(output.status.code(), Some(1), "{log}");
+    let run = scene.run_configured(&payload, "entries", r#"{"artifacts": {"maxEntries": 5}}"#);
+    let log = &run.log;
+    assert_eq!(run.code(), Some(1), "{}", run.explain());
     assert!(
         log.contains("the task's artifacts exceed 5 entries in all (artifacts.maxEntries)"),
         "{log}"
@@ -455,25 +467,16 @@ fn a_guest_writing_past_the_file_size_bound_fails_the_task_naming_it() {
                 "maxRunTime": 120}"#,
         ),
     );
-    let config = scene.payload("filler-config", r#"{"sandbox": {"maxFileSize": 33554432}}"#);
-    let output = scene
-        .command(&payload, "filler", &shared_cache())
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let log = std::fs::read_to_string(scene.artifacts("filler").join("live.log")).unwrap();
-    assert_eq!(output.status.code(), Some(1), "{log}");
+    let config = r#"{"sandbox": {"maxFileSize": 33554432}}"#;
+    let run = scene.run_configured(&payload, "filler", config);
+    let log = &run.log;
+    assert_eq!(run.code(), Some(1), "{}", run.explain());
     assert!(
         log.contains("the VM's disk overlay reached 33554432 bytes (sandbox.maxFileSize)"),
         "{log}"
     );
     assert!(log.contains("[taskvm] resolved failed"), "{log}");
-    let vm = String::from_utf8_lossy(&output.stderr)
-        .lines()
-        .find_map(|line| line.strip_prefix("taskvm: VM "))
-        .map(|rest| rest.split(':').next().unwrap_or_default().to_owned());
-    assert!(scene.leftovers(vm.as_deref()).is_empty());
+    assert!(scene.leftovers(run.vm().as_deref()).is_empty());
 }
 
 #[test]

@@ -129,7 +129,13 @@ impl RestOfNetwork {
         ]);
         ip(&["-n", &rest.namespace, "link", "set", &peer, "up"]);
         ip(&["-n", &rest.namespace, "link", "set", "lo", "up"]);
-        let path = format!("/run/netns/{}", rest.namespace);
+        rest.serve_inside(Ipv4Addr::new(10, 200, subnet, 1));
+        rest
+    }
+
+    /// A listener at `address`:80 made inside the namespace, answering forever.
+    fn serve_inside(&self, address: Ipv4Addr) {
+        let path = format!("/run/netns/{}", self.namespace);
         let listener = std::thread::spawn(move || {
             let namespace = std::fs::File::open(path).unwrap();
             rustix::thread::move_into_link_name_space(
@@ -137,12 +143,11 @@ impl RestOfNetwork {
                 Some(rustix::thread::LinkNameSpaceType::Network),
             )
             .unwrap();
-            TcpListener::bind(format!("10.200.{subnet}.1:80")).unwrap()
+            TcpListener::bind((address, 80)).unwrap()
         })
         .join()
         .unwrap();
         serve_forever(listener);
-        rest
     }
 }
 
@@ -166,19 +171,7 @@ impl RestOfNetwork {
         ]);
         let via = format!("10.200.{}.1", self.subnet);
         ip(&["route", "add", &host, "via", &via, "dev", &self.host_side]);
-        let path = format!("/run/netns/{}", self.namespace);
-        let listener = std::thread::spawn(move || {
-            let namespace = std::fs::File::open(path).unwrap();
-            rustix::thread::move_into_link_name_space(
-                std::os::fd::AsFd::as_fd(&namespace),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .unwrap();
-            TcpListener::bind((address, 80)).unwrap()
-        })
-        .join()
-        .unwrap();
-        serve_forever(listener);
+        self.serve_inside(address);
     }
 }
 

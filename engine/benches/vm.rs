@@ -64,6 +64,7 @@ async fn main() {
         network: None,
         drives: Vec::new(),
         max_file_size: None,
+        max_console_size: None,
         start_timeout: Duration::from_secs(10),
         state_dir: None,
     };

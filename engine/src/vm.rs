@@ -74,6 +74,9 @@ pub struct VmSettings {
     /// The largest file QEMU may write (overlay, serial console, messages); past it QEMU is
     /// killed and the VM ends as [`ExitKind::FileTooLarge`]. None: no bound.
     pub max_file_size: Option<u64>,
+    /// The largest serial console log; a VM whose console passes it is stopped
+    /// ([`ExitKind::FileTooLarge`] with [`FileBound::Console`]). None: only `max_file_size`.
+    pub max_console_size: Option<u64>,
 }
 
 /// How a VM ended.
@@ -87,9 +90,14 @@ pub enum ExitKind {
     Panicked,
     /// [`VirtualMachine::kill`] ended it.
     Killed,
-    /// QEMU was killed for writing a file past [`VmSettings::max_file_size`] (SIGXFSZ): the
-    /// guest filled its disk overlay, or its serial console, beyond the bound.
+    /// The VM was stopped because a file QEMU writes reached its bound: the guest filled its
+    /// disk overlay or its serial console (found by [`VirtualMachine::wait`]'s watch, or
+    /// QEMU killed by SIGXFSZ).
     FileTooLarge {
+        /// Which file: "disk overlay", "serial console" or "QEMU's messages".
+        file: &'static str,
+        /// Which bound it reached.
+        bound: FileBound,
         /// The bound, in bytes.
         limit: u64,
     },
@@ -101,6 +109,18 @@ pub enum ExitKind {
         stderr_tail: String,
     },
 }
+
+/// The bounds on the files a VM's QEMU writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileBound {
+    /// [`VmSettings::max_file_size`], any file.
+    FileSize,
+    /// [`VmSettings::max_console_size`], the serial console.
+    Console,
+}
+
+/// How often [`VirtualMachine::wait`] looks at the sizes of the VM's files.
+const FILE_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why a VM could not be started or driven.
 #[derive(Debug, Error)]
@@ -151,6 +171,7 @@ pub struct VirtualMachine {
     /// The root disk's backing file on the host when QEMU reaches it as `/dev/fdset/N`.
     host_backing: Option<(PathBuf, String)>,
     max_file_size: Option<u64>,
+    max_console_size: Option<u64>,
 }
 
 impl VirtualMachine {
@@ -428,6 +449,7 @@ impl VirtualMachine {
             source,
             host_backing,
             max_file_size: settings.max_file_size,
+            max_console_size: settings.max_console_size,
         })
     }
 
@@ -678,24 +700,51 @@ impl VirtualMachine {
     }
 
     /// The first file QEMU writes (disk overlay, serial console, messages) that has reached
-    /// [`VmSettings::max_file_size`], with the bound: writes past it failed (QEMU's I/O threads
-    /// get EFBIG and the guest an I/O error; a write from QEMU's main thread kills it, which
-    /// [`VirtualMachine::wait`] reports as [`ExitKind::FileTooLarge`]).
-    pub fn file_at_size_limit(&self) -> Option<(&'static str, u64)> {
+    /// its bound, as the [`ExitKind::FileTooLarge`] to report. Writes past
+    /// [`VmSettings::max_file_size`] fail (QEMU's I/O threads block signals: they get EFBIG and
+    /// the guest an I/O error), so a file at the bound is a guest that wanted more.
+    pub fn file_at_bound(&self) -> Option<ExitKind> {
+        let size = |path: PathBuf| fs::metadata(path).map_or(0, |meta| meta.len());
+        let console = size(self.runtime.serial_log());
+        if let Some(limit) = self.max_console_size.filter(|limit| console >= *limit) {
+            return Some(ExitKind::FileTooLarge {
+                file: "serial console",
+                bound: FileBound::Console,
+                limit,
+            });
+        }
         let limit = self.max_file_size?;
         [
-            ("disk overlay", self.runtime.overlay()),
-            ("serial console", self.runtime.serial_log()),
-            ("QEMU's messages", self.runtime.qemu_log()),
+            ("disk overlay", size(self.runtime.overlay())),
+            ("serial console", console),
+            ("QEMU's messages", size(self.runtime.qemu_log())),
         ]
         .into_iter()
-        .find(|(_, path)| fs::metadata(path).is_ok_and(|meta| meta.len() >= limit))
-        .map(|(what, _)| (what, limit))
+        .find(|(_, length)| *length >= limit)
+        .map(|(file, _)| ExitKind::FileTooLarge {
+            file,
+            bound: FileBound::FileSize,
+            limit,
+        })
     }
 
-    /// Waits for the VM to end and says how it ended.
+    /// Waits for the VM to end and says how it ended. Meanwhile the sizes of its files are
+    /// watched: a VM whose file reached its bound is killed and ends as
+    /// [`ExitKind::FileTooLarge`].
     pub async fn wait(&mut self) -> ExitKind {
-        let status = self.qemu.wait().await;
+        let watching = self.max_file_size.is_some() || self.max_console_size.is_some();
+        let status = loop {
+            tokio::select! {
+                status = self.qemu.wait() => break status,
+                () = tokio::time::sleep(FILE_WATCH_INTERVAL), if watching => {
+                    if let Some(over) = self.file_at_bound() {
+                        self.qemu.kill();
+                        let _ = self.qemu.wait().await;
+                        return over;
+                    }
+                }
+            }
+        };
         // The events arrive before QEMU exits; let the reader reach the end of the stream.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while !self.qmp.record().closed && tokio::time::Instant::now() < deadline {
@@ -716,9 +765,11 @@ impl VirtualMachine {
             _ => {}
         }
         let file_size_signal = rustix::process::Signal::XFSZ.as_raw();
-        if let (Ok(status), Some(limit)) = (&status, self.max_file_size) {
+        if let Ok(status) = &status {
             if std::os::unix::process::ExitStatusExt::signal(status) == Some(file_size_signal) {
-                return ExitKind::FileTooLarge { limit };
+                if let Some(over) = self.file_at_bound() {
+                    return over;
+                }
             }
         }
         ExitKind::Crashed {

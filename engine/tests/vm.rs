@@ -60,6 +60,7 @@ impl Fixture {
             network: None,
             drives: Vec::new(),
             max_file_size: None,
+            max_console_size: None,
         }
     }
 }

@@ -200,6 +200,10 @@ pub struct SandboxConfig {
     /// stopped and its task fails.
     #[schemars(range(min = 1_048_576))]
     pub max_file_size: u64,
+    /// The largest serial console log of a VM, in bytes; a VM whose console passes it is
+    /// stopped and its task fails.
+    #[schemars(range(min = 65_536))]
+    pub max_console_size: u64,
 }
 
 impl Default for SandboxConfig {
@@ -207,6 +211,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             user: "nobody".to_owned(),
             max_file_size: 32 * GIB,
+            max_console_size: 64 << 20,
         }
     }
 }

@@ -457,7 +457,7 @@ fn an_artifact_over_the_entry_cap_fails_the_task_naming_the_setting() {
 }
 
 #[test]
-fn a_guest_writing_past_the_file_size_bound_fails_the_task_naming_it() {
+fn a_guest_writing_past_the_file_size_bound_is_stopped_and_fails_naming_it() {
     let scene = Scene::new();
     let payload = scene.payload(
         "disk-filler",
@@ -476,6 +476,35 @@ fn a_guest_writing_past_the_file_size_bound_fails_the_task_naming_it() {
         "{log}"
     );
     assert!(log.contains("[taskvm] resolved failed"), "{log}");
+    assert!(scene.leftovers(run.vm().as_deref()).is_empty());
+}
+
+#[test]
+fn a_guest_flooding_its_serial_console_is_stopped_at_the_console_bound() {
+    let scene = Scene::new();
+    let payload = scene.payload(
+        "console-flood",
+        &with_test_images(
+            r#"{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
+                "command": ["sh", "-c", "while :; do echo flooding the console > /dev/ttyS0; done"],
+                "maxRunTime": 120}"#,
+        ),
+    );
+    let config = r#"{"sandbox": {"maxConsoleSize": 65536}}"#;
+    let run = scene.run_configured(&payload, "flood", config);
+    assert_eq!(run.code(), Some(1), "{}", run.explain());
+    assert!(
+        run.log
+            .contains("the VM's serial console reached 65536 bytes (sandbox.maxConsoleSize)"),
+        "{}",
+        run.log
+    );
+    assert!(
+        run.took < Duration::from_secs(100),
+        "stopped long before maxRunTime"
+    );
+    let kept = std::fs::metadata(scene.artifacts("flood").join("serial.log")).unwrap();
+    assert!(kept.len() < 4 << 20, "{} bytes kept", kept.len());
     assert!(scene.leftovers(run.vm().as_deref()).is_empty());
 }
 

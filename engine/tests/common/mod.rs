@@ -64,6 +64,7 @@ impl Fixture {
             }),
             drives: Vec::new(),
             max_file_size: None,
+            max_console_size: None,
         }
     }
 }

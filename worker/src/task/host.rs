@@ -222,6 +222,7 @@ impl Host {
             }),
             drives: Vec::new(),
             max_file_size: Some(self.config.sandbox.max_file_size),
+            max_console_size: Some(self.config.sandbox.max_console_size),
         }
     }
 

@@ -353,13 +353,10 @@ impl Run {
             } => (resolution, exit_code, reason, true),
             Supervised::Over(early) => (early.resolution, None, Some(early.reason), false),
         };
-        if let Some((file, limit)) = vm.file_at_size_limit() {
+        if let Some(over) = vm.file_at_bound() {
             if !matches!(resolution, Resolution::Exception(_)) {
                 resolution = Resolution::Failed;
-                reason = Some(format!(
-                    "the VM's {file} reached {limit} bytes (sandbox.maxFileSize) and writes \
-                     past it failed; the task failed"
-                ));
+                reason = Some(format!("{}; the task failed", describe_exit(&over)));
             }
         }
         // The agent closes its log before it reports; let the last bytes land.
@@ -713,10 +710,13 @@ fn describe_exit(kind: &ExitKind) -> String {
         ExitKind::Rebooted => "the guest rebooted".to_owned(),
         ExitKind::Panicked => "the guest kernel panicked".to_owned(),
         ExitKind::Killed => "the VM was killed".to_owned(),
-        ExitKind::FileTooLarge { limit } => format!(
-            "the VM was stopped for writing a file (its disk overlay or serial console) past \
-             {limit} bytes (sandbox.maxFileSize)"
-        ),
+        ExitKind::FileTooLarge { file, bound, limit } => {
+            let setting = match bound {
+                engine::vm::FileBound::FileSize => "sandbox.maxFileSize",
+                engine::vm::FileBound::Console => "sandbox.maxConsoleSize",
+            };
+            format!("the VM's {file} reached {limit} bytes ({setting})")
+        }
         ExitKind::Crashed {
             status,
             stderr_tail,

@@ -46,11 +46,16 @@ fn test_file(name: &str, make: &str) -> PathBuf {
     path
 }
 
+/// The directory the test images are built in (`test-images/out`), for `images.fileDirs`.
+pub fn test_images_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../test-images/out");
+    std::fs::canonicalize(&dir).unwrap_or(dir)
+}
+
 /// A worker configuration (JSON) that lets `taskvm serve`/`worker` take `file://` images from
 /// the test images' directory (`images.fileDirs`), with `extra` top-level fields added.
 pub fn config_allowing_test_images(extra: &str) -> String {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../test-images/out");
-    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let dir = test_images_dir();
     let separator = if extra.is_empty() { "" } else { ", " };
     format!(
         r#"{{"images": {{"fileDirs": [{:?}]}}{separator}{extra}}}"#,

@@ -141,6 +141,9 @@ fn warm_pool_series(tasks: usize, image: &Path, scratch: &Path) -> (Vec<Duration
             state_dir: scratch.join("pool-state"),
             accel: Accel::Tcg,
             warm_pool: 1,
+            images: schemas::config::ImageSourceConfig {
+                file_dirs: vec![testkit::guest::test_images_dir()],
+            },
             ..schemas::WorkerConfig::default()
         };
         let host = Arc::new(Host::prepare(config, &|_| {}).expect("host"));

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use schemas::config::{Accel, CacheConfig};
+use schemas::config::{Accel, CacheConfig, ImageSourceConfig};
 use schemas::{parse_payload, WorkerConfig};
 use taskvm::task::host::Host;
 use taskvm::task::log::{Echo, TaskLog};
@@ -71,6 +71,10 @@ async fn a_warm_pool_hands_out_paused_vms_that_cost_no_cpu_while_they_wait() {
         state_dir: scratch.path().join("state"),
         accel: Accel::Tcg,
         warm_pool: 1,
+        // A long-running worker takes file images only from directories it is told of.
+        images: ImageSourceConfig {
+            file_dirs: vec![testkit::guest::test_images_dir()],
+        },
         ..WorkerConfig::default()
     };
     let host = Arc::new(Host::prepare(config, &|_| {}).unwrap());

@@ -101,10 +101,15 @@ impl Budget {
         self.started + self.timeout
     }
 
+    /// The bound hit when the deadline passes.
+    pub fn deadline_exceeded(&self) -> Exceeded {
+        Exceeded::Deadline(self.timeout.as_secs())
+    }
+
     /// The earliest moment the guest is too late: the overall deadline, or the moment at
     /// which what it sent so far falls below the minimum average rate.
     fn patience_ends(&self) -> (Instant, Exceeded) {
-        let deadline = (self.deadline(), Exceeded::Deadline(self.timeout.as_secs()));
+        let deadline = (self.deadline(), self.deadline_exceeded());
         if self.min_rate == 0 {
             return deadline;
         }

@@ -167,7 +167,7 @@ pub async fn collect(
     let reply = match tokio::time::timeout_at(answer_by, request).await {
         Ok(reply) => reply.map_err(|error| no_answer(error.to_string()))?,
         Err(_) if answer_by == budget.deadline() => {
-            let exceeded = Exceeded::Deadline(u64::from(budget_timeout(budget)));
+            let exceeded = budget.deadline_exceeded();
             return Err(ArtifactError::Exceeded { path, exceeded });
         }
         Err(_) => {
@@ -235,13 +235,6 @@ pub async fn collect(
         remove_partial(&written);
         failure.at(&path)
     })
-}
-
-fn budget_timeout(budget: &Budget) -> u32 {
-    let seconds = budget
-        .deadline()
-        .saturating_duration_since(tokio::time::Instant::now());
-    u32::try_from(seconds.as_secs()).unwrap_or(u32::MAX)
 }
 
 /// Removes what a failed artifact left: its file, or its directory tree.

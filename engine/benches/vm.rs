@@ -54,6 +54,9 @@ async fn main() {
         runtime_parent: scratch.path().join("run"),
         name,
         accelerator: Accelerator::Tcg,
+        jail: rustix::process::geteuid()
+            .is_root()
+            .then(engine::jail::JailSettings::default),
         run_as: rustix::process::geteuid()
             .is_root()
             .then(|| lookup_user("nobody").expect("nobody")),

@@ -2,12 +2,18 @@
 //! `/dev/kvm` existing is not enough — nested KVM on some hosts hangs guests early in boot —
 //! so a probe VM boots a kernel under KVM with a watchdog and the verdict is cached per host.
 //!
-//! The probe guest is the given kernel with no disk and no init: it boots, fails to mount a
-//! root file system and panics, which with `panic=-1` and `-no-reboot` ends QEMU. Reaching
-//! that panic proves the kernel came all the way up; a watchdog catches a hang.
+//! The probe guest is a kernel the host trusts (`sandbox.probeKernel`, by default the host's
+//! own `/boot/vmlinuz-RELEASE`), never a task's: a task's kernel that hangs on purpose would
+//! otherwise decide every later task's accelerator. It runs with no disk and no init: it
+//! boots, fails to mount a root file system and panics, which with `panic=-1` and
+//! `-no-reboot` ends QEMU. Reaching that panic proves the kernel came all the way up; a
+//! watchdog catches a hang. The probe QEMU is jailed like a VM's. The verdict's key names the
+//! probe kernel's digest, and the cached file is believed only when it is a regular file of
+//! this user that nobody else may write.
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +21,7 @@ use schemas::config::Accel;
 use serde::{Deserialize, Serialize};
 
 use crate::cmdline::Accelerator;
+use crate::jail::{JailPlan, JailSettings};
 use crate::process::{QemuProcess, RunAs};
 use crate::runtime::RuntimeDir;
 
@@ -26,9 +33,11 @@ const BOOTED_MARKER: &str = "Kernel panic";
 pub struct ProbeSpec {
     /// The QEMU binary.
     pub qemu: String,
-    /// A Linux kernel (vmlinux or bzImage) to boot.
+    /// A Linux kernel (vmlinux or bzImage) the host trusts, to boot.
     pub kernel: PathBuf,
-    /// The user the VMs run as (the probe must run as that user: KVM access is per user).
+    /// The jail the VMs run in (the probe runs in one too: KVM access is per user).
+    pub jail: Option<JailSettings>,
+    /// The user the VMs run as without a jail.
     pub run_as: Option<RunAs>,
     /// Where the probe's private directory is made.
     pub scratch: PathBuf,
@@ -57,103 +66,165 @@ pub enum ProbeOutcome {
 
 /// Boots the probe guest under `accelerator` and reports how far it got.
 pub async fn probe_boot(accelerator: Accelerator, spec: &ProbeSpec) -> ProbeOutcome {
-    let name = format!("accel-probe-{}", std::process::id());
-    let owner = spec.run_as.map(|user| (user.uid, user.gid));
-    let runtime = match RuntimeDir::create(&spec.scratch, &name, owner) {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            return ProbeOutcome::Failed {
-                reason: format!("probe directory: {error}"),
-            }
-        }
-    };
-    let mut append = "console=ttyS0 panic=-1 loglevel=4 rdinit=/taskvm-probe-none".to_owned();
-    if let Some(khz) = spec.tsc_khz {
-        append.push_str(&format!(" tsc_early_khz={khz}"));
+    match ProbeVm::start(accelerator, spec) {
+        Ok(probe) => probe.watch(spec.watchdog).await,
+        Err(reason) => ProbeOutcome::Failed { reason },
     }
-    let accel = match accelerator {
-        Accelerator::Kvm => "kvm",
-        Accelerator::Tcg => "tcg,thread=multi",
-    };
-    let serial = runtime.serial_log();
-    let args: Vec<String> = [
-        "-nodefaults",
-        "-no-user-config",
-        "-no-reboot",
-        "-display",
-        "none",
-        "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-        "-machine",
-        "microvm",
-        "-accel",
-        accel,
-        "-m",
-        "256M",
-        "-kernel",
-        &spec.kernel.display().to_string(),
-        "-append",
-        &append,
-        "-serial",
-        &format!("file:{}", serial.display()),
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let extra_groups: Vec<u32> = match (accelerator, spec.run_as) {
-        (Accelerator::Kvm, Some(_)) => crate::vm::kvm_group().into_iter().collect(),
-        _ => Vec::new(),
-    };
-    let started = Instant::now();
-    let confinement = crate::process::Confinement {
-        run_as: spec.run_as,
-        extra_groups,
-        max_file_size: None,
-    };
-    let mut qemu = match QemuProcess::spawn(
-        &spec.qemu,
-        &args,
-        &confinement,
-        None,
-        &[],
-        &runtime.qemu_log(),
-    ) {
-        Ok(qemu) => qemu,
-        Err(error) => {
-            return ProbeOutcome::Failed {
-                reason: format!("cannot run {}: {error}", spec.qemu),
+}
+
+/// A running probe QEMU and what it owns (dropped in order: QEMU, directory, ids).
+struct ProbeVm {
+    qemu: QemuProcess,
+    runtime: RuntimeDir,
+    _ids: Option<crate::ids::VmIds>,
+    started: Instant,
+}
+
+impl ProbeVm {
+    fn start(accelerator: Accelerator, spec: &ProbeSpec) -> Result<ProbeVm, String> {
+        let name = format!("accel-probe-{}", std::process::id());
+        let ids = match &spec.jail {
+            Some(jail) => Some(
+                jail.ids
+                    .allocate_in(&jail.id_locks)
+                    .map_err(|error| error.to_string())?,
+            ),
+            None => None,
+        };
+        let owner = match &ids {
+            Some(ids) => Some((ids.uid(), ids.gid())),
+            None => spec.run_as.map(|user| (user.uid, user.gid)),
+        };
+        let runtime = RuntimeDir::create(&spec.scratch, &name, owner)
+            .map_err(|error| format!("probe directory: {error}"))?;
+        let jailed = spec.jail.as_ref().is_some_and(|jail| jail.namespaces);
+        let mut plan = jailed.then(|| JailPlan::new(runtime.path()));
+        let kernel = match plan.as_mut() {
+            Some(plan) => plan.add_file(&spec.kernel, "boot/kernel"),
+            None => spec.kernel.display().to_string(),
+        };
+        let mut append = "console=ttyS0 panic=-1 loglevel=4 rdinit=/taskvm-probe-none".to_owned();
+        if let Some(khz) = spec.tsc_khz {
+            append.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        let accel = match accelerator {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Tcg => "tcg,thread=multi",
+        };
+        let failed = |what: &str, error: io::Error| format!("{what}: {error}");
+        let serial: OwnedFd = runtime
+            .create_file("serial.log")
+            .map_err(|e| failed("probe console", e))?
+            .into();
+        let args: Vec<String> = [
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            "-machine",
+            "microvm",
+            "-accel",
+            accel,
+            "-m",
+            "256M",
+            "-kernel",
+            &kernel,
+            "-append",
+            &append,
+            "-add-fd",
+            &format!("fd={},set=0", serial.as_raw_fd()),
+            "-chardev",
+            "file,id=serial0,path=/dev/fdset/0",
+            "-serial",
+            "chardev:serial0",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let kvm = accelerator == Accelerator::Kvm;
+        let extra_groups: Vec<u32> = match owner {
+            Some(_) if kvm => crate::launch::kvm_group().into_iter().collect(),
+            _ => Vec::new(),
+        };
+        let program = match plan.as_mut() {
+            Some(plan) => {
+                if kvm {
+                    plan.add_device("kvm");
+                }
+                plan.add_program(&spec.qemu)
+                    .map_err(|e| failed("probe program", e))?
             }
-        }
-    };
-    let booted = || fs::read_to_string(&serial).is_ok_and(|text| text.contains(BOOTED_MARKER));
-    let outcome = loop {
-        if booted() {
-            break ProbeOutcome::Booted {
-                elapsed: started.elapsed(),
-            };
-        }
-        if !matches!(qemu.try_wait(), Ok(None)) {
+            None => spec.qemu.clone(),
+        };
+        let confinement = crate::process::Confinement {
+            run_as: owner.map(|(uid, gid)| RunAs { uid, gid }),
+            extra_groups,
+            max_file_size: Some(1 << 20),
+            jail: plan
+                .as_ref()
+                .map(JailPlan::prepare)
+                .transpose()
+                .map_err(|e| failed("probe jail", e))?,
+            max_processes: ids.as_ref().map(|_| crate::process::PROCESSES_PER_VM),
+        };
+        let stderr = runtime
+            .create_file("qemu.log")
+            .map_err(|e| failed("probe log", e))?;
+        let started = Instant::now();
+        let qemu = QemuProcess::spawn(
+            &program,
+            &args,
+            &confinement,
+            None,
+            &[serial.as_fd()],
+            stderr,
+        )
+        .map_err(|error| format!("cannot run {}: {error}", spec.qemu))?;
+        Ok(ProbeVm {
+            qemu,
+            runtime,
+            _ids: ids,
+            started,
+        })
+    }
+
+    async fn watch(mut self, watchdog: Duration) -> ProbeOutcome {
+        let serial = self.runtime.serial_log();
+        let booted = || {
+            crate::vm::read_bounded(&serial, 1 << 20).contains(BOOTED_MARKER)
+        };
+        let outcome = loop {
             if booted() {
                 break ProbeOutcome::Booted {
-                    elapsed: started.elapsed(),
+                    elapsed: self.started.elapsed(),
                 };
             }
-            let log = fs::read_to_string(runtime.qemu_log()).unwrap_or_default();
-            let reason = log
-                .lines()
-                .rev()
-                .find(|line| !line.trim().is_empty())
-                .unwrap_or("QEMU exited before the guest came up")
-                .to_owned();
-            break ProbeOutcome::Failed { reason };
-        }
-        if started.elapsed() >= spec.watchdog {
-            break ProbeOutcome::Hung;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    qemu.kill();
-    let _ = qemu.wait().await;
-    outcome
+            if !matches!(self.qemu.try_wait(), Ok(None)) {
+                if booted() {
+                    break ProbeOutcome::Booted {
+                        elapsed: self.started.elapsed(),
+                    };
+                }
+                let log = crate::vm::read_bounded(&self.runtime.qemu_log(), 64 << 10);
+                let reason = log
+                    .lines()
+                    .rev()
+                    .find(|line| !line.trim().is_empty())
+                    .unwrap_or("QEMU exited before the guest came up")
+                    .to_owned();
+                break ProbeOutcome::Failed { reason };
+            }
+            if self.started.elapsed() >= watchdog {
+                break ProbeOutcome::Hung;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.qemu.kill();
+        let _ = self.qemu.wait().await;
+        outcome
+    }
 }
 
 /// The accelerator to use, and a one-line notice when the choice deserves one.
@@ -197,9 +268,16 @@ pub async fn decide(choice: Accel, cache_file: &Path, spec: Option<&ProbeSpec>) 
     let Some(spec) = spec else {
         return tcg("no kernel to probe it with; set accel = \"kvm\" to force it".into());
     };
-    let host = host_key(&spec.qemu, spec.run_as);
-    let cached = fs::read(cache_file)
-        .ok()
+    let host = match host_key(spec) {
+        Ok(host) => host,
+        Err(error) => {
+            return tcg(format!(
+                "the probe kernel {} cannot be read ({error}); set sandbox.probeKernel",
+                spec.kernel.display()
+            ))
+        }
+    };
+    let cached = read_trusted(cache_file)
         .and_then(|bytes| serde_json::from_slice::<Verdict>(&bytes).ok())
         .filter(|verdict| verdict.host == host);
     let verdict = match cached {
@@ -247,22 +325,64 @@ fn store(cache_file: &Path, verdict: &Verdict) -> io::Result<()> {
         fs::create_dir_all(dir)?;
     }
     let temporary = cache_file.with_extension("tmp");
-    fs::write(&temporary, serde_json::to_vec_pretty(verdict)?)?;
+    let _ = fs::remove_file(&temporary);
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&temporary)?;
+        file.write_all(&serde_json::to_vec_pretty(verdict)?)?;
+    }
     fs::rename(&temporary, cache_file)
 }
 
-/// What a KVM verdict depends on: the host kernel, the QEMU build, the CPU, who may open
-/// `/dev/kvm`, and the user QEMU runs as.
-fn host_key(qemu: &str, run_as: Option<RunAs>) -> String {
+/// The cached verdict's bytes, when the file can be believed: a regular file (not a link) of
+/// this user, which no other user may write, of at most 64 KiB.
+fn read_trusted(cache_file: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(cache_file)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    let trusted = meta.is_file()
+        && meta.uid() == rustix::process::geteuid().as_raw()
+        && meta.mode() & 0o022 == 0;
+    if !trusted {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(64 << 10).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
+/// What a KVM verdict depends on: the probe (its version and kernel's digest), the host
+/// kernel, the QEMU build, the CPU, who may open `/dev/kvm`, and how QEMU runs (jailed, or as
+/// which user).
+fn host_key(spec: &ProbeSpec) -> io::Result<String> {
+    use sha2::Digest;
     use std::os::unix::fs::MetadataExt;
+    let mut hasher = sha2::Sha256::new();
+    io::copy(&mut fs::File::open(&spec.kernel)?, &mut hasher)?;
+    let probe_kernel: String = hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
         .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
         .map_or(String::new(), |(_, model)| model.trim().to_owned());
-    let qemu_version = std::process::Command::new(qemu)
+    let qemu_version = std::process::Command::new(&spec.qemu)
         .arg("--version")
+        .env_clear()
         .output()
         .map(|out| {
             String::from_utf8_lossy(&out.stdout)
@@ -275,11 +395,18 @@ fn host_key(qemu: &str, run_as: Option<RunAs>) -> String {
     let device = fs::metadata("/dev/kvm")
         .map(|m| format!("{}:{}:{:o}", m.uid(), m.gid(), m.mode() & 0o777))
         .unwrap_or_default();
-    let user = run_as.map_or("self".to_owned(), |u| format!("{}:{}", u.uid, u.gid));
-    format!(
-        "{} | {} | {} | /dev/kvm {device} | user {user}",
+    let user = match (&spec.jail, spec.run_as) {
+        (Some(jail), _) => format!(
+            "jailed ids {}+{} namespaces {}",
+            jail.ids.first, jail.ids.count, jail.namespaces
+        ),
+        (None, Some(user)) => format!("{}:{}", user.uid, user.gid),
+        (None, None) => "self".to_owned(),
+    };
+    Ok(format!(
+        "probe v2 kernel sha256:{probe_kernel} | {} | {} | {} | /dev/kvm {device} | user {user}",
         kernel.trim(),
         qemu_version.trim(),
         cpu.trim()
-    )
+    ))
 }

@@ -2,8 +2,6 @@
 //! argument vector. No shell is involved, every drive has an explicit format, and every value
 //! that reaches an option string was validated by the `schemas` crate (no commas, no `=`).
 
-use std::path::PathBuf;
-
 use schemas::machine::{
     Chipset, GraphicsAdapter, KeyboardDevice, MouseDevice, NetworkDevice, SoundDevice,
     StorageDevice, TabletDevice, UsbController,
@@ -38,8 +36,10 @@ pub struct LaunchSpec {
     pub name: String,
     /// Accelerator.
     pub accelerator: Accelerator,
-    /// The root disk: the VM's own qcow2 overlay.
-    pub disk: PathBuf,
+    /// The root disk as a chain of layers, the VM's own qcow2 overlay first and its backing
+    /// files after it: the chain is given whole, so QEMU never opens a backing file by the
+    /// name an image's header holds.
+    pub disk: Vec<DiskLayer>,
     /// Kernel, initrd and command line for direct boot (from the image's `boot`).
     pub boot: Option<BootFiles>,
     /// System UUID (the machine's pinned one, or a fresh one).
@@ -48,12 +48,12 @@ pub struct LaunchSpec {
     pub mac: String,
     /// Network backend.
     pub netdev: Netdev,
-    /// Where the serial console is written.
-    pub serial_log: PathBuf,
-    /// QMP socket.
-    pub qmp_socket: PathBuf,
-    /// VNC socket (used when the machine has graphics).
-    pub vnc_socket: PathBuf,
+    /// Where the serial console is written (as QEMU opens it: `/dev/fdset/N`).
+    pub serial_log: String,
+    /// The QMP socket's listening descriptor, made by the engine and inherited by QEMU.
+    pub qmp_fd: i32,
+    /// VNC socket QEMU makes (used when the machine has graphics), as QEMU sees its path.
+    pub vnc_socket: String,
     /// The host's TSC frequency, for `tsc_early_khz=` on direct boots.
     pub tsc_khz: Option<u64>,
     /// Where QEMU reads a saved state from instead of booting (`-incoming`), e.g. `fd:5`.
@@ -62,6 +62,15 @@ pub struct LaunchSpec {
     pub drives: Vec<LaunchDrive>,
     /// Inherited descriptors that `/dev/fdset/N` paths refer to.
     pub fd_sets: Vec<FdSet>,
+}
+
+/// One layer of the root disk's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskLayer {
+    /// The file QEMU opens: `/dev/fdset/N` (or a path).
+    pub file: String,
+    /// Its format (`qcow2` for every layer but possibly the last).
+    pub format: String,
 }
 
 /// A drive after the root disk on the command line.
@@ -88,13 +97,13 @@ pub struct FdSet {
     pub set: u32,
 }
 
-/// Paths of direct-boot files and the kernel command line.
+/// Paths of direct-boot files (as QEMU sees them) and the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootFiles {
     /// Kernel.
-    pub kernel: PathBuf,
+    pub kernel: String,
     /// Initial ramdisk.
-    pub initrd: Option<PathBuf>,
+    pub initrd: Option<String>,
     /// Kernel command line.
     pub append: String,
 }
@@ -170,14 +179,10 @@ pub fn qemu_args(
         Chipset::Microvm => "device",
         _ => "pci",
     };
-    let drive = format!(
-        "id=disk0,file={},format=qcow2,if=none,discard=unmap",
-        spec.disk.display()
-    );
     for set in &spec.fd_sets {
         args.push(["-add-fd", &format!("fd={},set={}", set.fd, set.set)]);
     }
-    args.push(["-drive", &drive]);
+    push_disk_chain(&mut args, &spec.disk);
     args.push([
         "-device",
         &match m.storage.unwrap_or(StorageDevice::VirtioBlkPci) {
@@ -214,7 +219,7 @@ pub fn qemu_args(
         },
     ]);
     if graphics != GraphicsAdapter::None {
-        args.push(["-vnc", &format!("unix:{}", spec.vnc_socket.display())]);
+        args.push(["-vnc", &format!("unix:{}", spec.vnc_socket)]);
         if let Some(layout) = m.keyboard_layout {
             args.push(["-k", layout.as_str()]);
         }
@@ -223,9 +228,9 @@ pub fn qemu_args(
     push_sound(&mut args, m.sound.unwrap_or(SoundDevice::None));
 
     if let Some(boot) = &spec.boot {
-        args.push(["-kernel", &boot.kernel.display().to_string()]);
+        args.push(["-kernel", &boot.kernel]);
         if let Some(initrd) = &boot.initrd {
-            args.push(["-initrd", &initrd.display().to_string()]);
+            args.push(["-initrd", initrd]);
         }
         let mut append = boot.append.clone();
         if let Some(khz) = spec.tsc_khz {
@@ -236,17 +241,56 @@ pub fn qemu_args(
 
     args.push([
         "-chardev",
-        &format!("file,id=serial0,path={}", spec.serial_log.display()),
+        &format!("file,id=serial0,path={}", spec.serial_log),
     ]);
     args.push(["-serial", "chardev:serial0"]);
     args.push([
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", spec.qmp_socket.display()),
+        "-chardev",
+        &format!("socket,id=qmp,fd={},server=on,wait=off", spec.qmp_fd),
     ]);
+    args.push(["-mon", "chardev=qmp,mode=control"]);
     if let Some(incoming) = &spec.incoming {
         args.push(["-incoming", incoming]);
     }
     Ok(args.0)
+}
+
+/// The root disk as `-blockdev` nodes, the bottom layer first: a file node and a format node
+/// per layer, each format node backed by the one below it; the top one is `disk0`.
+fn push_disk_chain(args: &mut Args, chain: &[DiskLayer]) {
+    let name = |index: usize| {
+        if index == 0 {
+            "disk0".to_owned()
+        } else {
+            format!("disk0-layer{index}")
+        }
+    };
+    for (index, layer) in chain.iter().enumerate().rev() {
+        let top = index == 0;
+        let access = if top {
+            "read-only=off,discard=unmap"
+        } else {
+            "read-only=on"
+        };
+        args.push([
+            "-blockdev",
+            &format!(
+                "driver=file,node-name={}-file,filename={},{access}",
+                name(index),
+                layer.file
+            ),
+        ]);
+        let mut format = format!(
+            "driver={},node-name={},file={}-file,{access}",
+            layer.format,
+            name(index),
+            name(index)
+        );
+        if chain.get(index + 1).is_some() {
+            format.push_str(&format!(",backing={}", name(index + 1)));
+        }
+        args.push(["-blockdev", &format]);
+    }
 }
 
 fn push_extra_drives(args: &mut Args, spec: &LaunchSpec, bus: &str) {

@@ -5,8 +5,9 @@
 //!
 //! Files of the host's are never written and never need to be readable by the sandbox user:
 //! the engine opens them itself and hands QEMU the open descriptor (`-add-fd`, referred to as
-//! `/dev/fdset/N`). Kernel and initrd, which QEMU reads by name, are copied into the VM's
-//! runtime directory.
+//! `/dev/fdset/N`), as it does for every layer of the root disk. Kernel and initrd, which QEMU
+//! reads by name, are shown read-only in the VM's jail (or, without a jail, copied into the
+//! VM's runtime directory).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -58,6 +59,25 @@ pub enum HostDisk {
 }
 
 impl BootSource {
+    /// The layers below the VM's overlay, top first, with their formats: an image's layer and
+    /// disk, or a disk of the host's (none for a fresh empty disk).
+    pub fn base_layers(&self) -> Vec<(PathBuf, String)> {
+        match self {
+            BootSource::Image(lease) => {
+                let mut layers = Vec::new();
+                if let Some(layer) = lease.layer_path() {
+                    layers.push((layer, "qcow2".to_owned()));
+                }
+                layers.push((lease.disk_path(), "raw".to_owned()));
+                layers
+            }
+            BootSource::Files(files) => match &files.disk {
+                HostDisk::Existing { path, format } => vec![(path.clone(), format.clone())],
+                HostDisk::Empty { .. } => Vec::new(),
+            },
+        }
+    }
+
     /// The cached image's lease, when the VM runs one.
     pub fn lease(&self) -> Option<&Lease> {
         match self {

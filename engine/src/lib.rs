@@ -6,7 +6,10 @@
 //! - [`accel`]: KVM or TCG; `auto` probes KVM with a boot watchdog and caches the verdict.
 //! - [`cgroup`]: per-VM memory, CPU and pid limits (cgroup v2, or v1 on hybrid hosts).
 //! - [`cmdline`]: the QEMU argument vector, a pure function (golden-file tested).
-//! - [`runtime`]: the VM's private runtime directory (sockets, logs, overlay).
+//! - [`runtime`]: the VM's runtime directory, root's, which is also its jail's root.
+//! - [`jail`]: the namespaces and mounts QEMU runs in (`pivot_root` into the runtime
+//!   directory, the host's `/usr` read-only, a minimal `/dev`).
+//! - [`ids`]: a user and group per VM from a range no account uses.
 //! - [`netns`]: the VM's own network namespace and the tap device in it.
 //! - [`metadata`]: the per-VM HTTP service, its listener inside the VM's namespace.
 //! - [`session`]: the guest protocol (`/engine/v1/`) and cloud-init metadata as a handler.
@@ -40,6 +43,9 @@ pub mod dns;
 pub mod drives;
 pub mod egress;
 pub mod egress_policy;
+pub mod ids;
+pub mod jail;
+mod launch;
 pub mod metadata;
 pub mod mutable;
 pub mod netns;

@@ -5,16 +5,19 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::path::Path;
 use std::process::Stdio;
 
 use rustix::process::{kill_process_group, Gid, Pid, Resource, Rlimit, Signal, Uid};
 use tokio::process::{Child, Command};
 
 use crate::cgroup::VmCgroup;
+use crate::jail::PreparedJail;
 
 /// QEMU's open-file limit: its disks, sockets and event descriptors, with room to spare.
 const OPEN_FILES: u64 = 4096;
+/// QEMU's process and thread limit when it has a user of its own (`RLIMIT_NPROC` counts
+/// per user): vCPUs, I/O and worker threads, with room to spare.
+pub const PROCESSES_PER_VM: u64 = 1024;
 
 /// A running QEMU.
 #[derive(Debug)]
@@ -24,8 +27,8 @@ pub struct QemuProcess {
 }
 
 /// How the QEMU process is confined besides its control group: the user it runs as (plus
-/// extra groups) and the largest file it may write.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// extra groups), the largest file it may write and the jail it enters.
+#[derive(Debug, Clone, Default)]
 pub struct Confinement {
     /// The user QEMU drops to before exec (None: it stays the worker's).
     pub run_as: Option<RunAs>,
@@ -34,6 +37,11 @@ pub struct Confinement {
     /// `RLIMIT_FSIZE`: no file QEMU writes (its overlay, serial console, messages) may grow
     /// past this many bytes; QEMU is killed with SIGXFSZ when one would.
     pub max_file_size: Option<u64>,
+    /// The jail QEMU enters before it drops privileges (None: the host's namespaces).
+    pub jail: Option<PreparedJail>,
+    /// `RLIMIT_NPROC`: processes and threads of QEMU's user (only meaningful when the user
+    /// is QEMU's alone).
+    pub max_processes: Option<u64>,
 }
 
 /// Who QEMU runs as.
@@ -46,10 +54,12 @@ pub struct RunAs {
 }
 
 impl QemuProcess {
-    /// Starts `program` with `args`; standard error goes to `stderr_log`. With a user in
-    /// `confinement`, the child drops to it (plus its extra groups) before exec; with
-    /// `cgroup`, it joins that group first, while still privileged enough to. Each of `inherit` stays open in QEMU
-    /// under the same number (for `-netdev tap,fd=N`, `-incoming fd:N`).
+    /// Starts `program` with `args` and an empty environment; standard error goes to
+    /// `stderr` (a file root made). With a jail in `confinement`, the child enters it (and
+    /// `program` is a path inside it); with a user, it drops to it (plus its extra groups)
+    /// before exec; with `cgroup`, it joins that group first, while still privileged enough
+    /// to. Each of `inherit` stays open in QEMU under the same number (for `-netdev tap,fd=N`,
+    /// `-incoming fd:N`, `-add-fd`); every other descriptor is closed at exec.
     #[allow(unsafe_code)]
     pub fn spawn(
         program: &str,
@@ -57,16 +67,14 @@ impl QemuProcess {
         confinement: &Confinement,
         cgroup: Option<&VmCgroup>,
         inherit: &[BorrowedFd<'_>],
-        stderr_log: &Path,
+        stderr: File,
     ) -> io::Result<Self> {
-        let stderr = File::create(stderr_log)?;
         let run_as = confinement.run_as;
-        if let Some(user) = run_as {
-            std::os::unix::fs::chown(stderr_log, Some(user.uid), Some(user.gid))?;
-        }
+        let jail = confinement.jail.clone();
         let mut command = Command::new(program);
         command
             .args(args)
+            .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(stderr))
@@ -96,10 +104,25 @@ impl QemuProcess {
             current: Some(bytes),
             maximum: Some(bytes),
         });
+        let processes = confinement.max_processes.map(|count| Rlimit {
+            current: Some(count),
+            maximum: Some(count),
+        });
         // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
-        // (fcntl, write, setgroups, setresgid, setresuid, setrlimit, prctl, getppid) on data prepared before fork.
+        // (close_range, fcntl, write, unshare, mount, pivot_root, setgroups, setresgid,
+        // setresuid, setrlimit, prctl, getppid) on data prepared before fork.
         unsafe {
             command.pre_exec(move || {
+                // No descriptor the worker holds reaches QEMU unless it was named.
+                if libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
                 for &fd in &inherit {
                     // SAFETY: the descriptor is open: the caller's borrow outlives spawn().
                     let fd = BorrowedFd::borrow_raw(fd);
@@ -107,6 +130,9 @@ impl QemuProcess {
                 }
                 if let Some(cgroup) = &cgroup {
                     cgroup.join_self()?;
+                }
+                if let Some(jail) = &jail {
+                    jail.enter()?;
                 }
                 if let Some((uid, gid, groups)) = &credentials {
                     rustix::thread::set_thread_groups(groups)?;
@@ -120,6 +146,10 @@ impl QemuProcess {
                 };
                 rustix::process::setrlimit(Resource::Core, no_core)?;
                 rustix::process::setrlimit(Resource::Nofile, open_files)?;
+                if let Some(processes) = &processes {
+                    rustix::process::setrlimit(Resource::Nproc, *processes)?;
+                }
+                rustix::thread::set_no_new_privs(true)?;
                 if let Some(file_size) = &file_size {
                     rustix::process::setrlimit(Resource::Fsize, *file_size)?;
                 }

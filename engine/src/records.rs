@@ -32,6 +32,9 @@ pub struct VmRecord {
     /// The worker process that owns the VM: its pid and start time. The sweep leaves the VMs
     /// of a worker that still runs alone.
     pub owner: Option<(u32, u64)>,
+    /// The user (and group) id of the VM's own, when it was jailed: the sweep kills whatever
+    /// still runs as it.
+    pub uid: Option<u32>,
 }
 
 impl VmRecord {
@@ -51,6 +54,9 @@ impl VmRecord {
         }
         if let Some((pid, ticks)) = self.owner {
             text.push_str(&format!("owner={pid}:{ticks}\n"));
+        }
+        if let Some(uid) = self.uid {
+            text.push_str(&format!("uid={uid}\n"));
         }
         text
     }
@@ -76,6 +82,7 @@ impl VmRecord {
                 let (pid, ticks) = owner.split_once(':')?;
                 Some((pid.parse().ok()?, ticks.parse().ok()?))
             }),
+            uid: field("uid").and_then(|uid| uid.parse().ok()),
         })
     }
 }
@@ -149,6 +156,9 @@ pub struct SweepReport {
     pub removed_cgroups: Vec<PathBuf>,
     /// Network namespaces deleted.
     pub removed_namespaces: Vec<String>,
+    /// Users of jailed VMs whose processes were killed (their ids are free again once this
+    /// process no longer holds their locks, which a dead worker never does).
+    pub freed_ids: Vec<u32>,
     /// Records removed.
     pub records: usize,
 }
@@ -190,6 +200,11 @@ pub fn sweep(state_dir: &Path) -> io::Result<SweepReport> {
                     report.killed.push(pid);
                 }
             }
+        }
+        if let Some(uid) = record.uid.filter(|uid| *uid != 0) {
+            // A user of the VM range: nothing but that VM's QEMU ran as it.
+            crate::ids::kill_processes_of(uid);
+            report.freed_ids.push(uid);
         }
         for group in &record.cgroups {
             // Only groups this crate names; a non-empty group cannot be removed anyway.
@@ -240,6 +255,7 @@ mod tests {
             ],
             netns: Some("taskvm-task-1".into()),
             owner: Some((42, 4242)),
+            uid: Some(1_879_113_728),
         };
         assert_eq!(VmRecord::parse(&record.to_text()), Some(record));
     }
@@ -262,6 +278,7 @@ mod tests {
             cgroups: vec![],
             netns: None,
             owner: Some(owner),
+            uid: None,
         };
         let file = RecordFile::write(state.path(), &record).unwrap();
         assert_eq!(sweep(state.path()).unwrap().records, 0, "its owner runs");
@@ -295,6 +312,7 @@ mod tests {
             cgroups: vec![],
             netns: None,
             owner: None,
+            uid: None,
         };
         std::mem::forget(RecordFile::write(state.path(), &record).unwrap());
         let report = sweep(state.path()).unwrap();

@@ -2,12 +2,13 @@
 //! assembled until every pixel has arrived, as an RGBA image (and PNG bytes for artifacts).
 
 use std::io::Cursor;
-use std::path::Path;
 use std::time::Duration;
 
 use image::{ImageFormat, RgbaImage};
 use thiserror::Error;
 use tokio::net::UnixStream;
+
+use crate::runtime::VncEndpoint;
 use vnc::{PixelFormat, Rect, VncConnector, VncEncoding, VncError, VncEvent};
 
 /// Why a screenshot could not be taken.
@@ -44,21 +45,19 @@ impl From<VncError> for ScreenshotError {
 /// Bytes per pixel in the format we ask the server for (32-bit RGBA).
 const BYTES_PER_PIXEL: usize = 4;
 
-/// Captures the whole screen from a VNC server listening on the unix socket `socket`.
-pub async fn capture(socket: &Path, timeout: Duration) -> Result<RgbaImage, ScreenshotError> {
-    match tokio::time::timeout(timeout, capture_unbounded(socket)).await {
+/// Captures the whole screen from a VM's VNC server.
+pub async fn capture(vnc: &VncEndpoint, timeout: Duration) -> Result<RgbaImage, ScreenshotError> {
+    let stream = vnc.connect().map_err(|source| ScreenshotError::Connect {
+        path: vnc.path().display().to_string(),
+        source,
+    })?;
+    match tokio::time::timeout(timeout, capture_from(stream)).await {
         Ok(result) => result,
         Err(_) => Err(ScreenshotError::Timeout(timeout)),
     }
 }
 
-async fn capture_unbounded(socket: &Path) -> Result<RgbaImage, ScreenshotError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|source| ScreenshotError::Connect {
-            path: socket.display().to_string(),
-            source,
-        })?;
+async fn capture_from(stream: UnixStream) -> Result<RgbaImage, ScreenshotError> {
     // The socket lives in the VM's private 0700 directory: QEMU offers no password, so the
     // password callback is never polled.
     let client = VncConnector::new(stream)

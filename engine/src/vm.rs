@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,36 +11,31 @@ use std::time::Duration;
 use image::RgbaImage;
 use image_manager::Lease;
 use qapi::qmp;
-use rand::Rng;
 use schemas::ResolvedMachine;
 use thiserror::Error;
 
-use crate::cgroup::{CgroupHost, CgroupLimits, VmCgroup};
-use crate::cmdline::{
-    qemu_args, Accelerator, BootFiles, CmdlineError, FdSet, LaunchDrive, LaunchSpec, Netdev,
-};
-use crate::drives::{open_for_qemu, BootSource, ExtraDrive, HostDisk};
+use crate::cgroup::{CgroupHost, VmCgroup};
+use crate::cmdline::{Accelerator, CmdlineError, Netdev};
+use crate::drives::{BootSource, ExtraDrive};
+use crate::ids::VmIds;
+use crate::jail::JailSettings;
+use crate::launch::{tail, STDERR_TAIL};
 use crate::metadata::Handler;
-use crate::netns::{namespace_name, NetworkError};
+use crate::netns::NetworkError;
 use crate::network::{NetworkSettings, VmNetwork};
-use crate::overlay::{create_empty_disk, create_overlay, point_backing_at};
 use crate::process::{QemuProcess, RunAs};
 use crate::qmp::Qmp;
-use crate::records::{process_start_ticks, RecordFile, VmRecord};
-use crate::runtime::RuntimeDir;
+use crate::records::RecordFile;
+use crate::runtime::{RuntimeDir, VncEndpoint};
 use crate::screenshot::ScreenshotError;
 use crate::snapshot::{Snapshot, SnapshotFile};
 
-/// Lines of QEMU's standard error kept in a start-up error.
-const STDERR_TAIL: usize = 20;
 /// Migration bandwidth: QEMU 7.2 caps it at 128 MiB/s unless told otherwise.
 const MIGRATION_BANDWIDTH: u64 = 100 << 30;
 /// How long saving or loading a state may take.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most bytes of a log returned by [`VirtualMachine::serial_output`].
 const LOG_LIMIT: u64 = 4 << 20;
-/// The fd set of a host disk under the overlay; extra drives take the sets after it.
-const ROOT_BACKING_SET: u32 = 1;
 
 /// Host-side settings of a VM.
 #[derive(Debug, Clone)]
@@ -52,7 +46,10 @@ pub struct VmSettings {
     pub name: String,
     /// Accelerator.
     pub accelerator: Accelerator,
-    /// The unprivileged user QEMU runs as (None: as the worker itself).
+    /// The jail: a user and group of the VM's own and (normally) namespaces whose root is the
+    /// runtime directory. None: QEMU runs as `run_as` in the host's namespaces.
+    pub jail: Option<JailSettings>,
+    /// The user QEMU runs as without a jail (None: as the worker itself).
     pub run_as: Option<RunAs>,
     /// Network backend when `network` is None.
     pub netdev: Netdev,
@@ -154,24 +151,25 @@ pub enum VmError {
 
 /// One running VM. Fields drop in order: QEMU is killed before its directory is removed.
 pub struct VirtualMachine {
-    qemu: QemuProcess,
-    qmp: Qmp,
-    killed: bool,
+    pub(crate) qemu: QemuProcess,
+    pub(crate) qmp: Qmp,
+    pub(crate) killed: bool,
     /// The console before a restore (the snapshot's), shown ahead of this QEMU's.
-    earlier_console: String,
-    uuid: String,
-    mac: String,
-    owner: Option<(u32, u32)>,
-    argv: Vec<String>,
-    network: Option<VmNetwork>,
-    cgroup: Option<VmCgroup>,
-    runtime: RuntimeDir,
-    _record: Option<RecordFile>,
-    source: BootSource,
-    /// The root disk's backing file on the host when QEMU reaches it as `/dev/fdset/N`.
-    host_backing: Option<(PathBuf, String)>,
-    max_file_size: Option<u64>,
-    max_console_size: Option<u64>,
+    pub(crate) earlier_console: String,
+    pub(crate) uuid: String,
+    pub(crate) mac: String,
+    /// Whether QEMU runs in a jail (its paths are then the jail's).
+    pub(crate) jailed: bool,
+    pub(crate) argv: Vec<String>,
+    pub(crate) network: Option<VmNetwork>,
+    pub(crate) cgroup: Option<VmCgroup>,
+    pub(crate) runtime: RuntimeDir,
+    pub(crate) _record: Option<RecordFile>,
+    /// Freed after QEMU is killed and its directory removed.
+    pub(crate) _ids: Option<VmIds>,
+    pub(crate) source: BootSource,
+    pub(crate) max_file_size: Option<u64>,
+    pub(crate) max_console_size: Option<u64>,
 }
 
 impl VirtualMachine {
@@ -235,222 +233,7 @@ impl VirtualMachine {
         settings: &VmSettings,
         snapshot: Option<&Snapshot>,
     ) -> Result<Self, VmError> {
-        let runtime = RuntimeDir::create(
-            &settings.runtime_parent,
-            &settings.name,
-            owner(settings.run_as),
-        )
-        .map_err(VmError::Setup)?;
-        let cgroup = match &settings.cgroups {
-            Some(host) => {
-                let cpus = u64::from(machine.topology().vcpus());
-                let limits = CgroupLimits::for_machine(u64::from(machine.memory_mib()), cpus);
-                Some(host.create(&settings.name, limits).map_err(|error| {
-                    VmError::Setup(io::Error::other(format!("control group: {error}")))
-                })?)
-            }
-            None => None,
-        };
-        let mut record = VmRecord {
-            name: settings.name.clone(),
-            pid: None,
-            start_ticks: None,
-            runtime_dir: runtime.path().to_path_buf(),
-            cgroups: cgroup.as_ref().map_or(Vec::new(), |g| g.dirs().to_vec()),
-            netns: settings
-                .network
-                .as_ref()
-                .map(|_| namespace_name(&settings.name)),
-            owner: crate::records::this_owner(),
-        };
-        let record_file = match &settings.state_dir {
-            Some(state_dir) => Some(RecordFile::write(state_dir, &record).map_err(VmError::Setup)?),
-            None => None,
-        };
-        // Recorded before it exists, so that a crash in between still gets it swept.
-        let network = match &settings.network {
-            Some(network) => Some(VmNetwork::create(&settings.name, network)?),
-            None => None,
-        };
-        // Descriptors QEMU inherits: the tap, a saved state, files of the host's.
-        let mut host_fds: Vec<(fs::File, u32)> = Vec::new();
-        let mut host_backing = None;
-        match (snapshot, &source) {
-            (Some(snapshot), _) => {
-                create_overlay(&snapshot.disk_path(), "qcow2", &runtime.overlay())
-                    .map_err(VmError::Setup)?;
-            }
-            (None, BootSource::Image(lease)) => {
-                let (base, format) = lease.boot_disk();
-                create_overlay(&base, format, &runtime.overlay()).map_err(VmError::Setup)?;
-            }
-            (None, BootSource::Files(files)) => match &files.disk {
-                HostDisk::Existing { path, format } => {
-                    let file = open_for_qemu(path, false).map_err(VmError::Setup)?;
-                    create_overlay(path, format, &runtime.overlay()).map_err(VmError::Setup)?;
-                    let set = ROOT_BACKING_SET;
-                    point_backing_at(&runtime.overlay(), &format!("/dev/fdset/{set}"), format)
-                        .map_err(VmError::Setup)?;
-                    host_fds.push((file, set));
-                    host_backing = Some((path.clone(), format.clone()));
-                }
-                HostDisk::Empty { size } => {
-                    create_empty_disk(&runtime.overlay(), *size).map_err(VmError::Setup)?;
-                }
-            },
-        }
-        let mut drives = Vec::new();
-        for (index, drive) in settings.drives.iter().enumerate() {
-            let set = ROOT_BACKING_SET + 1 + index as u32;
-            host_fds.push((drive.open().map_err(VmError::Setup)?, set));
-            drives.push(LaunchDrive {
-                file: format!("/dev/fdset/{set}"),
-                format: drive.format.clone(),
-                media: drive.media,
-                read_only: !drive.writable,
-                boot_first: drive.boot_first,
-            });
-        }
-        // The saved state, inherited by QEMU as `-incoming fd:N`.
-        let state = match snapshot {
-            Some(snapshot) => Some(
-                fs::File::open(snapshot.state_path())
-                    .map(std::os::fd::OwnedFd::from)
-                    .map_err(VmError::Setup)?,
-            ),
-            None => None,
-        };
-        if let Some(user) = settings.run_as {
-            std::os::unix::fs::chown(runtime.overlay(), Some(user.uid), Some(user.gid))
-                .map_err(VmError::Setup)?;
-        }
-        let m = machine.machine();
-        let boot_files = match &m.boot {
-            Some(boot) => Some(
-                runtime_boot_files(&source, boot, &runtime, owner(settings.run_as))
-                    .map_err(VmError::Setup)?,
-            ),
-            None => None,
-        };
-        let boot = m
-            .boot
-            .as_ref()
-            .zip(boot_files)
-            .map(|(boot, (kernel, initrd))| BootFiles {
-                kernel,
-                initrd,
-                append: match &network {
-                    Some(network) => format!(
-                        "{} {}",
-                        boot.append.clone().unwrap_or_default(),
-                        network.kernel_parameter()
-                    ),
-                    None => boot.append.clone().unwrap_or_default(),
-                },
-            });
-        let spec = LaunchSpec {
-            name: settings.name.clone(),
-            accelerator: settings.accelerator,
-            disk: runtime.overlay(),
-            boot,
-            uuid: match snapshot {
-                Some(snapshot) => snapshot.uuid().to_owned(),
-                None => m.uuid.clone().unwrap_or_else(random_uuid),
-            },
-            mac: match snapshot {
-                Some(snapshot) => snapshot.mac().to_owned(),
-                None => m.mac.clone().unwrap_or_else(random_mac),
-            },
-            netdev: match &network {
-                Some(network) => Netdev::TapFd(network.tap().as_raw_fd()),
-                None => settings.netdev.clone(),
-            },
-            serial_log: runtime.serial_log(),
-            qmp_socket: runtime.qmp_socket(),
-            vnc_socket: runtime.vnc_socket(),
-            tsc_khz: settings.tsc_khz,
-            incoming: state.as_ref().map(|fd| format!("fd:{}", fd.as_raw_fd())),
-            fd_sets: host_fds
-                .iter()
-                .map(|(file, set)| FdSet {
-                    fd: file.as_raw_fd(),
-                    set: *set,
-                })
-                .collect(),
-            drives,
-        };
-        let argv = qemu_args(machine, &spec)?;
-        let start_error = |reason: String, runtime: &RuntimeDir| VmError::Start {
-            reason,
-            stderr_tail: tail(&runtime.qemu_log(), STDERR_TAIL),
-            argv: format!("{} {}", settings.qemu, argv.join(" ")),
-        };
-        let extra_groups = match (settings.accelerator, settings.run_as) {
-            (Accelerator::Kvm, Some(_)) => kvm_group().into_iter().collect(),
-            _ => Vec::new(),
-        };
-        let confinement = crate::process::Confinement {
-            run_as: settings.run_as,
-            extra_groups,
-            max_file_size: settings.max_file_size,
-        };
-        let mut qemu = QemuProcess::spawn(
-            &settings.qemu,
-            &argv,
-            &confinement,
-            cgroup.as_ref(),
-            &network
-                .iter()
-                .map(VmNetwork::tap)
-                .chain(state.iter().map(std::os::fd::AsFd::as_fd))
-                .chain(
-                    host_fds
-                        .iter()
-                        .map(|(file, _)| std::os::fd::AsFd::as_fd(file)),
-                )
-                .collect::<Vec<_>>(),
-            &runtime.qemu_log(),
-        )
-        .map_err(|error| start_error(format!("cannot run {}: {error}", settings.qemu), &runtime))?;
-        if let Some(file) = &record_file {
-            record.pid = Some(qemu.pid());
-            record.start_ticks = process_start_ticks(qemu.pid());
-            file.update(&record).map_err(VmError::Setup)?;
-        }
-        let qmp_socket = runtime.qmp_socket();
-        let qmp = tokio::select! {
-            connected = Qmp::connect(&qmp_socket, settings.start_timeout) => connected,
-            status = qemu.wait() => Err(io::Error::other(match status {
-                Ok(status) => format!("QEMU exited at start: {status}"),
-                Err(error) => error.to_string(),
-            })),
-        };
-        let qmp = match qmp {
-            Ok(qmp) => qmp,
-            Err(error) => {
-                qemu.kill();
-                let _ = qemu.wait().await;
-                return Err(start_error(error.to_string(), &runtime));
-            }
-        };
-        Ok(VirtualMachine {
-            qemu,
-            qmp,
-            killed: false,
-            earlier_console: String::new(),
-            uuid: spec.uuid.clone(),
-            mac: spec.mac.clone(),
-            owner: owner(settings.run_as),
-            argv,
-            network,
-            cgroup,
-            runtime,
-            _record: record_file,
-            source,
-            host_backing,
-            max_file_size: settings.max_file_size,
-            max_console_size: settings.max_console_size,
-        })
+        crate::launch::launch(source, machine, settings, snapshot).await
     }
 
     /// The QEMU argument vector this VM was started with.
@@ -473,12 +256,9 @@ impl VirtualMachine {
         &self.source
     }
 
-    /// The root disk as the host reads it once the VM has ended: the overlay, with its backing
-    /// file named by its host path again when QEMU had it as an inherited descriptor.
+    /// The root disk as the host reads it once the VM has ended: the overlay, whose header
+    /// names its backing file by its host path (QEMU was given the chain by descriptors).
     pub fn settled_disk(&self) -> io::Result<PathBuf> {
-        if let Some((path, format)) = &self.host_backing {
-            point_backing_at(&self.runtime.overlay(), &path.to_string_lossy(), format)?;
-        }
         Ok(self.runtime.overlay())
     }
 
@@ -510,9 +290,10 @@ impl VirtualMachine {
         self.cgroup.as_ref()
     }
 
-    /// The VNC socket (present when the machine has graphics).
-    pub fn vnc_socket(&self) -> PathBuf {
-        self.runtime.vnc_socket()
+    /// The VNC server (present when the machine has graphics), reached through checked
+    /// descriptors.
+    pub fn vnc(&self) -> VncEndpoint {
+        self.runtime.vnc()
     }
 
     /// The serial console's output so far (at most the last 4 MiB, truncation marked); for
@@ -584,24 +365,31 @@ impl VirtualMachine {
         self.qmp.status().await.map_err(VmError::Qmp)
     }
 
-    /// Writes the screen to a PPM file in the runtime directory with QMP `screendump` and
-    /// returns its path.
-    pub async fn screendump(&self) -> Result<PathBuf, VmError> {
-        let path = self.runtime.path().join("screendump.ppm");
+    /// The screen as a PPM image, from QMP `screendump` (QEMU writes it in its `run/`
+    /// directory; it is read back checked and at most 256 MiB).
+    pub async fn screendump(&self) -> Result<Vec<u8>, VmError> {
+        const NAME: &str = "screendump.ppm";
+        let filename = if self.jailed {
+            format!("/{}/{NAME}", crate::runtime::SCRATCH)
+        } else {
+            self.runtime.path().join(crate::runtime::SCRATCH).join(NAME).display().to_string()
+        };
         let command = qmp::screendump {
-            filename: path.display().to_string(),
+            filename,
             device: None,
             head: None,
             format: None,
         };
         self.qmp.execute(command).await.map_err(VmError::Qmp)?;
-        Ok(path)
+        let bytes = self.runtime.read_scratch_file(NAME, 256 << 20);
+        self.runtime.remove_scratch(NAME);
+        bytes.map_err(VmError::Setup)
     }
 
     /// The screen as an RGBA image, read over the VM's VNC socket (the machine needs
     /// graphics). Gives up after `timeout`.
     pub async fn screenshot(&self, timeout: Duration) -> Result<RgbaImage, ScreenshotError> {
-        crate::screenshot::capture(&self.runtime.vnc_socket(), timeout).await
+        crate::screenshot::capture(&self.runtime.vnc(), timeout).await
     }
 
     /// Saves the paused VM into the new directory `dir` (see [`crate::snapshot`]) and ends it.
@@ -622,16 +410,22 @@ impl VirtualMachine {
             .execute(qmp::migrate_set_parameters(parameters))
             .await
             .map_err(VmError::Qmp)?;
+        // In the root-owned runtime directory, so the name stays root's; QEMU's user may
+        // connect to it alone.
         let socket = self.runtime.path().join("migrate.sock");
         let listener = tokio::net::UnixListener::bind(&socket)
             .map_err(|e| failed("listening for the migration stream", &e))?;
-        if let Some((uid, gid)) = self.owner {
-            std::os::unix::fs::chown(&socket, Some(uid), Some(gid))
-                .map_err(|e| failed("handing the socket to QEMU's user", &e))?;
-        }
+        let (uid, gid) = self.runtime.owner();
+        std::os::unix::fs::chown(&socket, Some(uid), Some(gid))
+            .map_err(|e| failed("handing the socket to QEMU's user", &e))?;
         let state = Snapshot::path_in(dir, SnapshotFile::State);
+        let uri = if self.jailed {
+            "unix:/migrate.sock".to_owned()
+        } else {
+            format!("unix:{}", socket.display())
+        };
         let command = qmp::migrate {
-            uri: Some(format!("unix:{}", socket.display())),
+            uri: Some(uri),
             channels: None,
             detach: None,
             resume: None,
@@ -782,54 +576,8 @@ impl VirtualMachine {
     }
 }
 
-/// The group owning `/dev/kvm`, when it is not root's: the unprivileged QEMU needs it as a
-/// supplementary group to use KVM.
-pub(crate) fn kvm_group() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    let gid = fs::metadata("/dev/kvm").ok()?.gid();
-    (gid != 0).then_some(gid)
-}
-
-fn owner(run_as: Option<RunAs>) -> Option<(u32, u32)> {
-    run_as.map(|user| (user.uid, user.gid))
-}
-
-/// A random (version 4) UUID, lower case.
-fn random_uuid() -> String {
-    let mut bytes: [u8; 16] = rand::rng().random();
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
-
-/// A random locally administered unicast MAC address.
-fn random_mac() -> String {
-    let mut bytes: [u8; 6] = rand::rng().random();
-    bytes[0] = (bytes[0] & 0xfc) | 0x02;
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// The last `lines` lines of a file.
-fn tail(path: &Path, lines: usize) -> String {
-    let text = read_bounded(path, 64 * 1024);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// A file's text, or its last `limit` bytes with a marker when it is longer.
-fn read_bounded(path: &Path, limit: u64) -> String {
+pub(crate) fn read_bounded(path: &Path, limit: u64) -> String {
     let Ok(mut file) = fs::File::open(path) else {
         return String::new();
     };
@@ -846,62 +594,4 @@ fn read_bounded(path: &Path, limit: u64) -> String {
     let _ = file.take(limit).read_to_end(&mut bytes);
     text.push_str(&String::from_utf8_lossy(&bytes));
     text
-}
-
-/// The kernel and initrd QEMU reads for a direct boot: the image's own files, or copies of the
-/// host's in the runtime directory (where the sandbox user can read them).
-fn runtime_boot_files(
-    source: &BootSource,
-    boot: &schemas::machine::LinuxBoot,
-    runtime: &RuntimeDir,
-    owner: Option<(u32, u32)>,
-) -> io::Result<(PathBuf, Option<PathBuf>)> {
-    let missing = |what: &str| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("the machine boots directly but no {what} was given"),
-        )
-    };
-    let kernel = source
-        .kernel(&boot.kernel)
-        .ok_or_else(|| missing("kernel"))?;
-    let initrd = match &boot.initrd {
-        Some(name) => Some(source.initrd(name).ok_or_else(|| missing("initrd"))?),
-        None => None,
-    };
-    if source.lease().is_some() {
-        return Ok((kernel, initrd));
-    }
-    let copy = |from: &Path, name: &str| -> io::Result<PathBuf> {
-        let to = runtime.path().join(name);
-        fs::copy(from, &to).map_err(|error| {
-            io::Error::new(error.kind(), format!("{}: {error}", from.display()))
-        })?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&to, Some(uid), Some(gid))?;
-        }
-        Ok(to)
-    };
-    Ok((
-        copy(&kernel, "kernel")?,
-        initrd.map(|path| copy(&path, "initrd")).transpose()?,
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn identities_match_the_machine_patterns() {
-        for _ in 0..100 {
-            let mac = random_mac();
-            let first = u8::from_str_radix(&mac[..2], 16).unwrap();
-            assert_eq!(first & 0x03, 0x02, "{mac}: locally administered unicast");
-            let uuid = random_uuid();
-            assert_eq!(uuid.len(), 36);
-            assert_eq!(&uuid[14..15], "4");
-        }
-        assert_ne!(random_mac(), random_mac());
-    }
 }

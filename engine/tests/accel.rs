@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use engine::accel::{decide, probe_boot, Decision, ProbeOutcome, ProbeSpec};
+use engine::jail::JailSettings;
 use engine::process::lookup_user;
 use engine::Accelerator;
 use image_manager::{Cache, ImageRequest, Lease};
@@ -43,6 +44,9 @@ impl Fixture {
         ProbeSpec {
             qemu: "qemu-system-x86_64".into(),
             kernel: self.kernel.clone(),
+            jail: rustix::process::geteuid()
+                .is_root()
+                .then(JailSettings::default),
             run_as: rustix::process::geteuid()
                 .is_root()
                 .then(|| lookup_user("nobody").unwrap()),

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use engine::cmdline::CmdlineError;
+use engine::cmdline::{DiskLayer, FdSet};
 use engine::{qemu_args, Accelerator, BootFiles, LaunchSpec, Netdev};
 use schemas::{migrate_machine_definition, resolve_machine, Machine, MachineLayers, MachineLimits};
 use serde_json::json;
@@ -25,21 +26,34 @@ fn resolved(image: &Machine, limits: MachineLimits) -> schemas::ResolvedMachine 
 }
 
 fn spec(accelerator: Accelerator, boot: Option<BootFiles>, netdev: Netdev) -> LaunchSpec {
-    let run = PathBuf::from("/run/taskvm/vm-1");
     LaunchSpec {
         name: "vm-1".into(),
         accelerator,
-        disk: run.join("disk.qcow2"),
+        // The overlay and the image's disk, both inherited descriptors.
+        disk: vec![
+            DiskLayer {
+                file: "/dev/fdset/0".into(),
+                format: "qcow2".into(),
+            },
+            DiskLayer {
+                file: "/dev/fdset/1".into(),
+                format: "raw".into(),
+            },
+        ],
         boot,
         uuid: "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0".into(),
         mac: "02:00:00:12:34:56".into(),
         netdev,
-        serial_log: run.join("serial.log"),
-        qmp_socket: run.join("qmp.sock"),
-        vnc_socket: run.join("vnc.sock"),
+        serial_log: "/dev/fdset/2".into(),
+        qmp_fd: 5,
+        vnc_socket: "/run/vnc.sock".into(),
         incoming: None,
         drives: Vec::new(),
-        fd_sets: Vec::new(),
+        fd_sets: vec![
+            FdSet { fd: 6, set: 0 },
+            FdSet { fd: 7, set: 1 },
+            FdSet { fd: 8, set: 2 },
+        ],
         tsc_khz: Some(2_445_406),
     }
 }
@@ -78,8 +92,8 @@ fn minimal_test_image_on_microvm_with_a_tap_fd() {
         "boot": {"kernel": "vmlinux", "initrd": "initrd.img", "append": "root=/dev/vda console=ttyS0 quiet"}
     }));
     let boot = BootFiles {
-        kernel: "/cache/sha256/ab/vmlinux".into(),
-        initrd: Some("/cache/sha256/ab/initrd.img".into()),
+        kernel: "/boot/kernel".into(),
+        initrd: Some("/boot/initrd".into()),
         append: "root=/dev/vda console=ttyS0 quiet".into(),
     };
     let args = qemu_args(
@@ -178,7 +192,7 @@ fn incompatible_devices_are_refused_with_the_reason() {
 /// a virtio-mmio disk and a CD-ROM to boot from is refused.
 #[test]
 fn an_installer_cdrom_and_a_seed_disk_as_inherited_descriptors() {
-    use engine::cmdline::{FdSet, LaunchDrive};
+    use engine::cmdline::LaunchDrive;
     use engine::drives::DriveMedia;
     let image = machine(json!({
         "version": 1, "chipset": "q35", "network": "virtio-net-pci", "storage": "virtio-blk-pci",
@@ -187,21 +201,21 @@ fn an_installer_cdrom_and_a_seed_disk_as_inherited_descriptors() {
     let mut launch = spec(Accelerator::Tcg, None, Netdev::TapFd(3));
     launch.drives = vec![
         LaunchDrive {
-            file: "/dev/fdset/2".into(),
+            file: "/dev/fdset/3".into(),
             format: "raw".into(),
             media: DriveMedia::Disk,
             read_only: true,
             boot_first: false,
         },
         LaunchDrive {
-            file: "/dev/fdset/3".into(),
+            file: "/dev/fdset/4".into(),
             format: "raw".into(),
             media: DriveMedia::Cdrom,
             read_only: true,
             boot_first: true,
         },
     ];
-    launch.fd_sets = vec![FdSet { fd: 7, set: 2 }, FdSet { fd: 8, set: 3 }];
+    launch.fd_sets.extend([FdSet { fd: 9, set: 3 }, FdSet { fd: 10, set: 4 }]);
     let args = qemu_args(&resolved(&image, limits(512, 1)), &launch).unwrap();
     check_golden("q35-installer", &args);
 

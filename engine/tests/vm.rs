@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use engine::cgroup::{CgroupHost, CgroupLimits};
+use engine::jail::JailSettings;
 use engine::process::lookup_user;
 use engine::{Accelerator, ExitKind, Netdev, VirtualMachine, VmSettings};
 use image_manager::{Cache, ImageRequest, Lease};
@@ -49,6 +50,7 @@ impl Fixture {
             runtime_parent: self.scratch.path().join("run"),
             name: name.to_owned(),
             accelerator: Accelerator::Tcg,
+            jail: root.then(JailSettings::default),
             run_as: root.then(|| lookup_user("nobody").unwrap()),
             netdev: Netdev::RestrictedUser,
             qemu: "qemu-system-x86_64".into(),
@@ -106,12 +108,29 @@ async fn boots_sandboxed_to_the_agent_and_leaves_nothing_behind() {
     let pid = vm.pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     if rustix::process::geteuid().is_root() {
-        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-        let nobody = lookup_user("nobody").unwrap().uid.to_string();
-        assert!(
-            uid_line.split_whitespace().skip(1).all(|id| id == nobody),
-            "{uid_line}"
-        );
+        // A user of the VM range, the same for real, effective and saved ids, and as group.
+        let range = JailSettings::default().ids;
+        for key in ["Uid:", "Gid:"] {
+            let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+            let ids: Vec<u32> = line
+                .split_whitespace()
+                .skip(1)
+                .map(|id| id.parse().unwrap())
+                .collect();
+            assert!(
+                ids.iter().all(|id| *id == ids[0] && range.contains(*id)),
+                "{line}"
+            );
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(environ.is_empty(), "QEMU gets no environment: {environ:?}");
+        assert!(status.contains("NoNewPrivs:\t1"), "no new privileges");
+        let own_net = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+        let own_mnt = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_ne!(own_net, std::fs::read_link("/proc/self/ns/net").unwrap());
+        assert_ne!(own_mnt, std::fs::read_link("/proc/self/ns/mnt").unwrap());
+        let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+        assert_eq!(root, Path::new("/"), "its own root, seen from outside as /");
     }
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let core = limits
@@ -127,12 +146,13 @@ async fn boots_sandboxed_to_the_agent_and_leaves_nothing_behind() {
         status.contains("Seccomp:\t2"),
         "QEMU runs under its seccomp sandbox"
     );
-    let mode = std::fs::metadata(vm.runtime_dir())
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
-    assert_eq!(mode, 0o700);
+    let meta = std::fs::metadata(vm.runtime_dir()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o711);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&meta),
+        rustix::process::geteuid().as_raw(),
+        "the runtime directory is the worker's: QEMU changes no name in it"
+    );
 
     let groups = if rustix::process::geteuid().is_root() {
         let groups_line = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
@@ -249,7 +269,9 @@ async fn a_vnc_screenshot_equals_the_qmp_screendump_pixel_for_pixel() {
 
     let through_vnc = vm.screenshot(Duration::from_secs(10)).await.unwrap();
     let dump = vm.screendump().await.unwrap();
-    let oracle = image::open(&dump).unwrap().to_rgba8();
+    let oracle = image::load_from_memory_with_format(&dump, image::ImageFormat::Pnm)
+        .unwrap()
+        .to_rgba8();
     assert_eq!(through_vnc.dimensions(), oracle.dimensions());
     assert_eq!(through_vnc.dimensions(), (720, 400), "VGA text mode");
     let differing = through_vnc

@@ -192,9 +192,24 @@ pub enum StartMode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct SandboxConfig {
-    /// Unprivileged user (name or numeric uid) QEMU runs as when the worker runs as root.
+    /// Unprivileged user (name or numeric uid) QEMU runs as when it is not jailed (only with
+    /// `allowWeakIsolation` on a host that cannot jail it, for the probe of such hosts, and
+    /// for tools); jailed VMs get a user of their own from `idRange`.
     #[schemars(length(min = 1, max = 64))]
     pub user: String,
+    /// The user and group ids VMs are given, one per running VM (the same number for both):
+    /// ids no account of the host uses (checked against /etc/passwd, /etc/group,
+    /// /etc/subuid and /etc/subgid at start). Shared by every worker of the host.
+    pub id_range: IdRangeConfig,
+    /// Run VMs although QEMU cannot be put in namespaces of its own on this host (e.g. a
+    /// container that forbids mounts): QEMU then still runs as a user of its own, but sees the
+    /// host's file system and network namespace. Off: such a host refuses to start VMs.
+    pub allow_weak_isolation: bool,
+    /// The Linux kernel the KVM probe of `accel = "auto"` boots: one this host trusts, never
+    /// a task's. Unset: the host's own `/boot/vmlinuz-RELEASE` when present; without one,
+    /// `auto` uses TCG.
+    #[schemars(length(min = 1, max = 4096))]
+    pub probe_kernel: Option<PathBuf>,
     /// The largest file a VM's QEMU may write, in bytes: its disk overlay (what the guest
     /// writes to its disk), its serial console and its messages. A VM that goes past it is
     /// stopped and its task fails.
@@ -206,10 +221,36 @@ pub struct SandboxConfig {
     pub max_console_size: u64,
 }
 
+/// A range of user and group ids: `first` up to, not including, `first + count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdRangeConfig {
+    /// The first id.
+    #[schemars(range(min = 1))]
+    pub first: u32,
+    /// How many ids: the most VMs (and KVM probes) the host's workers run at once.
+    #[schemars(range(min = 1))]
+    pub count: u32,
+}
+
+impl Default for IdRangeConfig {
+    /// 65 536 ids from 1 879 113 728 (0x70010000): above the ranges systemd gives accounts,
+    /// dynamic users and containers, and far from the usual subordinate id ranges.
+    fn default() -> Self {
+        IdRangeConfig {
+            first: 0x7001_0000,
+            count: 65_536,
+        }
+    }
+}
+
 impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
             user: "nobody".to_owned(),
+            id_range: IdRangeConfig::default(),
+            allow_weak_isolation: false,
+            probe_kernel: None,
             max_file_size: 32 * GIB,
             max_console_size: 64 << 20,
         }

@@ -57,7 +57,7 @@ pub fn run(args: WarmArgs) -> Outcome {
             Ok(machine) => machine,
             Err(outcome) => return outcome,
         };
-        let accelerator = host.accelerator(&lease, &say).await;
+        let accelerator = host.accelerator(&say).await;
         let name = format!("warm-{:08x}", rand::random::<u32>());
         let settings = host.vm_settings(&name, accelerator);
         let started = Instant::now();

@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use engine::network::NetworkSettings;
+use engine::jail::JailSettings;
 use engine::process::lookup_user;
 use engine::{Accelerator, Netdev, VmSettings};
 use image_manager::{Cache, ImageRequest, Lease};
@@ -51,6 +52,7 @@ impl Fixture {
             runtime_parent: self.scratch.path().join("run"),
             name: name.to_owned(),
             accelerator: Accelerator::Tcg,
+            jail: Some(JailSettings::default()),
             run_as: Some(lookup_user("nobody").unwrap()),
             netdev: Netdev::RestrictedUser,
             qemu: "qemu-system-x86_64".into(),

@@ -226,8 +226,7 @@ async fn build_and_package(
         Ok(resolved) => resolved,
         Err(outcome) => return outcome,
     };
-    let probe_kernel = source.lease().and_then(image_manager::Lease::kernel_path);
-    let accelerator = host.accelerator_probing(probe_kernel, &say).await;
+    let accelerator = host.accelerator(&say).await;
     let name = format!("build-{:08x}", rand::random::<u32>());
     let mut settings = host.vm_settings(&name, accelerator);
     let mut session_config = SessionConfig::new(&name);

@@ -427,7 +427,7 @@ pub async fn screenshot(State(app): Shared, Path(task_id): Path<String>) -> ApiR
                 "the machine has no display (graphics \"none\")",
             ));
         }
-        let image = engine::screenshot::capture(&live.vnc_socket, Duration::from_secs(10))
+        let image = engine::screenshot::capture(&live.vnc, Duration::from_secs(10))
             .await
             .map_err(|error| {
                 ApiError::new(
@@ -497,7 +497,7 @@ pub async fn console(
             "this is a websocket (RFB for noVNC)",
         )
     })?;
-    let vnc = super::console::connect(&live.vnc_socket)
+    let vnc = super::console::connect(&live.vnc)
         .await
         .map_err(|error| {
             ApiError::new(

@@ -2,16 +2,14 @@
 //! noVNC in the browser. QEMU's VNC server takes several clients, so the console shares the
 //! screen with screenshots.
 
-use std::path::Path;
-
 use axum::extract::ws::{Message, WebSocket};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-/// Connects to the VNC server at `socket` (None when it cannot be reached).
-pub async fn connect(socket: &Path) -> std::io::Result<UnixStream> {
-    UnixStream::connect(socket).await
+/// Connects to the VM's VNC server (through the checked socket file QEMU made).
+pub async fn connect(vnc: &engine::runtime::VncEndpoint) -> std::io::Result<UnixStream> {
+    vnc.connect()
 }
 
 /// Carries bytes between the browser and the VNC server until either side closes.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use engine::accel::{decide, ProbeSpec};
+use engine::jail::JailSettings;
 use engine::cgroup::CgroupHost;
 use engine::network::NetworkSettings;
 use engine::process::{lookup_user, RunAs};
@@ -78,8 +79,10 @@ pub struct Host {
     pub config: WorkerConfig,
     /// The image cache.
     pub cache: Cache,
-    /// The user QEMU runs as (None when the worker is not root).
+    /// The user QEMU runs as when it is not jailed (None when the worker is not root).
     pub run_as: Option<RunAs>,
+    /// How VMs are jailed (None: not at all, only for a worker that is not root).
+    pub jail: Option<JailSettings>,
     /// Per-VM control groups, when the host has them.
     pub cgroups: Option<CgroupHost>,
     /// The QEMU binary.
@@ -137,15 +140,20 @@ impl Host {
                 report.removed_namespaces.len()
             ));
         }
-        // The VMs' own 0700 directories live here; QEMU, as the sandbox user, must be able
-        // to pass through it.
+        // The VMs' runtime directories (their jails' roots) live here.
         make_dir(&runtime_parent(state))?;
-        let run_as = if rustix::process::geteuid().is_root() {
+        let root = rustix::process::geteuid().is_root();
+        let run_as = if root {
             let user = &config.sandbox.user;
             Some(lookup_user(user).map_err(|source| HostError::User {
                 user: user.clone(),
                 source,
             })?)
+        } else {
+            None
+        };
+        let jail = if root {
+            Some(jail_settings(&config.sandbox, notice)?)
         } else {
             None
         };
@@ -157,10 +165,11 @@ impl Host {
             }
         };
         let cache = Cache::open(config.cache.clone())?;
-        if let Some(user) = run_as {
-            // QEMU opens the cached image and its runtime directory as the sandbox user.
+        if let Some(jail) = jail.as_ref().filter(|jail| !jail.namespaces) {
+            // Without namespaces QEMU opens cached boot files and its runtime directory by
+            // their host paths, as a user of the VM range: others must pass through.
             for dir in [cache.root().to_path_buf(), runtime_parent(state)] {
-                check_reachable(&dir, user.uid)?;
+                check_reachable(&dir, jail.ids.first)?;
             }
         }
         let qemu = "qemu-system-x86_64".to_owned();
@@ -185,6 +194,7 @@ impl Host {
             cache,
             pool,
             run_as,
+            jail,
             cgroups,
             qemu,
             tsc_khz: engine::tsc::host_tsc_khz(),
@@ -207,6 +217,7 @@ impl Host {
             runtime_parent: self.runtime_parent(),
             name: name.to_owned(),
             accelerator,
+            jail: self.jail.clone(),
             run_as: self.run_as,
             netdev: Netdev::RestrictedUser,
             qemu: self.qemu.clone(),
@@ -287,25 +298,17 @@ impl Host {
         runtime_parent(&self.config.state_dir)
     }
 
-    /// The accelerator, decided on first use (an `auto` probe boots `lease`'s kernel under
-    /// KVM once per host; the verdict is cached in the state directory).
-    pub async fn accelerator(&self, lease: &Lease, notice: &(dyn Fn(&str) + Sync)) -> Accelerator {
-        self.accelerator_probing(lease.kernel_path(), notice).await
-    }
-
-    /// [`Host::accelerator`] with the kernel the probe boots given directly (None: no probe,
-    /// the cached verdict or TCG).
-    pub async fn accelerator_probing(
-        &self,
-        kernel: Option<PathBuf>,
-        notice: &(dyn Fn(&str) + Sync),
-    ) -> Accelerator {
+    /// The accelerator, decided on first use: an `auto` probe boots the trusted probe kernel
+    /// (`sandbox.probeKernel`, else the host's own) under KVM once per host, never a task's;
+    /// the verdict is cached in the state directory.
+    pub async fn accelerator(&self, notice: &(dyn Fn(&str) + Sync)) -> Accelerator {
         *self
             .accel
             .get_or_init(|| async {
-                let spec = kernel.map(|kernel| ProbeSpec {
+                let spec = self.probe_kernel().map(|kernel| ProbeSpec {
                     qemu: self.qemu.clone(),
                     kernel,
+                    jail: self.jail.clone(),
                     run_as: self.run_as,
                     scratch: self.runtime_parent(),
                     tsc_khz: self.tsc_khz,
@@ -323,6 +326,62 @@ impl Host {
             })
             .await
     }
+}
+
+impl Host {
+    /// The kernel the KVM probe boots: `sandbox.probeKernel`, else the host's own
+    /// `/boot/vmlinuz-RELEASE` when it exists.
+    fn probe_kernel(&self) -> Option<PathBuf> {
+        if let Some(kernel) = &self.config.sandbox.probe_kernel {
+            return Some(kernel.clone());
+        }
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+        let own = PathBuf::from(format!("/boot/vmlinuz-{}", release.trim()));
+        own.is_file().then_some(own)
+    }
+}
+
+/// The jail every VM gets: the id range checked against the host's accounts, and whether this
+/// host lets QEMU have namespaces of its own (refused without them unless the configuration
+/// allows weaker isolation). Says in one line what isolation VMs get.
+fn jail_settings(
+    sandbox: &schemas::config::SandboxConfig,
+    notice: &dyn Fn(&str),
+) -> Result<JailSettings, HostError> {
+    let range = &sandbox.id_range;
+    let ids = engine::ids::IdRange::new(range.first, range.count)
+        .map_err(|error| HostError::Unsupported(error.to_string()))?;
+    ids.check_host()
+        .map_err(|error| HostError::Unsupported(error.to_string()))?;
+    let mut jail = JailSettings::new(ids);
+    let end = u64::from(ids.first) + u64::from(ids.count);
+    match engine::jail::check_namespaces() {
+        Ok(()) => notice(&format!(
+            "isolation: every QEMU jailed: a user and group of its own (sandbox.idRange {}..{end}), \
+             its own mount, network, IPC and UTS namespaces with its runtime directory as root \
+             (the host's /usr read-only, /dev with null, zero, random, urandom and kvm under KVM), \
+             an empty environment, no new privileges, seccomp; not in a PID namespace of its own",
+            ids.first
+        )),
+        Err(error) if sandbox.allow_weak_isolation => {
+            jail.namespaces = false;
+            notice(&format!(
+                "WEAK ISOLATION (sandbox.allowWeakIsolation): QEMU cannot have namespaces of its \
+                 own here ({error}); every QEMU still runs as a user of its own (sandbox.idRange \
+                 {}..{end}) with an empty environment, but sees the host's file system and \
+                 network namespace",
+                ids.first
+            ));
+        }
+        Err(error) => {
+            return Err(HostError::Unsupported(format!(
+                "QEMU cannot be jailed on this host: {error}. Run the worker where it may make \
+                 mount and network namespaces (root, no seccomp profile forbidding unshare and \
+                 mount), or set sandbox.allowWeakIsolation = true to run VMs without them"
+            )))
+        }
+    }
+    Ok(jail)
 }
 
 fn runtime_parent(state: &Path) -> PathBuf {

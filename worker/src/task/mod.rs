@@ -73,8 +73,8 @@ impl TaskRequest {
 /// A running task VM, as watchers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveVm {
-    /// QEMU's VNC server (a Unix socket; several clients may share it).
-    pub vnc_socket: PathBuf,
+    /// QEMU's VNC server (several clients may share it), reached through checked descriptors.
+    pub vnc: engine::runtime::VncEndpoint,
     /// Whether the machine has a display to look at.
     pub has_display: bool,
 }
@@ -292,7 +292,7 @@ impl Run {
             None => None,
         };
         let log = self.log.clone();
-        let accelerator = host.accelerator(&lease, &|line| log.note(line)).await;
+        let accelerator = host.accelerator(&|line| log.note(line)).await;
         let settings = host.vm_settings(&request.name, accelerator);
         // The start (a snapshot made first included) has its own bound; maxRunTime is the
         // command's, counted from when the guest takes it.
@@ -328,7 +328,7 @@ impl Run {
             LiveGuard::publish(
                 live,
                 LiveVm {
-                    vnc_socket: vm.vnc_socket(),
+                    vnc: vm.vnc(),
                     has_display: has_display(&machine),
                 },
             )

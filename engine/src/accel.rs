@@ -192,9 +192,7 @@ impl ProbeVm {
 
     async fn watch(mut self, watchdog: Duration) -> ProbeOutcome {
         let serial = self.runtime.serial_log();
-        let booted = || {
-            crate::vm::read_bounded(&serial, 1 << 20).contains(BOOTED_MARKER)
-        };
+        let booted = || crate::vm::read_bounded(&serial, 1 << 20).contains(BOOTED_MARKER);
         let outcome = loop {
             if booted() {
                 break ProbeOutcome::Booted {

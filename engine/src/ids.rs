@@ -176,10 +176,8 @@ impl IdRange {
                 .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
                 .open(&path)
                 .map_err(locks_failed)?;
-            let locked = rustix::fs::flock(
-                &lock,
-                rustix::fs::FlockOperation::NonBlockingLockExclusive,
-            );
+            let locked =
+                rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive);
             if locked.is_err() {
                 continue;
             }
@@ -285,7 +283,10 @@ mod tests {
         }
         let range = IdRange::new(id, 1).unwrap();
         assert!(
-            matches!(range.allocate_in(dir.path()), Err(IdError::Exhausted { .. })),
+            matches!(
+                range.allocate_in(dir.path()),
+                Err(IdError::Exhausted { .. })
+            ),
             "a process runs as the only id"
         );
         assert_eq!(kill_processes_of(id), 1);

@@ -240,11 +240,7 @@ impl PreparedJail {
         rustix::mount::mount_bind(self.root.as_c_str(), self.root.as_c_str())?;
         for (source, target, flags) in &self.mounts {
             rustix::mount::mount_bind(source.as_c_str(), target.as_c_str())?;
-            rustix::mount::mount_remount(
-                target.as_c_str(),
-                MountFlags::BIND | *flags,
-                c"",
-            )?;
+            rustix::mount::mount_remount(target.as_c_str(), MountFlags::BIND | *flags, c"")?;
         }
         rustix::process::chdir(self.root.as_c_str())?;
         // The old root ends up stacked on the new one; detaching it leaves only the jail.
@@ -295,10 +291,5 @@ pub fn find_program(program: &str) -> io::Result<PathBuf> {
         .flat_map(std::env::split_paths)
         .map(|dir| dir.join(program))
         .find(|path| path.is_file())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{program} is not in PATH"),
-            )
-        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{program} is not in PATH")))
 }

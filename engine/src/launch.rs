@@ -114,16 +114,14 @@ pub(crate) async fn launch(
     let mut inherited = Inherited::default();
     let disk = root_disk_chain(&source, snapshot, &runtime, &mut inherited)?;
     let drives = extra_drives(settings, &mut inherited)?;
-    let serial = runtime
-        .create_file("serial.log")
-        .map_err(VmError::Setup)?;
+    let serial = runtime.create_file("serial.log").map_err(VmError::Setup)?;
     let serial_log = inherited.in_set(serial);
     let qmp_listener = listen_for_qmp(&runtime)?;
     let qmp_fd = inherited.by_number(qmp_listener);
     let state = match snapshot {
-        Some(snapshot) => Some(inherited.by_number(
-            fs::File::open(snapshot.state_path()).map_err(VmError::Setup)?,
-        )),
+        Some(snapshot) => Some(
+            inherited.by_number(fs::File::open(snapshot.state_path()).map_err(VmError::Setup)?),
+        ),
         None => None,
     };
     let tap = network.as_ref().map(|network| network.tap().as_raw_fd());
@@ -296,7 +294,9 @@ fn root_disk_chain(
         (None, BootSource::Image(_)) => unreachable_layers(),
     }
     .map_err(VmError::Setup)?;
-    // `qemu-img create` made it in a directory only root writes: the name is still ours.
+    // `qemu-img create` made it in a directory only root writes: the name is still ours. The
+    // guest's writes are for QEMU alone, which writes through its descriptor.
+    fs::set_permissions(&overlay, fs::Permissions::from_mode(0o600)).map_err(VmError::Setup)?;
     let mut chain = vec![DiskLayer {
         file: inherited.in_set(open_for_qemu(&overlay, true).map_err(VmError::Setup)?),
         format: "qcow2".to_owned(),
@@ -311,7 +311,9 @@ fn root_disk_chain(
 }
 
 fn unreachable_layers() -> io::Result<()> {
-    Err(io::Error::other("an image or existing disk without a layer"))
+    Err(io::Error::other(
+        "an image or existing disk without a layer",
+    ))
 }
 
 fn extra_drives(

@@ -28,7 +28,10 @@ impl RuntimeDir {
     /// Creates `parent/name` (root's, 0711) with `run/` in it owned by `owner` (uid, gid;
     /// None: this process's own user).
     pub fn create(parent: &Path, name: &str, owner: Option<(u32, u32)>) -> io::Result<Self> {
-        fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)?;
         let path = parent.join(name);
         fs::DirBuilder::new().mode(0o711).create(&path)?;
         let owner = owner.unwrap_or_else(|| {
@@ -102,7 +105,13 @@ impl RuntimeDir {
     /// The contents of the regular file `name` QEMU wrote in `run/` (e.g. a screendump), at
     /// most `limit` bytes.
     pub fn read_scratch_file(&self, name: &str, limit: u64) -> io::Result<Vec<u8>> {
-        let fd = open_scratch(&self.path, self.owner.0, name, OFlags::RDONLY, FileType::RegularFile)?;
+        let fd = open_scratch(
+            &self.path,
+            self.owner.0,
+            name,
+            OFlags::RDONLY,
+            FileType::RegularFile,
+        )?;
         let mut bytes = Vec::new();
         fs::File::from(fd).take(limit).read_to_end(&mut bytes)?;
         Ok(bytes)

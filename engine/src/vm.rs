@@ -372,7 +372,12 @@ impl VirtualMachine {
         let filename = if self.jailed {
             format!("/{}/{NAME}", crate::runtime::SCRATCH)
         } else {
-            self.runtime.path().join(crate::runtime::SCRATCH).join(NAME).display().to_string()
+            self.runtime
+                .path()
+                .join(crate::runtime::SCRATCH)
+                .join(NAME)
+                .display()
+                .to_string()
         };
         let command = qmp::screendump {
             filename,

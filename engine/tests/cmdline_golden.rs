@@ -215,7 +215,9 @@ fn an_installer_cdrom_and_a_seed_disk_as_inherited_descriptors() {
             boot_first: true,
         },
     ];
-    launch.fd_sets.extend([FdSet { fd: 9, set: 3 }, FdSet { fd: 10, set: 4 }]);
+    launch
+        .fd_sets
+        .extend([FdSet { fd: 9, set: 3 }, FdSet { fd: 10, set: 4 }]);
     let args = qemu_args(&resolved(&image, limits(512, 1)), &launch).unwrap();
     check_golden("q35-installer", &args);
 

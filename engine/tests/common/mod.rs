@@ -1,13 +1,12 @@
-//! The harness the network and snapshot tests share: a scratch directory QEMU (as `nobody`)
-//! can reach, an image cache in it holding the minimal test image, and the settings of a TCG
+//! The harness the network, snapshot and jail tests share: a scratch directory an image cache in it holding the minimal test image, and the settings of a TCG
 //! VM on its own isolated network.
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use engine::network::NetworkSettings;
 use engine::jail::JailSettings;
+use engine::network::NetworkSettings;
 use engine::process::lookup_user;
 use engine::{Accelerator, Netdev, VmSettings};
 use image_manager::{Cache, ImageRequest, Lease};
@@ -41,8 +40,20 @@ impl Fixture {
 
     /// A lease on the minimal test image.
     pub fn lease(&self) -> Lease {
-        let request = ImageRequest::parse(minimal_image().to_str().unwrap(), None).unwrap();
+        self.lease_of(&minimal_image())
+    }
+
+    /// A lease on the test image at `image`.
+    #[allow(dead_code)]
+    pub fn lease_of(&self, image: &std::path::Path) -> Lease {
+        let request = ImageRequest::parse(image.to_str().unwrap(), None).unwrap();
         self.cache.fetch(&request, &|_| {}).unwrap().0
+    }
+
+    /// The image cache's directory.
+    #[allow(dead_code)]
+    pub fn cache_dir(&self) -> &std::path::Path {
+        self.cache.root()
     }
 
     /// A TCG VM called `name`, as `nobody`, on its own network with the guest at

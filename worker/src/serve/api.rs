@@ -497,14 +497,12 @@ pub async fn console(
             "this is a websocket (RFB for noVNC)",
         )
     })?;
-    let vnc = super::console::connect(&live.vnc)
-        .await
-        .map_err(|error| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the VM's VNC server: {error}"),
-            )
-        })?;
+    let vnc = super::console::connect(&live.vnc).await.map_err(|error| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the VM's VNC server: {error}"),
+        )
+    })?;
     Ok(upgrade
         .protocols(["binary"])
         .max_message_size(16 << 20)

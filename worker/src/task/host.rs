@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use engine::accel::{decide, ProbeSpec};
-use engine::jail::JailSettings;
 use engine::cgroup::CgroupHost;
+use engine::jail::JailSettings;
 use engine::network::NetworkSettings;
 use engine::process::{lookup_user, RunAs};
 use engine::{Accelerator, Netdev, VmError, VmSettings};

@@ -1,5 +1,6 @@
-//! The accelerator probe against real QEMU: a probe guest boots under TCG, the watchdog
-//! catches a guest that does not come up, and `auto` caches its verdict per host.
+//! The accelerator probe against real QEMU: a probe guest boots under TCG (jailed like a VM),
+//! the watchdog catches a guest that does not come up, and `auto` caches its verdict per host
+//! and probe kernel. The test image's kernel stands for the host's trusted probe kernel.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -150,4 +151,59 @@ async fn forced_choices_never_probe() {
         );
     }
     assert!(!cache.exists());
+}
+
+/// The verdict decides every later task's accelerator, so only a verdict this process could
+/// have written for this probe kernel is believed: not one another user may write, not one
+/// behind a link, not one made with another kernel (e.g. a task's, as earlier versions did).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verdict_that_could_have_been_poisoned_is_not_believed() {
+    let fixture = Fixture::new();
+    let state = fixture.scratch.path().join("state");
+    let cache = state.join("accel.json");
+    let spec = fixture.spec(Duration::from_secs(10));
+    decide(Accel::Auto, &cache, Some(&spec)).await;
+    let mut verdict: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+    assert!(
+        verdict["host"].as_str().unwrap().contains("kernel sha256:"),
+        "the key names the probe kernel: {verdict}"
+    );
+    verdict["kvm_usable"] = false.into();
+    verdict["reason"] = "poisoned".into();
+    let poisoned = serde_json::to_vec(&verdict).unwrap();
+    let believed = |decision: Decision| {
+        decision
+            .notice
+            .is_some_and(|notice| notice.contains("poisoned"))
+    };
+
+    // Written by this user, 0644: believed (the control).
+    std::fs::write(&cache, &poisoned).unwrap();
+    assert!(believed(decide(Accel::Auto, &cache, Some(&spec)).await));
+
+    // Writable by others: not believed, probed again and replaced.
+    std::fs::write(&cache, &poisoned).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert!(!believed(decide(Accel::Auto, &cache, Some(&spec)).await));
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "the new verdict is written afresh");
+
+    // Behind a link: not believed.
+    let elsewhere = state.join("elsewhere.json");
+    std::fs::write(&elsewhere, &poisoned).unwrap();
+    std::fs::remove_file(&cache).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &cache).unwrap();
+    assert!(!believed(decide(Accel::Auto, &cache, Some(&spec)).await));
+
+    // Made with another kernel (a task's image, say): not believed.
+    std::fs::remove_file(&cache).unwrap();
+    let mut verdict_of_other = verdict.clone();
+    verdict_of_other["host"] = verdict["host"]
+        .as_str()
+        .unwrap()
+        .replace("kernel sha256:", "kernel sha256:0")
+        .into();
+    std::fs::write(&cache, serde_json::to_vec(&verdict_of_other).unwrap()).unwrap();
+    assert!(!believed(decide(Accel::Auto, &cache, Some(&spec)).await));
 }

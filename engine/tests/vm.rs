@@ -350,6 +350,9 @@ async fn owner_process_for_the_kill_9_test() {
     let lease = fixture.lease();
     let machine = resolved(&lease, |_| {});
     let mut settings = fixture.settings("owned");
+    if let Some(jail) = settings.jail.as_mut() {
+        *jail = owned_jail(Path::new(&scratch));
+    }
     settings.runtime_parent = Path::new(&scratch).join("run");
     settings.state_dir = Some(Path::new(&scratch).join("state"));
     if rustix::process::geteuid().is_root() {
@@ -359,6 +362,16 @@ async fn owner_process_for_the_kill_9_test() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(120)).await;
+}
+
+/// The kill -9 test's jail: a range of one id (outside the default range, so no other test's
+/// VM has it), locked in the test's own directory.
+fn owned_jail(scratch: &Path) -> JailSettings {
+    JailSettings {
+        ids: engine::ids::IdRange::new(1_879_000_000, 1).unwrap(),
+        id_locks: scratch.join("ids"),
+        namespaces: true,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -395,6 +408,19 @@ async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let qemu_pid = pid.expect("the owner recorded its QEMU");
+    let root = rustix::process::geteuid().is_root();
+    if root {
+        // The one id of the range is the owner's VM's: no second VM gets it meanwhile.
+        let fixture = Fixture::new();
+        let lease = fixture.lease();
+        let mut settings = fixture.settings("second");
+        settings.jail = Some(owned_jail(scratch.path()));
+        let error = VirtualMachine::start(lease, &resolved(&fixture.lease(), |_| {}), &settings)
+            .await
+            .err()
+            .expect("the range's only id is held");
+        assert!(error.to_string().contains("sandbox.idRange"), "{error}");
+    }
     owner.kill().unwrap(); // SIGKILL: no destructor runs
     owner.wait().unwrap();
     assert!(
@@ -425,6 +451,21 @@ async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
     }
     assert!(!process_exists(qemu_pid), "QEMU of the dead owner is gone");
     assert!(!scratch.path().join("run/owned").exists());
+    if root {
+        assert_eq!(report.freed_ids, [1_879_000_000], "the VM's user swept");
+        assert!(engine::ids::processes_of(1_879_000_000).is_empty());
+        // The next VM gets the freed id and runs as it.
+        let fixture = Fixture::new();
+        let lease = fixture.lease();
+        let machine = resolved(&lease, |_| {});
+        let mut settings = fixture.settings("next");
+        settings.jail = Some(owned_jail(scratch.path()));
+        let vm = VirtualMachine::start(lease, &machine, &settings)
+            .await
+            .unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+        assert!(status.contains("Uid:\t1879000000\t"), "{status}");
+    }
     assert_eq!(
         std::fs::read_dir(engine::records::records_dir(&state))
             .unwrap()

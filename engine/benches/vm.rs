@@ -2,6 +2,8 @@
 //! - spawn → QMP ready, and spawn → `taskvm-agent: ready` through `VirtualMachine` (sandbox,
 //!   unprivileged user, overlay, QMP) against bare `qemu-system-x86_64` with the same kernel,
 //!   initrd, disk and devices to the same marker (the engine's overhead; goal ≤ +10 %);
+//! - the jail's cost: start → QMP ready and snapshot restore → resumed, jailed vs unjailed,
+//!   interleaved (goal: ≤ +20 ms median to QMP ready, restore unchanged within noise);
 //! - overlay creation on a 1 GiB and a 20 GiB sparse base (should be equal);
 //! - a screenshot of the display image at 1024×768 through VNC (plus PNG encoding) and
 //!   with QMP screendump (goal ≤ 50 ms).
@@ -148,6 +150,8 @@ async fn main() {
         (ratio - 1.0) * 100.0
     );
 
+    jail_overhead(&fetch, &limits, &settings, boots, scratch.path()).await;
+
     for gib in [1u64, 20] {
         let base = scratch.path().join(format!("base-{gib}.raw"));
         std::fs::File::create(&base)
@@ -229,6 +233,112 @@ async fn main() {
         );
     }
     vm.kill().await;
+}
+
+/// The jail's cost, measured in the same run: start → QMP ready, and snapshot restore →
+/// resumed, each with the jail (a user of its own, namespaces, `pivot_root`) and without it
+/// (QEMU as `nobody` in the host's namespaces), the two kinds interleaved.
+async fn jail_overhead(
+    fetch: &dyn Fn(std::path::PathBuf) -> image_manager::Lease,
+    limits: &MachineLimits,
+    settings: &dyn Fn(String) -> VmSettings,
+    boots: usize,
+    scratch: &std::path::Path,
+) {
+    if !rustix::process::geteuid().is_root() {
+        println!("jail overhead: skipped (needs root)");
+        return;
+    }
+    let unjailed = |mut settings: VmSettings| {
+        settings.jail = None;
+        settings
+    };
+    let networked = |mut settings: VmSettings| {
+        settings.network = Some(engine::network::NetworkSettings::default());
+        settings
+    };
+    let machine = |lease: &image_manager::Lease| {
+        resolve_machine(
+            MachineLayers {
+                image: Some(lease.machine()),
+                ..MachineLayers::default()
+            },
+            limits,
+        )
+        .expect("machine")
+    };
+    let (mut jailed_qmp, mut bare_qmp) = (Vec::new(), Vec::new());
+    for round in 0..boots {
+        for jailed in [true, false] {
+            let lease = fetch(minimal_image());
+            let machine = machine(&lease);
+            let mut vm_settings = settings(format!("jail-{round}-{jailed}"));
+            if !jailed {
+                vm_settings = unjailed(vm_settings);
+            }
+            let started = Instant::now();
+            let mut vm = VirtualMachine::start(lease, &machine, &vm_settings)
+                .await
+                .expect("start");
+            let took = started.elapsed();
+            vm.kill().await;
+            if jailed {
+                jailed_qmp.push(took);
+            } else {
+                bare_qmp.push(took);
+            }
+        }
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let difference = ms(pct(&jailed_qmp, 50)) - ms(pct(&bare_qmp, 50));
+    println!(
+        "start -> QMP ready, jailed {:7.1} ms vs unjailed {:7.1} ms (medians): {difference:+.1} ms \
+         ({:.2}x; goal <= +20 ms)",
+        ms(pct(&jailed_qmp, 50)),
+        ms(pct(&bare_qmp, 50)),
+        ms(pct(&jailed_qmp, 50)) / ms(pct(&bare_qmp, 50)),
+    );
+
+    let lease = fetch(minimal_image());
+    let machine = machine(&lease);
+    let dir = scratch.join("jail-bench-snapshot");
+    let snapshot = engine::snapshot::build(
+        lease,
+        &machine,
+        &networked(settings("jail-snapshot".into())),
+        &dir,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("snapshot");
+    let (mut jailed_restore, mut bare_restore) = (Vec::new(), Vec::new());
+    for round in 0..boots {
+        for jailed in [true, false] {
+            let mut vm_settings = networked(settings(format!("restore-{round}-{jailed}")));
+            if !jailed {
+                vm_settings = unjailed(vm_settings);
+            }
+            let lease = fetch(minimal_image());
+            let started = Instant::now();
+            let mut vm = VirtualMachine::restore(lease, &machine, &vm_settings, &snapshot)
+                .await
+                .expect("restore");
+            let took = started.elapsed();
+            vm.kill().await;
+            if jailed {
+                jailed_restore.push(took);
+            } else {
+                bare_restore.push(took);
+            }
+        }
+    }
+    println!(
+        "snapshot restore -> resumed, jailed {:7.1} ms vs unjailed {:7.1} ms (medians): {:.2}x \
+         (goal: unchanged within noise)",
+        ms(pct(&jailed_restore, 50)),
+        ms(pct(&bare_restore, 50)),
+        ms(pct(&jailed_restore, 50)) / ms(pct(&bare_restore, 50)),
+    );
 }
 
 fn pct(values: &[Duration], percent: usize) -> Duration {

@@ -123,18 +123,22 @@ pub fn file_url(path: PathBuf) -> String {
     )
 }
 
-/// How many QEMU processes have `dir` in their command line.
+/// How many QEMU processes run with their runtime directory below `dir`.
 pub fn qemu_processes_under(dir: &Path) -> usize {
-    let needle = dir.to_string_lossy().into_owned();
     std::fs::read_dir("/proc")
         .map(|entries| {
             entries
                 .flatten()
                 .filter(|entry| {
-                    std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
-                        let text = String::from_utf8_lossy(&cmdline);
-                        text.contains("qemu-system") && text.contains(&needle)
-                    })
+                    let is_qemu =
+                        std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
+                            String::from_utf8_lossy(&cmdline).contains("qemu-system")
+                        });
+                    // Its standard error is `qemu.log` in its runtime directory, opened by the
+                    // engine on the host's side: the path is the host's even for a jailed QEMU.
+                    is_qemu
+                        && std::fs::read_link(entry.path().join("fd/2"))
+                            .is_ok_and(|stderr| stderr.starts_with(dir))
                 })
                 .count()
         })

@@ -757,24 +757,34 @@ fn kill_9_mid_task_then_the_next_run_sweeps_everything() {
 #[test]
 fn a_host_that_cannot_run_vms_says_what_is_wrong_before_any_task() {
     let scene = Scene::new();
-    let private = scene.scratch.path().join("private");
-    std::fs::create_dir(&private).unwrap();
-    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let run = scene.run_with_cache(
+    // VMs' ids would be those of a real account (nobody, 65534).
+    let run = scene.run_configured(
         &scene.example("hello"),
-        "unreachable",
-        &private.join("cache"),
+        "colliding-ids",
+        r#"{"sandbox": {"idRange": {"first": 65534, "count": 1}}}"#,
     );
     assert_eq!(run.code(), Some(3), "{}", run.explain());
     assert!(
-        run.stderr().contains(&format!(
-            "{} lacks search permission for others",
-            private.display()
-        )),
+        run.stderr()
+            .contains("sandbox.idRange (65534..65535) holds user \"nobody\""),
         "{}",
         run.explain()
     );
+    assert!(!run.stdout().contains("hello from"), "{}", run.explain());
+    assert!(scene.leftovers(None).is_empty());
+}
 
+/// QEMU reads nothing of the cache by its name (its disk layers are descriptors, its boot
+/// files are shown in its jail by root), so a cache only root can reach works.
+#[test]
+fn a_cache_only_root_can_reach_serves_jailed_vms() {
+    let scene = Scene::new();
+    let private = scene.scratch.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let run = scene.run_with_cache(&scene.example("hello"), "private", &private.join("cache"));
+    assert_eq!(run.code(), Some(0), "{}", run.explain());
+    assert!(run.stdout().contains("hello from"), "{}", run.explain());
     assert!(scene.leftovers(None).is_empty());
 }
 

@@ -264,7 +264,11 @@ pub async fn decide(choice: Accel, cache_file: &Path, spec: Option<&ProbeSpec>) 
         return tcg("no /dev/kvm".into());
     }
     let Some(spec) = spec else {
-        return tcg("no kernel to probe it with; set accel = \"kvm\" to force it".into());
+        return tcg(
+            "no trusted kernel to probe it with (set sandbox.probeKernel; a task's kernel is \
+             never used), or set accel = \"kvm\" to force it"
+                .into(),
+        );
     };
     let host = match host_key(spec) {
         Ok(host) => host,

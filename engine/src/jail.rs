@@ -284,7 +284,7 @@ pub fn check_namespaces() -> io::Result<()> {
 /// `program` as an absolute path: itself when it holds a slash, else the first match in `PATH`.
 pub fn find_program(program: &str) -> io::Result<PathBuf> {
     if program.contains('/') {
-        return Ok(std::path::absolute(program)?);
+        return std::path::absolute(program);
     }
     std::env::var_os("PATH")
         .iter()

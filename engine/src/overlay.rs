@@ -29,16 +29,6 @@ pub fn create_empty_disk(disk: &Path, size: u64) -> io::Result<()> {
     run(command, &format!("qemu-img create a {size}-byte disk"))
 }
 
-/// Renames `overlay`'s backing file to `backing` without opening it (`rebase -u`): the same
-/// file under another name, such as `/dev/fdset/N`, which only QEMU resolves.
-pub fn point_backing_at(overlay: &Path, backing: &str, backing_format: &str) -> io::Result<()> {
-    let mut command = Command::new("qemu-img");
-    command
-        .args(["rebase", "-u", "-F", backing_format, "-b", backing])
-        .arg(overlay);
-    run(command, &format!("qemu-img rebase {}", overlay.display()))
-}
-
 fn run(mut command: Command, what: &str) -> io::Result<()> {
     let output = command.output()?;
     if output.status.success() {

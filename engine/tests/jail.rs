@@ -114,6 +114,17 @@ fn attempt(
         .unwrap_or_else(|error| panic!("{error}: {}", String::from_utf8_lossy(&output.stdout)))
 }
 
+/// As `uid`, makes the symbolic link `link` to `target` (which must work: the user owns the
+/// directory).
+fn plant_link(uid: u32, target: &str, link: &std::path::Path) {
+    let made = attempt(
+        Some(uid),
+        None,
+        &[("link", "symlink", format!("{target}|{}", link.display()))],
+    );
+    assert_eq!(made["link"], "ok", "planting {}", link.display());
+}
+
 fn uid_of(pid: u32) -> u32 {
     std::fs::metadata(format!("/proc/{pid}")).unwrap().uid()
 }
@@ -382,20 +393,11 @@ async fn hostile_qemu_is_contained() {
     let decoy_path = decoy_dir.path().join("host-service.sock");
     let decoy = std::os::unix::net::UnixListener::bind(&decoy_path).unwrap();
     decoy.set_nonblocking(true).unwrap();
-    let plant = attempt(
-        Some(uid_a),
-        None,
-        &[(
-            "link",
-            "symlink",
-            format!(
-                "{}|{}",
-                decoy_path.display(),
-                a_dir.join("run/vnc.sock").display()
-            ),
-        )],
+    plant_link(
+        uid_a,
+        &decoy_path.display().to_string(),
+        &a_dir.join("run/vnc.sock"),
     );
-    assert_eq!(plant["link"], "ok");
     let refused = vm_a
         .vnc()
         .connect()
@@ -411,37 +413,20 @@ async fn hostile_qemu_is_contained() {
     let secret = decoy_dir.path().join("secret");
     std::fs::write(&secret, "root's secret").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let plant = attempt(
-        Some(uid_b),
-        None,
-        &[(
-            "link",
-            "symlink",
-            format!(
-                "/run/elsewhere.ppm|{}",
-                b_dir.join("run/screendump.ppm").display()
-            ),
-        )],
+    plant_link(
+        uid_b,
+        "/run/elsewhere.ppm",
+        &b_dir.join("run/screendump.ppm"),
     );
-    assert_eq!(plant["link"], "ok");
     let dump = vm_b.screendump().await;
     assert!(dump.is_err(), "a screendump through a link is refused");
     std::fs::remove_file(b_dir.join("run/screendump.ppm")).ok();
     std::fs::remove_file(b_dir.join("run/elsewhere.ppm")).ok();
-    let plant = attempt(
-        Some(uid_b),
-        None,
-        &[(
-            "link",
-            "symlink",
-            format!(
-                "{}|{}",
-                secret.display(),
-                b_dir.join("run/screendump.ppm").display()
-            ),
-        )],
+    plant_link(
+        uid_b,
+        &secret.display().to_string(),
+        &b_dir.join("run/screendump.ppm"),
     );
-    assert_eq!(plant["link"], "ok");
     assert!(vm_b.screendump().await.is_err());
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root's secret");
     let screen = vm_b.screenshot(Duration::from_secs(10)).await.unwrap();

@@ -774,6 +774,45 @@ fn a_host_that_cannot_run_vms_says_what_is_wrong_before_any_task() {
     assert!(scene.leftovers(None).is_empty());
 }
 
+/// `accel = auto` never boots a task's kernel to decide: a kernel that hangs on purpose would
+/// push every later task onto TCG. With no trusted kernel on this host (no
+/// `sandbox.probeKernel`, no `/boot/vmlinuz-RELEASE`), `auto` says so and uses TCG, although
+/// the task's image has a kernel, and no verdict is stored.
+#[test]
+fn auto_never_probes_kvm_with_the_tasks_kernel() {
+    let scene = Scene::new();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    if Path::new(&format!("/boot/vmlinuz-{}", release.trim())).exists()
+        || !Path::new("/dev/kvm").exists()
+    {
+        eprintln!("this host has its own kernel to probe with, or no KVM: nothing to show here");
+        return;
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+        .arg("run")
+        .arg(scene.example("hello"))
+        .arg("--cache")
+        .arg(shared_cache())
+        .arg("--state")
+        .arg(scene.state())
+        .arg("--artifacts")
+        .arg(scene.artifacts("auto"))
+        .arg("--accel")
+        .arg("auto")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("no trusted kernel to probe it with"),
+        "{stderr}"
+    );
+    assert!(
+        !scene.state().join("accel.json").exists(),
+        "no verdict from a task's kernel"
+    );
+}
+
 /// QEMU reads nothing of the cache by its name (its disk layers are descriptors, its boot
 /// files are shown in its jail by root), so a cache only root can reach works.
 #[test]

@@ -131,10 +131,11 @@ impl Host {
         })?;
         if report.records > 0 {
             notice(&format!(
-                "swept {} VM(s) a previous worker left: {} QEMU process(es) killed, {} \
-                 directories, {} control groups, {} network namespaces removed",
+                "swept {} VM(s) a previous worker left: {} QEMU process(es) killed, {} VM \
+                 user(s) freed, {} directories, {} control groups, {} network namespaces removed",
                 report.records,
                 report.killed.len(),
+                report.freed_ids.len(),
                 report.removed_dirs.len(),
                 report.removed_cgroups.len(),
                 report.removed_namespaces.len()

@@ -156,7 +156,10 @@ impl ProbeVm {
                 plan.add_program(&spec.qemu)
                     .map_err(|e| failed("probe program", e))?
             }
-            None => spec.qemu.clone(),
+            None => crate::jail::find_program(&spec.qemu)
+                .map_err(|e| failed("probe program", e))?
+                .display()
+                .to_string(),
         };
         let confinement = crate::process::Confinement {
             run_as: owner.map(|(uid, gid)| RunAs { uid, gid }),

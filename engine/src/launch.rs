@@ -170,7 +170,11 @@ pub(crate) async fn launch(
             }
             plan.add_program(&settings.qemu).map_err(VmError::Setup)?
         }
-        None => settings.qemu.clone(),
+        // Its environment is empty: the program is found in the worker's PATH, here.
+        None => crate::jail::find_program(&settings.qemu)
+            .map_err(VmError::Setup)?
+            .display()
+            .to_string(),
     };
     let confinement = Confinement {
         run_as: owner.map(|(uid, gid)| RunAs { uid, gid }),

@@ -473,3 +473,45 @@ async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
         0
     );
 }
+
+/// With `namespaces` off (what `sandbox.allowWeakIsolation` gives a host that cannot make
+/// them), QEMU keeps a user of its own, an empty environment and its descriptors, but runs in
+/// the host's namespaces and reads its boot files by their host paths.
+#[tokio::test(flavor = "multi_thread")]
+async fn weaker_isolation_keeps_the_vms_own_user_without_namespaces() {
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    let fixture = Fixture::new();
+    let lease = fixture.lease();
+    let machine = resolved(&lease, |_| {});
+    let mut settings = fixture.settings("weak");
+    if let Some(jail) = settings.jail.as_mut() {
+        jail.namespaces = false;
+    }
+    let mut vm = VirtualMachine::start(lease, &machine, &settings)
+        .await
+        .unwrap();
+    assert!(
+        vm.wait_for_serial(READY, Duration::from_secs(60)).await,
+        "serial:\n{}",
+        vm.serial_output()
+    );
+    let pid = vm.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(JailSettings::default().ids.contains(uid), "{uid}");
+    assert!(std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap(),
+        std::fs::read_link("/proc/self/ns/mnt").unwrap(),
+        "the host's mount namespace"
+    );
+    vm.kill().await;
+}

@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 
 SCHEMATHESIS_VERSION=4.32.5
 
-if [ ! -d worker/tests/ui/node_modules/playwright-core ]; then
-  echo "test-tools: npm ci in worker/tests/ui (playwright-core)" >&2
-  (cd worker/tests/ui && npm ci --no-audit --no-fund --loglevel=error)
+if [ ! -d cli/tests/ui/node_modules/playwright-core ]; then
+  echo "test-tools: npm ci in cli/tests/ui (playwright-core)" >&2
+  (cd cli/tests/ui && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 venv=target/pyenv

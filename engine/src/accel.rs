@@ -385,18 +385,11 @@ fn host_key(spec: &ProbeSpec) -> io::Result<String> {
         .lines()
         .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
         .map_or(String::new(), |(_, model)| model.trim().to_owned());
-    let qemu_version = std::process::Command::new(&spec.qemu)
-        .arg("--version")
-        .env_clear()
-        .output()
-        .map(|out| {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .unwrap_or_default();
+    let qemu_version = crate::process::qemu_version(&spec.qemu)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     let device = fs::metadata("/dev/kvm")
         .map(|m| format!("{}:{}:{:o}", m.uid(), m.gid(), m.mode() & 0o777))
         .unwrap_or_default();

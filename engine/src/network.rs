@@ -174,9 +174,10 @@ impl VmNetwork {
     /// The kernel parameters that tell our agent its address (and, with egress, its
     /// gateway: the metadata address, which the namespace routes onward).
     pub fn kernel_parameter(&self) -> String {
-        let address = format!("taskvm.ip={}/{PREFIX_LEN}", self.guest_address);
+        use schemas::protocol::kernel_parameter::{ADDRESS, GATEWAY};
+        let address = format!("{ADDRESS}{}/{PREFIX_LEN}", self.guest_address);
         match &self.egress {
-            Some(_) => format!("{address} taskvm.gw={METADATA_ADDRESS}"),
+            Some(_) => format!("{address} {GATEWAY}{METADATA_ADDRESS}"),
             None => address,
         }
     }

@@ -353,7 +353,7 @@ impl GuestSession {
             .headers()
             .get(hyper::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("application/octet-stream")
+            .unwrap_or(schemas::protocol::content_type::FILE)
             .to_owned();
         let (tx, rx) = mpsc::channel(8);
         let wanted = waiting
@@ -450,7 +450,7 @@ fn json_reply(json: Vec<u8>) -> Reply {
     let mut reply = text(StatusCode::OK, json);
     reply.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
+        hyper::header::HeaderValue::from_static(schemas::protocol::content_type::JSON),
     );
     reply
 }

@@ -23,7 +23,7 @@ use crate::session::{GuestSession, SessionConfig};
 use crate::vm::{VirtualMachine, VmError, VmSettings};
 
 /// What the agent prints on the console once it is up and asks for its task.
-pub const AGENT_READY: &str = "taskvm-agent: ready";
+pub const AGENT_READY: &str = schemas::protocol::marker::READY;
 
 /// Boots a VM of `machine` on `lease` (with `settings`, which must give it a network), waits
 /// until its agent is up — no task is ever set, so it holds no task data — and saves it into

@@ -6,7 +6,7 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use schemas::protocol::{Action, ActionKind, FolderEntry, FolderListing, ReplyError};
+use schemas::protocol::{content_type, Action, ActionKind, FolderEntry, FolderListing, ReplyError};
 
 use crate::client::Client;
 
@@ -68,7 +68,7 @@ fn send_artifact(client: &Client, id: &str, path: &Path) -> io::Result<()> {
         Err(error) => return reply_error(client, id, &path.display().to_string(), &error),
     };
     if metadata.is_dir() {
-        let stream = client.reply_stream(id, "application/x-tar")?;
+        let stream = client.reply_stream(id, content_type::DIRECTORY)?;
         let mut builder = tar::Builder::new(stream);
         builder.follow_symlinks(false);
         builder.mode(tar::HeaderMode::Deterministic);
@@ -77,7 +77,7 @@ fn send_artifact(client: &Client, id: &str, path: &Path) -> io::Result<()> {
         Ok(())
     } else {
         match fs::File::open(path) {
-            Ok(file) => client.reply(id, "application/octet-stream", file).map(drop),
+            Ok(file) => client.reply(id, content_type::FILE, file).map(drop),
             Err(error) => reply_error(client, id, &path.display().to_string(), &error),
         }
     }
@@ -101,7 +101,7 @@ fn list_folder(path: &Path) -> io::Result<FolderListing> {
 fn reply_json(client: &Client, id: &str, value: &impl serde::Serialize) -> io::Result<()> {
     let body = serde_json::to_vec(value).map_err(io::Error::other)?;
     client
-        .reply(id, "application/json", body.as_slice())
+        .reply(id, content_type::JSON, body.as_slice())
         .map(drop)
 }
 

@@ -4,7 +4,7 @@ use std::io::{self, Read};
 use std::thread::sleep;
 use std::time::Duration;
 
-use schemas::protocol::{Action, Execute, Report, API_PREFIX};
+use schemas::protocol::{content_type, Action, Execute, Report, API_PREFIX};
 
 use crate::http::{ChunkedBody, Endpoint};
 
@@ -64,7 +64,7 @@ impl Client {
             &self.endpoint,
             "POST",
             &Self::path("log"),
-            "application/octet-stream",
+            content_type::FILE,
         )
     }
 
@@ -79,7 +79,7 @@ impl Client {
         let body = serde_json::to_vec(&report).map_err(io::Error::other)?;
         let response =
             self.endpoint
-                .request("PUT", &Self::path(name), "application/json", &body)?;
+                .request("PUT", &Self::path(name), content_type::JSON, &body)?;
         Ok(response.status)
     }
 

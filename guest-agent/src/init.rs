@@ -9,18 +9,19 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rustix::mount::{mount, MountFlags};
+use schemas::protocol::kernel_parameter;
 
 use crate::netlink::{interface_index, Ipv4Cidr, Netlink};
 
 /// Address given to the guest's interface when the command line names none.
 pub const DEFAULT_ADDRESS: &str = "169.254.0.2/16";
 /// Kernel command-line parameter with the guest's address (`taskvm.ip=A.B.C.D/N`).
-const ADDRESS_PARAMETER: &str = "taskvm.ip=";
+const ADDRESS_PARAMETER: &str = kernel_parameter::ADDRESS;
 /// Kernel command-line parameter with the default gateway (`taskvm.gw=A.B.C.D`), given only
 /// when the VM has egress; without it the guest has no route off its link.
-const GATEWAY_PARAMETER: &str = "taskvm.gw=";
+const GATEWAY_PARAMETER: &str = kernel_parameter::GATEWAY;
 /// Kernel command-line parameter overriding the metadata service URL.
-const METADATA_PARAMETER: &str = "taskvm.metadata=";
+const METADATA_PARAMETER: &str = kernel_parameter::METADATA;
 
 /// Runs as init; never returns.
 pub fn run(metadata_url: &str) -> ! {

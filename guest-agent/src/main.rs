@@ -25,12 +25,10 @@ mod stage1;
 
 use std::process::ExitCode;
 
-const DEFAULT_METADATA_URL: &str = "http://169.254.169.254";
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let url =
-        std::env::var("TASKVM_METADATA_URL").unwrap_or_else(|_| DEFAULT_METADATA_URL.to_owned());
+    let url = std::env::var("TASKVM_METADATA_URL")
+        .unwrap_or_else(|_| format!("http://{}", schemas::protocol::METADATA_ADDRESS));
     if rustix::process::getpid().is_init() {
         init::run(&url);
     }

@@ -24,6 +24,37 @@ pub const API_PREFIX: &str = "/engine/v1";
 /// The metadata service's address as the guest sees it.
 pub const METADATA_ADDRESS: &str = "169.254.169.254";
 
+/// Kernel command-line parameters the engine sets and the agent (as PID 1) reads; each is
+/// followed directly by its value.
+pub mod kernel_parameter {
+    /// The guest's address with its prefix length, e.g. `taskvm.ip=169.254.7.2/16` (the
+    /// Debian cloud kernel ignores `ip=`).
+    pub const ADDRESS: &str = "taskvm.ip=";
+    /// The default gateway (and DNS server), given only to VMs with egress.
+    pub const GATEWAY: &str = "taskvm.gw=";
+    /// Another metadata URL than `http://METADATA_ADDRESS` (tests and debugging).
+    pub const METADATA: &str = "taskvm.metadata=";
+}
+
+/// What the agent prints on the console (and the VGA screen) as it goes:
+/// `taskvm-agent: WHAT`.
+pub mod marker {
+    /// What every line the agent prints begins with.
+    pub const PREFIX: &str = "taskvm-agent: ";
+    /// The agent is up and asks for its task: the moment a snapshot is taken.
+    pub const READY: &str = "taskvm-agent: ready";
+}
+
+/// The `Content-Type` of replies to actions (and of the agent's other requests).
+pub mod content_type {
+    /// A file's bytes.
+    pub const FILE: &str = "application/octet-stream";
+    /// A directory as a tar stream.
+    pub const DIRECTORY: &str = "application/x-tar";
+    /// A JSON document ([`super::Report`], [`super::FolderListing`], [`super::ReplyError`]).
+    pub const JSON: &str = "application/json";
+}
+
 /// The task the guest is to run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -1,0 +1,152 @@
+//! Reading the documents a user hands to the CLI: files in JSON (or TOML for configuration),
+//! checked by the `schemas` crate; and the set-up shared by the commands that start VMs.
+
+use std::path::{Path, PathBuf};
+
+use lifecycle::exit::Outcome;
+use schemas::{parse_config, parse_json, Violations, WorkerConfig};
+
+/// Largest document file read (payloads and configurations are a few KiB; `taskvm serve`
+/// takes 1 MiB bodies).
+const MAX_DOCUMENT: u64 = 16 << 20;
+
+/// Reads a file as JSON, or TOML when its name ends in `.toml`; any failure is a violation
+/// naming the file.
+pub fn read_document(path: &Path) -> Result<serde_json::Value, Violations> {
+    use std::io::Read;
+    let cannot = |error: &dyn std::fmt::Display| {
+        Violations::one("", format!("cannot read {}: {error}", path.display()))
+    };
+    let file = std::fs::File::open(path).map_err(|error| cannot(&error))?;
+    let mut text = String::new();
+    file.take(MAX_DOCUMENT + 1)
+        .read_to_string(&mut text)
+        .map_err(|error| cannot(&error))?;
+    if text.len() as u64 > MAX_DOCUMENT {
+        return Err(cannot(&format!("larger than {MAX_DOCUMENT} bytes")));
+    }
+    if path.extension().is_some_and(|ext| ext == "toml") {
+        let value: toml::Value = toml::from_str(&text)
+            .map_err(|error| Violations::one("", format!("not valid TOML: {}", error.message())))?;
+        serde_json::to_value(value)
+            .map_err(|error| Violations::one("", format!("cannot convert TOML: {error}")))
+    } else {
+        parse_json(&text)
+    }
+}
+
+/// The flags every command that starts VMs has: its configuration file and what overrides it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArgs {
+    /// Worker configuration (limits, machine defaults, sandbox user, queue…).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Image cache directory (default: the configuration's cache.dir).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// State directory (default: the configuration's stateDir): VM records for the crash
+    /// sweep, snapshots, the KVM verdict, and the command's own files (the queue database of
+    /// `serve`, the runs of `worker`).
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Accelerator (default: the configuration's accel, `auto` unless set).
+    #[arg(long, value_enum)]
+    pub accel: Option<crate::args::AccelArg>,
+}
+
+/// The worker configuration for a command that starts VMs: the `--config` file (or the
+/// defaults) with what the command line overrides (`start`: `--start`, where the command has
+/// it). An invalid file is reported and yields the exit code.
+pub fn load_host_config(
+    host: &HostArgs,
+    start: Option<schemas::config::StartMode>,
+) -> Result<WorkerConfig, Outcome> {
+    let mut config = load_config(host.config.as_deref()).map_err(|violations| {
+        eprintln!("taskvm: invalid configuration:\n{violations}");
+        Outcome::Malformed
+    })?;
+    if let Some(cache) = &host.cache {
+        config.cache.dir = cache.clone();
+    }
+    if let Some(state) = &host.state {
+        config.state_dir = state.clone();
+    }
+    if let Some(accel) = host.accel {
+        config.accel = accel.into();
+    }
+    if let Some(start) = start {
+        config.start = start;
+    }
+    Ok(config)
+}
+
+/// The async runtime of the commands that drive VMs (two worker threads: VMs are started
+/// from them, never from short-lived blocking threads, because QEMU dies with its spawning
+/// thread).
+pub fn vm_runtime() -> Result<tokio::runtime::Runtime, Outcome> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("taskvm: cannot start the async runtime: {error}");
+            Outcome::Internal
+        })
+}
+
+/// Reads the worker configuration at `path`, or the defaults when there is none.
+pub fn load_config(path: Option<&Path>) -> Result<WorkerConfig, Violations> {
+    match path {
+        Some(path) => parse_config(&read_document(path)?),
+        None => Ok(WorkerConfig::default()),
+    }
+}
+
+/// Fetches `request` (named `reference` in messages) into the host's cache and leases it; a
+/// failure is reported through `say` and yields the exit code (2 when the image is the
+/// user's to fix).
+pub async fn fetch_lease(
+    host: &std::sync::Arc<lifecycle::host::Host>,
+    request: image_manager::ImageRequest,
+    reference: &str,
+    say: &(dyn Fn(&str) + Sync),
+) -> Result<image_manager::Lease, Outcome> {
+    let fetching = {
+        let host = host.clone();
+        tokio::task::spawn_blocking(move || host.cache.fetch(&request, &|_| {}))
+    };
+    match fetching.await {
+        Ok(Ok((lease, _))) => Ok(lease),
+        Ok(Err(error)) => {
+            say(&format!("image {reference}: {error}"));
+            Err(if lifecycle::image_error_is_the_payloads(&error) {
+                Outcome::Malformed
+            } else {
+                Outcome::Internal
+            })
+        }
+        Err(error) => {
+            say(&format!("image fetch thread: {error}"));
+            Err(Outcome::Internal)
+        }
+    }
+}
+
+/// An image's machine (`machine.json`, or one given in its place) under the worker's machine
+/// defaults and limits, as a payload without a `machine` gets it; a machine over the limits
+/// is reported through `say` and yields exit code 2.
+pub fn image_machine(
+    host: &lifecycle::host::Host,
+    machine: &schemas::Machine,
+    say: &dyn Fn(&str),
+) -> Result<schemas::ResolvedMachine, Outcome> {
+    let layers = schemas::MachineLayers {
+        image: Some(machine),
+        worker: host.config.machine.as_ref(),
+        ..schemas::MachineLayers::default()
+    };
+    schemas::resolve_machine(layers, &host.config.limits).map_err(|error| {
+        say(&schemas::limit_violation(&error, "/machine").to_string());
+        Outcome::Malformed
+    })
+}

@@ -1,0 +1,244 @@
+//! `taskvm submit TASK.json`: queue a task on a `taskvm serve`, and with `--follow` print its
+//! log as it runs and exit with `taskvm run`'s codes.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use lifecycle::exit::Outcome;
+use lifecycle::resolution::Resolution;
+use serde_json::Value;
+
+/// Arguments of `taskvm submit`.
+#[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// The task payload (JSON).
+    task: PathBuf,
+    /// The server's URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "TASKVM_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    /// The server's access token (needed when it listens off loopback).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TASKVM_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Print the task's log until it is resolved, and exit as `taskvm run` does: 0 completed,
+    /// 1 failed, 2 malformed payload, 3 anything else.
+    #[arg(long)]
+    follow: bool,
+}
+
+/// Runs `taskvm submit`.
+pub fn run(args: SubmitArgs) -> Outcome {
+    let payload = match std::fs::read(&args.task) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            eprintln!(
+                "taskvm submit: cannot read {}: {error}",
+                args.task.display()
+            );
+            return Outcome::Malformed;
+        }
+    };
+    let client = Client::new(&args.server, args.token.clone());
+    let created = match client.submit(payload) {
+        Ok(created) => created,
+        Err(failure) => return failure.report(),
+    };
+    let Some(task_id) = created
+        .get("taskId")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        eprintln!("taskvm submit: the server answered without a task id: {created}");
+        return Outcome::Internal;
+    };
+    if !args.follow {
+        println!("{task_id}");
+        eprintln!("taskvm submit: queued; {}/tasks/{task_id}", client.base);
+        return Outcome::Success;
+    }
+    eprintln!(
+        "taskvm submit: task {task_id} queued; {}/tasks/{task_id}",
+        client.base
+    );
+    if let Err(failure) = client.follow_log(&task_id) {
+        return failure.report();
+    }
+    match client.resolution(&task_id) {
+        Ok(resolution) => {
+            eprintln!("taskvm submit: task {task_id} resolved {resolution}");
+            resolution.outcome()
+        }
+        Err(failure) => failure.report(),
+    }
+}
+
+/// Why talking to the server failed.
+enum Failure {
+    /// The server refused the payload (400): the violations it listed.
+    Refused(Value),
+    /// Anything else.
+    Other(String),
+}
+
+impl Failure {
+    fn report(self) -> Outcome {
+        match self {
+            Failure::Refused(body) => {
+                let message = body
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("refused");
+                eprintln!("taskvm submit: {message}");
+                for violation in body
+                    .get("violations")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let pointer = violation
+                        .get("pointer")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    let rule = violation.get("rule").and_then(Value::as_str).unwrap_or("");
+                    eprintln!(
+                        "  {}: {rule}",
+                        if pointer.is_empty() { "/" } else { pointer }
+                    );
+                }
+                Outcome::Malformed
+            }
+            Failure::Other(message) => {
+                eprintln!("taskvm submit: {message}");
+                Outcome::Internal
+            }
+        }
+    }
+}
+
+struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::blocking::Client,
+}
+
+impl Client {
+    fn new(server: &str, token: Option<String>) -> Client {
+        Client {
+            base: server.trim_end_matches('/').to_owned(),
+            token,
+            // No overall timeout: a followed log lasts as long as its task.
+            http: reqwest::blocking::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(None)
+                .build()
+                .unwrap_or_else(|_| reqwest::blocking::Client::new()),
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::blocking::RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    fn submit(&self, payload: Vec<u8>) -> Result<Value, Failure> {
+        let response = self
+            .request(reqwest::Method::POST, "/api/tasks")
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(payload)
+            .send()
+            .map_err(|error| Failure::Other(format!("cannot reach {}: {error}", self.base)))?;
+        let status = response.status();
+        let body: Value = response.json().unwrap_or(Value::Null);
+        match status.as_u16() {
+            200..=299 => Ok(body),
+            400 => Err(Failure::Refused(body)),
+            _ => Err(Failure::Other(format!(
+                "the server answered {status}: {}",
+                body.get("error").and_then(Value::as_str).unwrap_or("")
+            ))),
+        }
+    }
+
+    /// Copies the log stream to stdout until the server ends it; reconnects after a cut.
+    fn follow_log(&self, task_id: &str) -> Result<(), Failure> {
+        let mut attempts = 0;
+        let mut printed: u64 = 0;
+        loop {
+            let sent = self
+                .request(reqwest::Method::GET, &format!("/api/tasks/{task_id}/log"))
+                .send();
+            let mut response = match sent {
+                Ok(response) if response.status().is_success() => response,
+                Ok(response) => {
+                    return Err(Failure::Other(format!("the log: {}", response.status())))
+                }
+                Err(error) if attempts < 5 => {
+                    attempts += 1;
+                    eprintln!("taskvm submit: the log stream: {error}; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+                Err(error) => return Err(Failure::Other(format!("the log stream: {error}"))),
+            };
+            let mut buffer = vec![0u8; 64 * 1024];
+            let mut seen: u64 = 0;
+            let mut stdout = std::io::stdout().lock();
+            let cut = loop {
+                match response.read(&mut buffer) {
+                    Ok(0) => break false,
+                    Ok(read) => {
+                        // After a reconnect the stream starts over: skip what was printed.
+                        let start = printed.saturating_sub(seen).min(read as u64) as usize;
+                        seen += read as u64;
+                        if start < read {
+                            let _ = stdout.write_all(&buffer[start..read]);
+                            let _ = stdout.flush();
+                            printed += (read - start) as u64;
+                        }
+                    }
+                    Err(_) => break true,
+                }
+            };
+            if !cut || attempts >= 5 {
+                return Ok(());
+            }
+            attempts += 1;
+        }
+    }
+
+    /// The task's resolution, waiting briefly for it to be recorded.
+    fn resolution(&self, task_id: &str) -> Result<Resolution, Failure> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let task: Value = self
+                .request(reqwest::Method::GET, &format!("/api/tasks/{task_id}"))
+                .send()
+                .and_then(|response| response.error_for_status())
+                .and_then(|response| response.json())
+                .map_err(|error| Failure::Other(format!("the task's state: {error}")))?;
+            if let Some(text) = task.get("resolution").and_then(Value::as_str) {
+                let state = task.get("state").and_then(Value::as_str).unwrap_or("");
+                if !matches!(state, "queued" | "running") {
+                    return text.parse().map_err(Failure::Other);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Failure::Other("the task did not resolve".to_owned()));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! `taskvm worker`: claim and run tasks from a Taskcluster queue until SIGINT or SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifecycle::capacity::Resources;
+use lifecycle::exit::Outcome;
+use lifecycle::host::Host;
+use schemas::config::{QueueConfig, TaskclusterQueueConfig};
+use taskcluster::Credentials;
+use taskcluster_provider::queue::QueueEndpoint;
+use taskcluster_provider::{run_worker, say, WorkerOptions};
+
+/// Arguments of `taskvm worker`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    /// Configuration, cache, state and accelerator.
+    #[command(flatten)]
+    host: crate::documents::HostArgs,
+    /// Task queue to claim from (`provisionerId/workerType`).
+    #[arg(long, value_name = "ID")]
+    task_queue_id: Option<String>,
+    /// This worker's group.
+    #[arg(long, value_name = "GROUP")]
+    worker_group: Option<String>,
+    /// This worker's id (unique in its group).
+    #[arg(long, value_name = "ID")]
+    worker_id: Option<String>,
+    /// Tasks run at once (default: the configuration's, else 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    capacity: Option<u32>,
+    /// Seconds running tasks get after SIGTERM before they are resolved
+    /// exception/worker-shutdown.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    shutdown_grace: u64,
+    /// Memory all running VMs may hold together, in MiB (default: the host's less 1 GiB).
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// vCPUs all running VMs may hold together (default: the host's CPU count).
+    #[arg(long, value_name = "N")]
+    cpus: Option<u64>,
+}
+
+/// Runs `taskvm worker`.
+pub fn run(args: WorkerArgs) -> Outcome {
+    let config = match crate::documents::load_host_config(&args.host, None) {
+        Ok(config) => config,
+        Err(outcome) => return outcome,
+    };
+    let section = match &config.queue {
+        Some(QueueConfig::Taskcluster(section)) => Some(section.clone()),
+        _ => None,
+    };
+    let options = match options(
+        &args.task_queue_id,
+        &args.worker_group,
+        &args.worker_id,
+        section.as_ref(),
+    ) {
+        Ok(partial) => partial,
+        Err(message) => {
+            say(&message);
+            return Outcome::Malformed;
+        }
+    };
+    let (endpoint, task_queue_id, worker_group, worker_id) = options;
+    let capacity = args
+        .capacity
+        .or(section.as_ref().map(|section| section.capacity))
+        .unwrap_or(1) as usize;
+    let options = WorkerOptions {
+        endpoint,
+        task_queue_id,
+        worker_group,
+        worker_id,
+        capacity,
+        resources: Resources {
+            memory_mib: args
+                .memory
+                .unwrap_or_else(crate::serve_cmd::default_memory_mib),
+            cpus: args.cpus.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |count| count.get() as u64)
+            }),
+        },
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+    };
+    let runtime = match crate::documents::vm_runtime() {
+        Ok(runtime) => runtime,
+        Err(outcome) => return outcome,
+    };
+    let outcome = runtime.block_on(async {
+        let host = match Host::prepare(config, &|line| say(line)) {
+            Ok(host) => Arc::new(host),
+            Err(error) => {
+                say(&format!("this host cannot run tasks: {error}"));
+                return Outcome::Internal;
+            }
+        };
+        match run_worker(host, options, crate::signals::wait_for_signal_quietly()).await {
+            Ok(()) => {
+                say("stopped");
+                Outcome::Success
+            }
+            Err(error) => {
+                say(&error.to_string());
+                Outcome::Internal
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    outcome
+}
+
+type Identity = (QueueEndpoint, String, String, String);
+
+/// The queue, credentials and identity: flags over the environment over the configuration.
+fn options(
+    task_queue_id: &Option<String>,
+    worker_group: &Option<String>,
+    worker_id: &Option<String>,
+    section: Option<&TaskclusterQueueConfig>,
+) -> Result<Identity, String> {
+    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let root_url = env("TASKCLUSTER_ROOT_URL")
+        .or_else(|| section.and_then(|section| section.root_url.clone()))
+        .ok_or("no root URL: set TASKCLUSTER_ROOT_URL or queue.rootUrl")?;
+    let client_id = env("TASKCLUSTER_CLIENT_ID")
+        .or_else(|| section.and_then(|section| section.client_id.clone()))
+        .ok_or("no client id: set TASKCLUSTER_CLIENT_ID or queue.clientId")?;
+    let access_token = env("TASKCLUSTER_ACCESS_TOKEN")
+        .or_else(|| section.and_then(|section| section.access_token.clone()))
+        .ok_or("no access token: set TASKCLUSTER_ACCESS_TOKEN or queue.accessToken")?;
+    let certificate = env("TASKCLUSTER_CERTIFICATE")
+        .or_else(|| section.and_then(|section| section.certificate.clone()));
+    let credentials = match certificate {
+        Some(certificate) => {
+            Credentials::new_with_certificate(client_id, access_token, certificate)
+        }
+        None => Credentials::new(client_id, access_token),
+    };
+    let pick = |flag: &Option<String>, configured: Option<String>, what: &str| {
+        flag.clone().or(configured).ok_or_else(|| {
+            format!("no {what}: pass --{what} or set it in the configuration's queue section")
+        })
+    };
+    Ok((
+        QueueEndpoint {
+            root_url,
+            credentials,
+        },
+        pick(
+            task_queue_id,
+            section.map(|s| s.task_queue_id.clone()),
+            "task-queue-id",
+        )?,
+        pick(
+            worker_group,
+            section.map(|s| s.worker_group.clone()),
+            "worker-group",
+        )?,
+        pick(worker_id, section.map(|s| s.worker_id.clone()), "worker-id")?,
+    ))
+}

@@ -1,0 +1,81 @@
+//! One payload as a provider hands it over — a document nobody has validated yet — run to its
+//! [`TaskOutcome`]: the run's directory and log made, the payload validated (a malformed one
+//! resolves `exception/malformed-payload`), then [`run_task`]. Every provider (`taskvm run`'s
+//! own checks aside, which exit before a run exists) goes through here, so what happens before
+//! the task can start is resolved by the lifecycle too.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::capacity::Capacity;
+use crate::host::Host;
+use crate::log::{Echo, TaskLog};
+use crate::resolution::{ExceptionReason, Resolution};
+use crate::{run_task, LiveVm, StopSignal, TaskOutcome, TaskRequest, Timings};
+
+/// A payload as it arrived.
+#[derive(Debug, Clone)]
+pub enum PayloadDocument {
+    /// JSON text (as stored by the embedded queue).
+    Text(String),
+    /// A parsed JSON value (as a Taskcluster task definition holds it).
+    Json(serde_json::Value),
+}
+
+/// What a provider knows of one run.
+pub struct PayloadRun {
+    /// The payload, unvalidated.
+    pub payload: PayloadDocument,
+    /// The run's own directory (made here): `live.log` and the artifacts.
+    pub dir: PathBuf,
+    /// The log's first line, naming the run (e.g. `task X run 0 on taskvm serve`).
+    pub header: String,
+    /// The host's capacity shared with the provider's other runs.
+    pub capacity: Option<Arc<Capacity>>,
+    /// Told where the running VM can be watched.
+    pub live: Option<watch::Sender<Option<LiveVm>>>,
+}
+
+/// Runs `run` on `host` to its outcome; see the module documentation. `stop` turning `Some`
+/// cancels it.
+pub async fn run_payload(host: Arc<Host>, run: PayloadRun, stop: StopSignal) -> TaskOutcome {
+    if let Err(error) = std::fs::create_dir_all(&run.dir) {
+        return internal_error(format!("cannot create {}: {error}", run.dir.display()));
+    }
+    let log = match TaskLog::create(&run.dir.join("live.log"), Echo::Quiet) {
+        Ok(log) => log,
+        Err(error) => return internal_error(format!("cannot create the task log: {error}")),
+    };
+    log.note(&run.header);
+    let value = match run.payload {
+        PayloadDocument::Text(text) => serde_json::from_str(&text).map_err(|e| e.to_string()),
+        PayloadDocument::Json(value) => Ok(value),
+    };
+    let payload = value.and_then(|value| schemas::parse_payload(&value).map_err(|e| e.to_string()));
+    let payload = match payload {
+        Ok(payload) => payload,
+        // Accepted by an older version, or sent by a queue: refused by this one.
+        Err(violations) => return TaskOutcome::malformed_payload(&log, &violations),
+    };
+    let mut request = TaskRequest::new(
+        payload,
+        format!("task-{:08x}", rand::random::<u32>()),
+        run.dir.clone(),
+    );
+    request.capacity = run.capacity;
+    request.live = run.live;
+    run_task(host, request, &log, stop).await
+}
+
+/// The outcome of a run that could not begin because the host failed (no log to write).
+fn internal_error(reason: String) -> TaskOutcome {
+    TaskOutcome {
+        resolution: Resolution::Exception(ExceptionReason::InternalError),
+        exit_code: None,
+        reason: Some(reason),
+        timings: Timings::default(),
+        artifacts: Vec::new(),
+    }
+}

@@ -1,0 +1,190 @@
+//! `taskvm serve`: the embedded queue. Tasks live in SQLite under the state directory, a
+//! scheduler runs them on this host's VMs, and one HTTP server carries the API, the web UI
+//! and the consoles' websockets.
+//!
+//! # Layout
+//! - [`store`]: tasks and runs in SQLite.
+//! - [`scheduler`]: which task runs when; cancel, watch and follow running ones.
+//! - [`api`]: the JSON API and `/metrics` (written by [`metrics`]); [`openapi`]: its document.
+//! - [`ui`]: the pages; [`console`]: the websocket to a VM's VNC server.
+//! - [`access`]: loopback or token.
+
+#![warn(clippy::unwrap_used)]
+
+pub mod access;
+pub mod api;
+pub mod console;
+pub mod metrics;
+pub mod openapi;
+pub mod scheduler;
+pub mod store;
+pub mod ui;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use thiserror::Error;
+use tokio::sync::watch;
+
+use self::access::Access;
+use self::api::App;
+use self::scheduler::Scheduler;
+use self::store::{Store, StoreError};
+use lifecycle::capacity::{Capacity, Resources};
+use lifecycle::host::Host;
+
+/// Writes one line of the server's own to stderr, `taskvm serve: LINE`. Never panics: a
+/// closed stderr (a supervisor gone) must not take the server and its VMs down.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "taskvm serve: {line}");
+}
+
+/// Largest request body: a payload is a few KiB.
+pub const BODY_LIMIT: usize = 1 << 20;
+
+/// Why the server could not run.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// The queue database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listening socket.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address of the API and UI.
+    pub listen: SocketAddr,
+    /// Largest number of tasks run at once.
+    pub concurrency: usize,
+    /// What VMs may hold in all.
+    pub capacity: Resources,
+    /// Accept tasks but run none.
+    pub paused: bool,
+    /// Ask for the token even on loopback.
+    pub require_token: bool,
+    /// noVNC's files (None: no console in the UI).
+    pub novnc_dir: Option<PathBuf>,
+    /// Runs a task gets at most when worker shutdowns interrupt it.
+    pub max_runs: u32,
+}
+
+/// The serve part of the state directory.
+pub fn serve_dir(host: &Host) -> PathBuf {
+    host.config.state_dir.join("serve")
+}
+
+/// Runs the server until `shutdown` completes; then stops the running tasks (resolved
+/// `exception/worker-shutdown` and queued again for the next start) and returns.
+/// `announce` gets the address and, off loopback, the token, once.
+pub async fn serve(
+    host: Arc<Host>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    announce: &dyn Fn(&str),
+) -> Result<(), ServeError> {
+    let dir = serve_dir(&host);
+    let store = Arc::new(Store::open(&dir.join("queue.sqlite"), options.max_runs)?);
+    let recovered = store.recover()?;
+    if recovered.requeued + recovered.given_up > 0 {
+        announce(&format!(
+            "{} task(s) were running when the server stopped: {} queued again, {} out of \
+             attempts (exception/worker-shutdown)",
+            recovered.requeued + recovered.given_up,
+            recovered.requeued,
+            recovered.given_up
+        ));
+    }
+    let scheduler = Scheduler::new(
+        host,
+        store,
+        Capacity::new(options.capacity),
+        options.concurrency,
+        dir.join("tasks"),
+        options.paused,
+    );
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            address: options.listen,
+            source,
+        })?;
+    // The bound address (a port 0 is chosen now) is the one `Host` must name.
+    let address = listener.local_addr().unwrap_or(options.listen);
+    let access = Access::for_address(address, options.require_token);
+    let app = Arc::new(App {
+        scheduler: scheduler.clone(),
+        novnc_dir: options.novnc_dir.clone(),
+    });
+    let router = router(app, access.clone());
+    match access.token() {
+        None => announce(&format!("listening on http://{address}/")),
+        Some(token) => {
+            announce(&format!("listening on http://{address}/"));
+            announce(&format!(
+                "access token (shown once): {token} — open http://{address}/?token={token} or \
+                 send Authorization: Bearer {token}"
+            ));
+        }
+    }
+    if options.paused {
+        announce("paused: tasks are accepted and kept queued, none is started");
+    }
+    let (stop_scheduler, stopped) = watch::channel(false);
+    let scheduling = tokio::spawn(scheduler.clone().run(stopped));
+    let (stop_http, http_stopped) = watch::channel(false);
+    let http = tokio::spawn(async move {
+        let mut http_stopped = http_stopped;
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = http_stopped.wait_for(|stop| *stop).await;
+            })
+            .await;
+    });
+    shutdown.await;
+    announce("stopping: running tasks are resolved exception/worker-shutdown and queued again");
+    let _ = stop_scheduler.send(true);
+    let _ = scheduling.await;
+    let _ = stop_http.send(true);
+    // Followers of queued tasks' logs would keep the server open forever.
+    let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
+    Ok(())
+}
+
+fn router(app: Arc<App>, access: Access) -> Router {
+    let api = Router::new()
+        .route("/api/tasks", post(api::submit).get(api::list))
+        .route("/api/tasks/{task_id}", get(api::show))
+        .route("/api/tasks/{task_id}/cancel", post(api::cancel))
+        .route("/api/tasks/{task_id}/log", get(api::log))
+        .route("/api/tasks/{task_id}/artifacts/{*name}", get(api::artifact))
+        .route("/api/tasks/{task_id}/screenshot", get(api::screenshot))
+        .route("/api/tasks/{task_id}/console", get(api::console))
+        .route("/api/health", get(api::health))
+        .route("/api/openapi.json", get(api::openapi))
+        .route("/api", get(api::no_route))
+        .route("/api/{*rest}", get(api::no_route).post(api::no_route))
+        .route("/metrics", get(api::metrics));
+    api.merge(ui::routes())
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(
+            access,
+            access::enforce,
+        ))
+        .with_state(app)
+}

@@ -1,0 +1,361 @@
+//! `taskvm worker`: the Taskcluster provider. Claims tasks from a Taskcluster queue up to its
+//! capacity, runs each through the shared lifecycle with the claim kept alive, publishes the
+//! log, consoles, screenshot and payload artifacts, and resolves the run with the claim's own
+//! credentials.
+//!
+//! # Layout
+//! - [`queue`]: the queue calls, with our errors.
+//! - [`claim`]: one claim and the reclaim loop.
+//! - [`uploads`]: artifacts as `s3` and `error` artifacts.
+
+#![warn(clippy::unwrap_used)]
+
+pub mod claim;
+pub mod queue;
+pub mod uploads;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use taskcluster::Credentials;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use self::claim::{keep_claimed, Claim};
+use self::queue::{claim_work, report, QueueEndpoint, QueueError, Report};
+use self::uploads::{publish, Publish};
+use lifecycle::capacity::{Capacity, Resources};
+use lifecycle::host::Host;
+use lifecycle::resolution::{ExceptionReason, Resolution};
+use lifecycle::{run_payload, PayloadDocument, PayloadRun, TaskOutcome};
+
+/// How the worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The queue and the worker's credentials.
+    pub endpoint: QueueEndpoint,
+    /// `provisionerId/workerType`.
+    pub task_queue_id: String,
+    /// This worker's group.
+    pub worker_group: String,
+    /// This worker's id.
+    pub worker_id: String,
+    /// Tasks run at once.
+    pub capacity: usize,
+    /// What VMs may hold together.
+    pub resources: Resources,
+    /// How long running tasks may go on after SIGTERM before they are resolved
+    /// `exception/worker-shutdown`.
+    pub shutdown_grace: Duration,
+}
+
+/// Writes one line of the worker's own to stderr; never panics.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "taskvm worker: {line}");
+}
+
+/// Claims and runs tasks until `shutdown` completes; then stops claiming, lets running tasks
+/// finish within the grace and resolves the rest `exception/worker-shutdown`. An error means
+/// the worker cannot work at all (its credentials are refused).
+pub async fn run_worker(
+    host: Arc<Host>,
+    options: WorkerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), QueueError> {
+    let options = Arc::new(options);
+    // Runs a killed worker of this identity left: their tasks are the queue's again.
+    let runs_dir = runs_dir(&host, &options);
+    if runs_dir.exists() {
+        let left = std::fs::read_dir(&runs_dir).map_or(0, |entries| entries.count());
+        if let Err(error) = std::fs::remove_dir_all(&runs_dir) {
+            say(&format!("cannot remove {}: {error}", runs_dir.display()));
+        } else if left > 0 {
+            say(&format!(
+                "removed {left} run director(y/ies) a previous worker left"
+            ));
+        }
+    }
+    let capacity = Capacity::new(options.resources);
+    let (shutting_down, mut shutdown_seen) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = shutting_down.send(true);
+        std::future::pending::<()>().await;
+    });
+    let queue = options
+        .endpoint
+        .client(&options.endpoint.credentials, Duration::from_secs(60))?;
+    let (stop_all, stop_signal) = watch::channel(None::<ExceptionReason>);
+    let mut running = JoinSet::new();
+    let mut backoff = Duration::from_secs(1);
+    let mut fatal = None;
+    say(&format!(
+        "claiming from {} as {}/{} (capacity {})",
+        options.task_queue_id, options.worker_group, options.worker_id, options.capacity
+    ));
+    while !*shutdown_seen.borrow() {
+        while running.try_join_next().is_some() {}
+        let free = options.capacity.saturating_sub(running.len());
+        if free == 0 {
+            tokio::select! {
+                _ = running.join_next() => {}
+                _ = shutdown_seen.changed() => {}
+            }
+            continue;
+        }
+        let claimed = tokio::select! {
+            claimed = claim_work(&queue, &options.task_queue_id, &options.worker_group, &options.worker_id, free) => claimed,
+            // A shutdown does not wait for the long-poll.
+            _ = shutdown_seen.changed() => break,
+        };
+        match claimed {
+            Ok(entries) => {
+                backoff = Duration::from_secs(1);
+                for entry in entries {
+                    match Claim::parse(&entry) {
+                        Ok(claim) => {
+                            say(&format!(
+                                "claimed task {} run {}",
+                                claim.task_id, claim.run_id
+                            ));
+                            let run = ClaimedRun {
+                                host: host.clone(),
+                                options: options.clone(),
+                                capacity: capacity.clone(),
+                                stop: stop_signal.clone(),
+                            };
+                            running.spawn(run.execute(claim));
+                        }
+                        Err(error) => say(&format!("a claim could not be read: {error}")),
+                    }
+                }
+            }
+            Err(error) if matches!(error.status, Some(401 | 403)) => {
+                say(&format!(
+                    "{error}; stopping (check the credentials and scopes)"
+                ));
+                fatal = Some(error);
+                break;
+            }
+            Err(error) => {
+                say(&format!("{error}; trying again in {} s", backoff.as_secs()));
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = shutdown_seen.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+    if !running.is_empty() {
+        say(&format!(
+            "stopping: {} task(s) running get {} s to finish",
+            running.len(),
+            options.shutdown_grace.as_secs()
+        ));
+        let finished = tokio::time::timeout(options.shutdown_grace, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            stop_all.send_replace(Some(ExceptionReason::WorkerShutdown));
+            while running.join_next().await.is_some() {}
+        }
+    }
+    match fatal {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Where this worker keeps its runs' files: `STATE/worker/GROUP/ID/`.
+fn runs_dir(host: &Host, options: &WorkerOptions) -> PathBuf {
+    host.config
+        .state_dir
+        .join("worker")
+        .join(&options.worker_group)
+        .join(&options.worker_id)
+}
+
+/// What one claimed run needs.
+struct ClaimedRun {
+    host: Arc<Host>,
+    options: Arc<WorkerOptions>,
+    capacity: Arc<Capacity>,
+    stop: watch::Receiver<Option<ExceptionReason>>,
+}
+
+impl ClaimedRun {
+    async fn execute(self, claim: Claim) {
+        let (task_id, run_id) = (claim.task_id.clone(), claim.run_id);
+        let dir = self.run_dir(&task_id, run_id);
+        let credentials = Arc::new(Mutex::new(claim.credentials.clone()));
+        let (done, done_signal) = watch::channel(false);
+        let (lost, mut lost_signal) = watch::channel(None);
+        let keeper = tokio::spawn(keep_claimed(
+            self.options.endpoint.clone(),
+            claim.clone(),
+            credentials.clone(),
+            done_signal,
+            lost,
+        ));
+        // One stop for the task: the worker's shutdown or the claim's loss.
+        let (stop, stop_signal) = watch::channel(None);
+        let mut worker_stop = self.stop.clone();
+        let relay = tokio::spawn(async move {
+            tokio::select! {
+                Ok(reason) = worker_stop.wait_for(Option::is_some) => {
+                    let reason = *reason;
+                    stop.send_replace(reason);
+                }
+                Ok(_) = lost_signal.wait_for(Option::is_some) => {
+                    stop.send_replace(Some(ExceptionReason::Canceled));
+                }
+            }
+            std::future::pending::<()>().await;
+        });
+        let outcome = self.run(&claim, &dir, stop_signal.clone()).await;
+        let _ = done.send(true);
+        let _ = keeper.await;
+        relay.abort();
+        let lost = *stop_signal.borrow() == Some(ExceptionReason::Canceled);
+        if lost {
+            say(&format!(
+                "task {task_id} run {run_id}: the claim was lost (canceled or expired); the VM \
+                 was killed and the task is left alone"
+            ));
+        } else {
+            self.resolve(&claim, &dir, &outcome, &credentials).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn run_dir(&self, task_id: &str, run_id: u32) -> PathBuf {
+        runs_dir(&self.host, &self.options).join(format!("{task_id}-{run_id}"))
+    }
+
+    async fn run(
+        &self,
+        claim: &Claim,
+        dir: &Path,
+        stop: watch::Receiver<Option<ExceptionReason>>,
+    ) -> TaskOutcome {
+        let run = PayloadRun {
+            payload: PayloadDocument::Json(claim.task.get("payload").cloned().unwrap_or_default()),
+            dir: dir.to_owned(),
+            header: format!(
+                "task {} run {} on {}/{}",
+                claim.task_id, claim.run_id, self.options.worker_group, self.options.worker_id
+            ),
+            capacity: Some(self.capacity.clone()),
+            live: None,
+        };
+        run_payload(self.host.clone(), run, stop).await
+    }
+
+    /// Publishes the artifacts and reports the resolution with the claim's credentials.
+    async fn resolve(
+        &self,
+        claim: &Claim,
+        dir: &Path,
+        outcome: &TaskOutcome,
+        credentials: &Arc<Mutex<Credentials>>,
+    ) {
+        let (task_id, run_id) = (claim.task_id.as_str(), claim.run_id);
+        let current = credentials
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let queue = match self
+            .options
+            .endpoint
+            .client(&current, Duration::from_secs(60))
+        {
+            Ok(queue) => queue,
+            Err(error) => {
+                say(&format!("task {task_id} run {run_id}: {error}"));
+                return;
+            }
+        };
+        let resolution = outcome.resolution;
+        if let Some(expires) = claim.expires() {
+            let artifacts = artifacts_to_publish(claim, dir, outcome);
+            let uploaded = publish(&queue, task_id, run_id, &expires, &artifacts).await;
+            for (name, error) in &uploaded.failed {
+                say(&format!(
+                    "task {task_id} run {run_id}: artifact {name}: {error}"
+                ));
+            }
+        }
+        let reported = report(&queue, task_id, run_id, report_for(resolution)).await;
+        match reported {
+            Ok(()) => say(&format!(
+                "task {task_id} run {run_id} resolved {resolution}"
+            )),
+            Err(error) => say(&format!(
+                "task {task_id} run {run_id} ended {resolution} but could not be resolved: {error}"
+            )),
+        }
+    }
+}
+
+/// How a resolution is reported. A cancel never reaches here (the queue canceled the run).
+fn report_for(resolution: Resolution) -> Report {
+    match resolution {
+        Resolution::Completed => Report::Completed,
+        Resolution::Failed => Report::Failed,
+        Resolution::Exception(reason) => Report::Exception(match reason {
+            ExceptionReason::Canceled => "worker-shutdown",
+            other => other.as_str(),
+        }),
+    }
+}
+
+/// The logs, the screenshot and every file of the payload's artifacts (or an error artifact
+/// for each one the run could not collect).
+fn artifacts_to_publish(claim: &Claim, dir: &Path, outcome: &TaskOutcome) -> Vec<Publish> {
+    let mut artifacts = Vec::new();
+    let standard = [
+        ("public/logs/live_backing.log", "live.log"),
+        ("public/logs/serial.log", "serial.log"),
+        ("public/screenshot.png", "screenshot.png"),
+    ];
+    for (name, file) in standard {
+        let path = dir.join(file);
+        if path.is_file() {
+            artifacts.push(Publish::File {
+                name: name.to_owned(),
+                path,
+            });
+        }
+    }
+    for artifact in &outcome.artifacts {
+        for file in &artifact.files {
+            artifacts.push(Publish::File {
+                name: file.clone(),
+                path: dir.join(file),
+            });
+        }
+    }
+    let asked = claim
+        .task
+        .pointer("/payload/artifacts")
+        .and_then(serde_json::Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for artifact in asked {
+        let Some(name) = artifact.get("name").and_then(serde_json::Value::as_str) else {
+            continue;
+        };
+        if !outcome.artifacts.iter().any(|done| done.name == name) {
+            artifacts.push(Publish::Missing {
+                name: name.to_owned(),
+                message: "the task did not produce it (see public/logs/live_backing.log)".into(),
+            });
+        }
+    }
+    artifacts
+}

@@ -10,7 +10,7 @@ work=target/demo
 mkdir -p "$work"
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "demo: taskvm needs root to give each VM its own network namespace (or CAP_NET_ADMIN and CAP_SYS_ADMIN); run 'sudo make demo'" >&2
+  echo "demo: taskvm needs root to jail each VM (a user of its own, its own mount and network namespaces); run 'sudo make demo'" >&2
   exit 1
 fi
 

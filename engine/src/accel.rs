@@ -83,18 +83,8 @@ struct ProbeVm {
 impl ProbeVm {
     fn start(accelerator: Accelerator, spec: &ProbeSpec) -> Result<ProbeVm, String> {
         let name = format!("accel-probe-{}", std::process::id());
-        let ids = match &spec.jail {
-            Some(jail) => Some(
-                jail.ids
-                    .allocate_in(&jail.id_locks)
-                    .map_err(|error| error.to_string())?,
-            ),
-            None => None,
-        };
-        let owner = match &ids {
-            Some(ids) => Some((ids.uid(), ids.gid())),
-            None => spec.run_as.map(|user| (user.uid, user.gid)),
-        };
+        let (ids, owner) = crate::launch::qemu_user(spec.jail.as_ref(), spec.run_as)
+            .map_err(|error| error.to_string())?;
         let runtime = RuntimeDir::create(&spec.scratch, &name, owner)
             .map_err(|error| format!("probe directory: {error}"))?;
         let jailed = spec.jail.as_ref().is_some_and(|jail| jail.namespaces);
@@ -143,35 +133,15 @@ impl ProbeVm {
         ]
         .map(str::to_owned)
         .to_vec();
-        let kvm = accelerator == Accelerator::Kvm;
-        let extra_groups: Vec<u32> = match owner {
-            Some(_) if kvm => crate::launch::kvm_group().into_iter().collect(),
-            _ => Vec::new(),
-        };
-        let program = match plan.as_mut() {
-            Some(plan) => {
-                if kvm {
-                    plan.add_device("kvm");
-                }
-                plan.add_program(&spec.qemu)
-                    .map_err(|e| failed("probe program", e))?
-            }
-            None => crate::jail::find_program(&spec.qemu)
-                .map_err(|e| failed("probe program", e))?
-                .display()
-                .to_string(),
-        };
-        let confinement = crate::process::Confinement {
-            run_as: owner.map(|(uid, gid)| RunAs { uid, gid }),
-            extra_groups,
-            max_file_size: Some(1 << 20),
-            jail: plan
-                .as_ref()
-                .map(JailPlan::prepare)
-                .transpose()
-                .map_err(|e| failed("probe jail", e))?,
-            max_processes: ids.as_ref().map(|_| crate::process::PROCESSES_PER_VM),
-        };
+        let (program, confinement) = crate::launch::confine(
+            &spec.qemu,
+            plan,
+            accelerator == Accelerator::Kvm,
+            owner,
+            ids.is_some(),
+            Some(1 << 20),
+        )
+        .map_err(|e| failed("probe", e))?;
         let stderr = runtime
             .create_file("qemu.log")
             .map_err(|e| failed("probe log", e))?;

@@ -19,8 +19,8 @@ use crate::cmdline::{
     qemu_args, Accelerator, BootFiles, DiskLayer, FdSet, LaunchDrive, LaunchSpec, Netdev,
 };
 use crate::drives::{open_for_qemu, BootSource, HostDisk};
-use crate::ids::VmIds;
-use crate::jail::JailPlan;
+use crate::ids::{IdError, VmIds};
+use crate::jail::{JailPlan, JailSettings};
 use crate::netns::namespace_name;
 use crate::network::VmNetwork;
 use crate::overlay::{create_empty_disk, create_overlay};
@@ -79,11 +79,8 @@ pub(crate) async fn launch(
     settings: &VmSettings,
     snapshot: Option<&Snapshot>,
 ) -> Result<VirtualMachine, VmError> {
-    let ids = allocate_ids(settings)?;
-    let owner = match (&ids, settings.run_as) {
-        (Some(ids), _) => Some((ids.uid(), ids.gid())),
-        (None, run_as) => run_as.map(|user| (user.uid, user.gid)),
-    };
+    let (ids, owner) = qemu_user(settings.jail.as_ref(), settings.run_as)
+        .map_err(|error| VmError::Setup(io::Error::other(error.to_string())))?;
     let runtime = RuntimeDir::create(&settings.runtime_parent, &settings.name, owner)
         .map_err(VmError::Setup)?;
     let cgroup = create_cgroup(machine, settings)?;
@@ -158,35 +155,15 @@ pub(crate) async fn launch(
         drives,
     };
     let argv = qemu_args(machine, &spec)?;
-    let kvm = settings.accelerator == Accelerator::Kvm;
-    let extra_groups: Vec<u32> = match owner {
-        Some(_) if kvm => kvm_group().into_iter().collect(),
-        _ => Vec::new(),
-    };
-    let program = match plan.as_mut() {
-        Some(plan) => {
-            if kvm {
-                plan.add_device("kvm");
-            }
-            plan.add_program(&settings.qemu).map_err(VmError::Setup)?
-        }
-        // Its environment is empty: the program is found in the worker's PATH, here.
-        None => crate::jail::find_program(&settings.qemu)
-            .map_err(VmError::Setup)?
-            .display()
-            .to_string(),
-    };
-    let confinement = Confinement {
-        run_as: owner.map(|(uid, gid)| RunAs { uid, gid }),
-        extra_groups,
-        max_file_size: settings.max_file_size,
-        jail: plan
-            .as_ref()
-            .map(JailPlan::prepare)
-            .transpose()
-            .map_err(|error| VmError::Setup(io::Error::other(format!("the jail: {error}"))))?,
-        max_processes: ids.as_ref().map(|_| PROCESSES_PER_VM),
-    };
+    let (program, confinement) = confine(
+        &settings.qemu,
+        plan,
+        settings.accelerator == Accelerator::Kvm,
+        owner,
+        ids.is_some(),
+        settings.max_file_size,
+    )
+    .map_err(VmError::Setup)?;
     let start_error = |reason: String, runtime: &RuntimeDir| VmError::Start {
         reason,
         stderr_tail: tail(&runtime.qemu_log(), STDERR_TAIL),
@@ -250,15 +227,60 @@ pub(crate) async fn launch(
     })
 }
 
-/// The VM's own user and group, when it is jailed.
-fn allocate_ids(settings: &VmSettings) -> Result<Option<VmIds>, VmError> {
-    let Some(jail) = &settings.jail else {
-        return Ok(None);
+/// The uid and gid a QEMU runs as (None: the worker's own).
+pub(crate) type Owner = Option<(u32, u32)>;
+
+/// Who a QEMU runs as (uid, gid): with a jail, a user of its own from the jail's range (held
+/// while the returned ids live); without one, `run_as`.
+pub(crate) fn qemu_user(
+    jail: Option<&JailSettings>,
+    run_as: Option<RunAs>,
+) -> Result<(Option<VmIds>, Owner), IdError> {
+    let Some(jail) = jail else {
+        return Ok((None, run_as.map(|user| (user.uid, user.gid))));
     };
-    jail.ids
-        .allocate_in(&jail.id_locks)
-        .map(Some)
-        .map_err(|error| VmError::Setup(io::Error::other(error.to_string())))
+    let ids = jail.ids.allocate_in(&jail.id_locks)?;
+    let owner = (ids.uid(), ids.gid());
+    Ok((Some(ids), Some(owner)))
+}
+
+/// The program to exec for `qemu` and how to confine it: with a `plan`, the binary as the jail
+/// shows it (and `/dev/kvm` under KVM) and the prepared jail; without one, the binary found in
+/// the worker's `PATH` (QEMU's own environment is empty). `own_user`: the user is QEMU's
+/// alone, so a per-user process limit is a per-VM one.
+pub(crate) fn confine(
+    qemu: &str,
+    plan: Option<JailPlan>,
+    kvm: bool,
+    owner: Owner,
+    own_user: bool,
+    max_file_size: Option<u64>,
+) -> io::Result<(String, Confinement)> {
+    let (program, jail) = match plan {
+        Some(mut plan) => {
+            if kvm {
+                plan.add_device("kvm");
+            }
+            let program = plan.add_program(qemu)?;
+            let jail = plan
+                .prepare()
+                .map_err(|error| io::Error::new(error.kind(), format!("the jail: {error}")))?;
+            (program, Some(jail))
+        }
+        None => (crate::jail::find_program(qemu)?.display().to_string(), None),
+    };
+    let extra_groups = match owner {
+        Some(_) if kvm => kvm_group().into_iter().collect(),
+        _ => Vec::new(),
+    };
+    let confinement = Confinement {
+        run_as: owner.map(|(uid, gid)| RunAs { uid, gid }),
+        extra_groups,
+        max_file_size,
+        jail,
+        max_processes: own_user.then_some(PROCESSES_PER_VM),
+    };
+    Ok((program, confinement))
 }
 
 fn create_cgroup(

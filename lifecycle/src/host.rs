@@ -116,7 +116,7 @@ impl Host {
             })?;
         }
         let (egress_allow, dns_upstreams) = network_lists(&config)?;
-        if config.network.egress && !program_exists("nft") {
+        if config.network.egress && engine::jail::find_program("nft").is_err() {
             return Err(HostError::Unsupported(
                 "network.egress = true needs nftables (the `nft` program); install it (make deps \
                  does) or turn egress off"
@@ -387,11 +387,6 @@ fn jail_settings(
 
 fn runtime_parent(state: &Path) -> PathBuf {
     state.join("run")
-}
-
-fn program_exists(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
 }
 
 /// Fails unless every ancestor of `dir` (and `dir`) lets others search it, so that `uid`

@@ -119,11 +119,7 @@ impl RuntimeDir {
 
     /// Removes `name` from `run/` (a screendump read back), whatever it is.
     pub fn remove_scratch(&self, name: &str) {
-        if let Ok(scratch) = rustix::fs::open(
-            self.path.join(SCRATCH),
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
+        if let Ok(scratch) = open_scratch_dir(&self.path) {
             let _ = rustix::fs::unlinkat(&scratch, name, rustix::fs::AtFlags::empty());
         }
     }
@@ -160,6 +156,16 @@ impl VncEndpoint {
     }
 }
 
+/// `runtime/run/` itself, as a directory descriptor (its name is in root's directory, so it is
+/// the one root made; `O_NOFOLLOW` all the same).
+fn open_scratch_dir(runtime: &Path) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::open(
+        runtime.join(SCRATCH),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
 /// Opens `name` in `runtime/run/` without following a link, and checks that it is a `kind` that
 /// QEMU's user `owner_uid` made (a link, another user's file or a hard link to one is refused).
 fn open_scratch(
@@ -169,11 +175,7 @@ fn open_scratch(
     flags: OFlags,
     kind: FileType,
 ) -> io::Result<OwnedFd> {
-    let scratch = rustix::fs::open(
-        runtime.join(SCRATCH),
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
+    let scratch = open_scratch_dir(runtime)?;
     let fd = rustix::fs::openat(
         &scratch,
         name,

@@ -5,7 +5,7 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all deps build packer agent test test-tools lint fmt schemas demo bench test-images test-images-debian clean
+.PHONY: all deps build packer agent test test-build test-build-cpu test-tools lint fmt schemas demo bench test-images test-images-debian clean
 
 all: build
 
@@ -34,12 +34,28 @@ test-tools: deps
 	@bash scripts/test-tools.sh
 
 ## fmt check, clippy with -D warnings, and the whole test suite (which boots the test image).
-test: deps lint test-tools
-	@$(MAKE) --no-print-directory test-images test-images-debian PACKER=debug
+test: test-build
 ifeq ($(NEXTEST),yes)
 	bash scripts/with-tc-local.sh $(CARGO) nextest run --workspace --locked --no-fail-fast
 else
 	bash scripts/with-tc-local.sh $(CARGO) test --workspace --locked --no-fail-fast
+endif
+
+## Everything `make test` needs before the tests run: the lint, the test tools, the images and
+## the test binaries. The Debian image (debootstrap: disk and network, little CPU) is made in
+## the background while the workspace compiles; its output follows once both are done.
+test-build: deps
+	@mkdir -p $(TARGET_DIR)
+	@$(MAKE) --no-print-directory $(DEBIAN_IMAGE) > $(TARGET_DIR)/test-images-debian.log 2>&1 & debian=$$!; \
+	  $(MAKE) --no-print-directory test-build-cpu; built=$$?; \
+	  wait $$debian; made=$$?; cat $(TARGET_DIR)/test-images-debian.log; \
+	  [ $$built -eq 0 ] && [ $$made -eq 0 ]
+test-build-cpu: lint test-tools
+	@$(MAKE) --no-print-directory test-images PACKER=debug
+ifeq ($(NEXTEST),yes)
+	$(CARGO) nextest run --workspace --locked --no-run
+else
+	$(CARGO) test --workspace --locked --no-run
 endif
 
 lint:

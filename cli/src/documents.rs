@@ -102,51 +102,8 @@ pub fn load_config(path: Option<&Path>) -> Result<WorkerConfig, Violations> {
     }
 }
 
-/// Fetches `request` (named `reference` in messages) into the host's cache and leases it; a
-/// failure is reported through `say` and yields the exit code (2 when the image is the
-/// user's to fix).
-pub async fn fetch_lease(
-    host: &std::sync::Arc<lifecycle::host::Host>,
-    request: image_manager::ImageRequest,
-    reference: &str,
-    say: &(dyn Fn(&str) + Sync),
-) -> Result<image_manager::Lease, Outcome> {
-    let fetching = {
-        let host = host.clone();
-        tokio::task::spawn_blocking(move || host.cache.fetch(&request, &|_| {}))
-    };
-    match fetching.await {
-        Ok(Ok((lease, _))) => Ok(lease),
-        Ok(Err(error)) => {
-            say(&format!("image {reference}: {error}"));
-            Err(if lifecycle::image_error_is_the_payloads(&error) {
-                Outcome::Malformed
-            } else {
-                Outcome::Internal
-            })
-        }
-        Err(error) => {
-            say(&format!("image fetch thread: {error}"));
-            Err(Outcome::Internal)
-        }
-    }
-}
-
-/// An image's machine (`machine.json`, or one given in its place) under the worker's machine
-/// defaults and limits, as a payload without a `machine` gets it; a machine over the limits
-/// is reported through `say` and yields exit code 2.
-pub fn image_machine(
-    host: &lifecycle::host::Host,
-    machine: &schemas::Machine,
-    say: &dyn Fn(&str),
-) -> Result<schemas::ResolvedMachine, Outcome> {
-    let layers = schemas::MachineLayers {
-        image: Some(machine),
-        worker: host.config.machine.as_ref(),
-        ..schemas::MachineLayers::default()
-    };
-    schemas::resolve_machine(layers, &host.config.limits).map_err(|error| {
-        say(&schemas::limit_violation(&error, "/machine").to_string());
-        Outcome::Malformed
-    })
+/// Tells the user one line on standard error, as every command does: `taskvm: LINE`.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "taskvm: {line}");
 }

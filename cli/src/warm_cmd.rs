@@ -1,9 +1,7 @@
-//! `taskvm image warm REF`: makes the image's snapshot ahead of its first task (the image's
-//! machine under the configuration's limits and machine defaults, as a payload without a
-//! `machine` gets), so that even the first task restores instead of booting.
+//! `taskvm image warm REF`: makes the image's snapshot ahead of its first task
+//! ([`lifecycle::warm`]).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use image_manager::ImageRequest;
 use lifecycle::exit::Outcome;
@@ -39,7 +37,7 @@ pub fn run(args: WarmArgs) -> Outcome {
         Ok(runtime) => runtime,
         Err(outcome) => return outcome,
     };
-    let say = |line: &str| eprintln!("taskvm: {line}");
+    let say = crate::documents::say;
     runtime.block_on(async {
         let host = match Host::prepare(config, &say) {
             Ok(host) => Arc::new(host),
@@ -48,38 +46,16 @@ pub fn run(args: WarmArgs) -> Outcome {
                 return Outcome::Internal;
             }
         };
-        let lease = match crate::documents::fetch_lease(&host, request, &args.reference, &say).await
-        {
-            Ok(lease) => lease,
-            Err(outcome) => return outcome,
-        };
-        let machine = match crate::documents::image_machine(&host, lease.machine(), &say) {
-            Ok(machine) => machine,
-            Err(outcome) => return outcome,
-        };
-        let accelerator = host.accelerator(&say).await;
-        let name = format!("warm-{:08x}", rand::random::<u32>());
-        let settings = host.vm_settings(&name, accelerator);
-        let started = Instant::now();
-        let key = host.snapshot_key(&lease, &machine, &settings);
-        match host.snapshot_for(&key, &lease, &machine, &settings).await {
-            Ok(got) => {
-                println!(
-                    "snapshot {} of {} ({})",
-                    &key[..12],
-                    lease.digest(),
-                    if got.built {
-                        format!("made in {:.2} s", started.elapsed().as_secs_f64())
-                    } else {
-                        "already there".to_owned()
-                    }
-                );
+        match lifecycle::warm::warm_image(&host, request, &args.reference, &say).await {
+            Ok(warmed) => {
+                let how = match warmed.made_in {
+                    Some(took) => format!("made in {:.2} s", took.as_secs_f64()),
+                    None => "already there".to_owned(),
+                };
+                println!("snapshot {} of {} ({how})", &warmed.key[..12], warmed.image);
                 Outcome::Success
             }
-            Err(error) => {
-                say(&format!("no snapshot could be made: {error}"));
-                Outcome::Internal
-            }
+            Err(outcome) => outcome,
         }
     })
 }

@@ -6,7 +6,7 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use schemas::protocol::{content_type, Action, ActionKind, FolderEntry, FolderListing, ReplyError};
+use protocol::{content_type, Action, ActionKind, FolderEntry, FolderListing, ReplyError};
 
 use crate::client::Client;
 

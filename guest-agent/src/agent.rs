@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::Duration;
 
-use schemas::protocol::Report;
+use protocol::Report;
 
 use crate::actions::{handle, Next};
 use crate::client::Client;

@@ -1,10 +1,10 @@
-//! The protocol client: the agent's side of `schemas::protocol`.
+//! The protocol client: the agent's side of `protocol`.
 
 use std::io::{self, Read};
 use std::thread::sleep;
 use std::time::Duration;
 
-use schemas::protocol::{content_type, Action, Execute, Report, API_PREFIX};
+use protocol::{content_type, Action, Execute, Report, API_PREFIX};
 
 use crate::http::{ChunkedBody, Endpoint};
 

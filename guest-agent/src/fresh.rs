@@ -6,7 +6,7 @@
 use std::fs::OpenOptions;
 use std::io;
 
-use schemas::protocol::Freshness;
+use protocol::Freshness;
 
 /// `_IOW('R', 0x03, int[2])`: add bytes to the entropy pool, crediting their entropy.
 const RNDADDENTROPY: rustix::ioctl::Opcode = 0x4008_5203;

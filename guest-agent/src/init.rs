@@ -8,8 +8,8 @@ use std::io;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use protocol::kernel_parameter;
 use rustix::mount::{mount, MountFlags};
-use schemas::protocol::kernel_parameter;
 
 use crate::netlink::{interface_index, Ipv4Cidr, Netlink};
 

@@ -28,7 +28,7 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let url = std::env::var("TASKVM_METADATA_URL")
-        .unwrap_or_else(|_| format!("http://{}", schemas::protocol::METADATA_ADDRESS));
+        .unwrap_or_else(|_| format!("http://{}", protocol::METADATA_ADDRESS));
     if rustix::process::getpid().is_init() {
         init::run(&url);
     }

@@ -6,7 +6,7 @@ use std::io::Write;
 /// Writes `taskvm-agent: TEXT` to standard output (the serial console when the agent is init)
 /// and, when there is one, to the VGA text console.
 pub fn marker(text: &str) {
-    let line = format!("{}{text}\n", schemas::protocol::marker::PREFIX);
+    let line = format!("{}{text}\n", protocol::marker::PREFIX);
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(line.as_bytes());
     let _ = stdout.flush();

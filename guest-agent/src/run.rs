@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use schemas::protocol::Execute;
+use protocol::Execute;
 
 /// Base environment of every command; the task's `env` is added on top.
 const BASE_ENV: &[(&str, &str)] = &[

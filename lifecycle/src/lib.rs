@@ -19,14 +19,17 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod artifacts;
+pub mod build;
 pub mod capacity;
 pub mod exit;
 pub mod host;
+pub mod images;
 pub mod log;
 pub mod payload_run;
 pub mod pool;
 pub mod resolution;
 pub mod snapshots;
+pub mod warm;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use engine::session::{GuestSession, SessionConfig};
 use engine::{ExitKind, VirtualMachine, VmError, VmSettings};
-use image_manager::{FetchKind, ImageError, ImageRequest, Lease, Progress};
+use image_manager::{FetchKind, ImageRequest, Lease, Progress};
 use schemas::config::StartMode;
 use schemas::machine::GraphicsAdapter;
 use schemas::protocol::{ActionKind, Execute, Report};
@@ -45,6 +48,7 @@ use tokio::sync::watch;
 use self::artifacts::{collect, ArtifactError, Budget, Collected};
 use self::capacity::{Capacity, Resources};
 use self::host::Host;
+pub use self::images::image_error_is_the_payloads;
 use self::log::TaskLog;
 pub use self::payload_run::{run_payload, PayloadDocument, PayloadRun};
 use self::resolution::{ExceptionReason, Resolution};
@@ -756,20 +760,6 @@ fn ended_while_running(kind: &ExitKind) -> Early {
                 describe_exit(kind)
             ),
         },
-    }
-}
-
-/// Whether an image error is the payload's fault (a bad reference or image) rather than the
-/// host's or the network's.
-pub fn image_error_is_the_payloads(error: &ImageError) -> bool {
-    match error {
-        ImageError::Archive(_)
-        | ImageError::Machine(_)
-        | ImageError::Disk { .. }
-        | ImageError::DigestMismatch { .. }
-        | ImageError::BadReference { .. } => true,
-        ImageError::HttpStatus { status, .. } => (400..500).contains(status),
-        _ => false,
     }
 }
 

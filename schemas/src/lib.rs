@@ -6,7 +6,8 @@
 //! - [`machine`]: the virtual hardware, [`Machine`], a partial definition layered by
 //!   [`precedence`] and sized by [`sizing`] against a host's [`MachineLimits`] ([`limits`]).
 //! - [`config`]: the worker's [`WorkerConfig`].
-//! - [`protocol`]: what the guest agent and the metadata service say to each other.
+//! - [`protocol`]: what the guest agent and the metadata service say to each other — the
+//!   `taskvm-protocol` crate, re-exported (the guest agent links that crate alone).
 //! - [`shown`]: quoting untrusted text in messages, bounded and escaped.
 //! - [`migrate`]: reading `machine.json` files of any known version.
 //! - [`document`]: the published JSON Schemas and parsing that reports every broken rule by
@@ -23,7 +24,7 @@ pub mod machine;
 pub mod migrate;
 pub mod payload;
 pub mod precedence;
-pub mod protocol;
+pub use protocol;
 pub mod shown;
 pub mod sizing;
 mod string_enum;

@@ -1,7 +1,8 @@
 //! The architecture's dependency rules, read from `cargo metadata` (the workspace's own
 //! manifests, normal dependencies only): providers depend on the lifecycle and never the
 //! reverse; web, database, queue-client and command-line crates stay out of the lifecycle, the
-//! engine and everything below them; the guest agent links nothing of the host's.
+//! engine and everything below them; the guest agent links nothing of the host's (only the
+//! guest <-> host contract, `taskvm-protocol`).
 
 use std::collections::BTreeMap;
 
@@ -45,6 +46,20 @@ fn dependencies() -> BTreeMap<String, Vec<String>> {
 /// The edges that must not exist: (package, dependencies it must not have).
 const FORBIDDEN: &[(&str, &[&str])] = &[
     (
+        "taskvm-protocol",
+        &[
+            "taskvm-schemas",
+            "taskvm-untar",
+            "taskvm-image-manager",
+            "taskvm-engine",
+            "taskvm-lifecycle",
+            "taskvm-serve",
+            "taskvm-taskcluster",
+            "taskvm",
+            "tokio",
+        ],
+    ),
+    (
         "taskvm-schemas",
         &[
             "taskvm-untar",
@@ -60,6 +75,7 @@ const FORBIDDEN: &[(&str, &[&str])] = &[
     (
         "taskvm-guest-agent",
         &[
+            "taskvm-schemas",
             "taskvm-untar",
             "taskvm-image-manager",
             "taskvm-engine",

@@ -1,4 +1,7 @@
-//! The guest ↔ worker protocol: what the guest agent and the metadata service say to each
+//! The guest ↔ host contract of taskvm, in one crate that both sides link (the guest agent
+//! links nothing else of taskvm's; the host side reaches it as `schemas::protocol`).
+//!
+//! The protocol: what the guest agent and the metadata service say to each
 //! other over HTTP at `http://169.254.169.254/engine/v1/`.
 //!
 //! It keeps taskcluster-worker's shape, so its guest tools speak it too:

@@ -102,7 +102,7 @@ pub fn run(args: RunArgs) -> Outcome {
         if let Some(error) = log.write_error() {
             log.note(&format!("warning: the task log is incomplete: {error}"));
         }
-        outcome.resolution.outcome()
+        outcome.ending.resolution.outcome()
     });
     if kept {
         // Not in the log, whose last line is the resolution.

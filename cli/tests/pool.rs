@@ -80,7 +80,11 @@ async fn a_warm_pool_hands_out_paused_vms_that_cost_no_cpu_while_they_wait() {
     let host = Arc::new(Host::prepare(config, &|_| {}).unwrap());
 
     let (first, first_log) = run(&host, scratch.path(), "first").await;
-    assert_eq!(first.resolution, Resolution::Completed, "{first_log}");
+    assert_eq!(
+        first.ending.resolution,
+        Resolution::Completed,
+        "{first_log}"
+    );
     assert!(first_log.contains("(start snapshot, "), "{first_log}");
     wait_for_ready(&host).await;
     let [pid] = host.pool.pids().try_into().unwrap();
@@ -91,7 +95,11 @@ async fn a_warm_pool_hands_out_paused_vms_that_cost_no_cpu_while_they_wait() {
     println!("pool memory: {} MiB", host.pool.resident_bytes() >> 20);
 
     let (second, second_log) = run(&host, scratch.path(), "second").await;
-    assert_eq!(second.resolution, Resolution::Completed, "{second_log}");
+    assert_eq!(
+        second.ending.resolution,
+        Resolution::Completed,
+        "{second_log}"
+    );
     assert!(second_log.contains("(start pool, "), "{second_log}");
     let id = |log: &str| {
         log.lines()

@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use crate::capacity::Capacity;
 use crate::host::Host;
 use crate::log::{Echo, TaskLog};
-use crate::resolution::{ExceptionReason, Resolution};
-use crate::{run_task, LiveVm, StopSignal, TaskOutcome, TaskRequest, Timings};
+use crate::resolution::Ending;
+use crate::{run_task, LiveVm, StopSignal, TaskOutcome, TaskRequest};
 
 /// A payload as it arrived.
 #[derive(Debug, Clone)]
@@ -71,11 +71,5 @@ pub async fn run_payload(host: Arc<Host>, run: PayloadRun, stop: StopSignal) -> 
 
 /// The outcome of a run that could not begin because the host failed (no log to write).
 fn internal_error(reason: String) -> TaskOutcome {
-    TaskOutcome {
-        resolution: Resolution::Exception(ExceptionReason::InternalError),
-        exit_code: None,
-        reason: Some(reason),
-        timings: Timings::default(),
-        artifacts: Vec::new(),
-    }
+    TaskOutcome::before_start(Ending::internal(reason))
 }

@@ -1,5 +1,6 @@
-//! How a task ends, in Taskcluster's vocabulary, and the one mapping from resolutions to
-//! `taskvm run`'s exit codes.
+//! How a task ends, in Taskcluster's vocabulary: the [`Resolution`], the one [`Ending`] that
+//! carries it with its exit code and reason everywhere (the lifecycle's stages, the providers,
+//! the queue's records), and the one mapping from resolutions to `taskvm run`'s exit codes.
 
 use std::fmt;
 
@@ -89,6 +90,76 @@ impl fmt::Display for Resolution {
             Resolution::Failed => f.write_str("failed"),
             Resolution::Exception(reason) => write!(f, "exception/{}", reason.as_str()),
         }
+    }
+}
+
+/// How a task ended: its resolution, the command's exit code when it reported one, and why it
+/// ended so, in one line (for failures and exceptions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    /// The resolution.
+    pub resolution: Resolution,
+    /// The command's exit code, when it reported one.
+    pub exit_code: Option<i32>,
+    /// Why it ended so, in one line.
+    pub reason: Option<String>,
+}
+
+impl Ending {
+    /// An ending without an exit code.
+    pub fn new(resolution: Resolution, reason: impl Into<String>) -> Ending {
+        Ending {
+            resolution,
+            exit_code: None,
+            reason: Some(reason.into()),
+        }
+    }
+
+    /// The command reported `exit_code`: completed on 0, failed otherwise.
+    pub fn exited(exit_code: i32) -> Ending {
+        Ending {
+            resolution: if exit_code == 0 {
+                Resolution::Completed
+            } else {
+                Resolution::Failed
+            },
+            exit_code: Some(exit_code),
+            reason: (exit_code != 0).then(|| format!("the command exited with {exit_code}")),
+        }
+    }
+
+    /// The task failed for `reason`.
+    pub fn failed(reason: impl Into<String>) -> Ending {
+        Ending::new(Resolution::Failed, reason)
+    }
+
+    /// The payload, its machine or its image is unusable.
+    pub fn malformed(reason: impl Into<String>) -> Ending {
+        Ending::new(
+            Resolution::Exception(ExceptionReason::MalformedPayload),
+            reason,
+        )
+    }
+
+    /// The host failed.
+    pub fn internal(reason: impl Into<String>) -> Ending {
+        Ending::new(
+            Resolution::Exception(ExceptionReason::InternalError),
+            reason,
+        )
+    }
+
+    /// Stopped from outside for `reason` while `doing` (e.g. `while fetching the image`).
+    pub fn stopped_while(reason: ExceptionReason, doing: &str) -> Ending {
+        Ending::new(
+            Resolution::Exception(reason),
+            format!("{} {doing}", reason.as_str()),
+        )
+    }
+
+    /// Whether it is an exception (the command's result does not count).
+    pub fn is_exception(&self) -> bool {
+        matches!(self.resolution, Resolution::Exception(_))
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
-use super::store::{ArtifactFile, Claimed, RunEnding, Store, StoreError};
+use super::store::{ArtifactFile, Claimed, FinishedRun, Store, StoreError};
 use lifecycle::capacity::Capacity;
 use lifecycle::host::Host;
 use lifecycle::resolution::ExceptionReason;
@@ -240,10 +240,8 @@ impl Scheduler {
         };
         let outcome = run_payload(self.host.clone(), run, stop).await;
         self.count_stages(&outcome);
-        let ending = RunEnding {
-            resolution: outcome.resolution,
-            exit_code: outcome.exit_code,
-            reason: outcome.reason.clone(),
+        let finished = FinishedRun {
+            ending: outcome.ending.clone(),
             stages: outcome
                 .timings
                 .stages
@@ -252,7 +250,7 @@ impl Scheduler {
                 .collect(),
             artifacts: artifact_files(&dir, &outcome),
         };
-        if let Err(error) = self.store.finish(task_id, *run_id, &ending) {
+        if let Err(error) = self.store.finish(task_id, *run_id, &finished) {
             super::say(&format!(
                 "task {task_id} run {run_id} could not be recorded: {error}"
             ));
@@ -260,7 +258,7 @@ impl Scheduler {
         self.lock_running().remove(task_id);
         super::say(&format!(
             "task {task_id} run {run_id} resolved {}",
-            ending.resolution
+            finished.ending.resolution
         ));
         self.wake();
     }

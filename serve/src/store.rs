@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use thiserror::Error;
 
-use lifecycle::resolution::{ExceptionReason, Resolution};
+use lifecycle::resolution::{Ending, ExceptionReason, Resolution};
 
 /// A store failure.
 #[derive(Debug, Error)]
@@ -98,15 +98,11 @@ pub struct ArtifactFile {
     pub size: u64,
 }
 
-/// How a run ended.
+/// A run that ended, as the store records it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RunEnding {
-    /// The resolution.
-    pub resolution: Resolution,
-    /// The command's exit code, when it reported one.
-    pub exit_code: Option<i32>,
-    /// Why, in one line.
-    pub reason: Option<String>,
+pub struct FinishedRun {
+    /// How it ended.
+    pub ending: Ending,
     /// Stage durations in seconds, in order.
     pub stages: Vec<(String, f64)>,
     /// The run's files.
@@ -335,11 +331,17 @@ impl Store {
 
     /// Records how a run ended. A run ended by a worker shutdown puts its task back in the
     /// queue while it has attempts left.
-    pub fn finish(&self, task_id: &str, run_id: u32, ending: &RunEnding) -> Result<(), StoreError> {
+    pub fn finish(
+        &self,
+        task_id: &str,
+        run_id: u32,
+        finished: &FinishedRun,
+    ) -> Result<(), StoreError> {
+        let ending = &finished.ending;
         let max_runs = self.max_runs;
-        let stages = serde_json::to_string(&ending.stages)
+        let stages = serde_json::to_string(&finished.stages)
             .map_err(|error| StoreError::Corrupt(error.to_string()))?;
-        let artifacts = serde_json::to_string(&ending.artifacts)
+        let artifacts = serde_json::to_string(&finished.artifacts)
             .map_err(|error| StoreError::Corrupt(error.to_string()))?;
         self.with(|connection| {
             let transaction = connection.transaction()?;
@@ -562,11 +564,13 @@ fn now_ms() -> i64 {
 mod tests {
     use super::*;
 
-    fn ending(resolution: Resolution) -> RunEnding {
-        RunEnding {
-            resolution,
-            exit_code: Some(0),
-            reason: None,
+    fn ending(resolution: Resolution) -> FinishedRun {
+        FinishedRun {
+            ending: Ending {
+                resolution,
+                exit_code: Some(0),
+                reason: None,
+            },
             stages: vec![("boot".into(), 1.5)],
             artifacts: vec![ArtifactFile {
                 name: "live.log".into(),

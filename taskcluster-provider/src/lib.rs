@@ -280,7 +280,7 @@ impl ClaimedRun {
                 return;
             }
         };
-        let resolution = outcome.resolution;
+        let resolution = outcome.ending.resolution;
         if let Some(expires) = claim.expires() {
             let artifacts = artifacts_to_publish(claim, dir, outcome);
             let uploaded = publish(&queue, task_id, run_id, &expires, &artifacts).await;

@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use image_manager::Lease;
 use rand::Rng;
 use schemas::ResolvedMachine;
 
@@ -28,11 +29,8 @@ use crate::process::{Confinement, QemuProcess, RunAs, PROCESSES_PER_VM};
 use crate::qmp::Qmp;
 use crate::records::{process_start_ticks, RecordFile, VmRecord};
 use crate::runtime::RuntimeDir;
-use crate::snapshot::Snapshot;
-use crate::vm::{VirtualMachine, VmError, VmSettings};
-
-/// Lines of QEMU's standard error kept in a start-up error.
-pub(crate) const STDERR_TAIL: usize = 20;
+use crate::snapshot::format::{Snapshot, SnapshotFile};
+use crate::vm::{tail, VirtualMachine, VmError, VmSettings, STDERR_TAIL};
 
 /// The descriptors QEMU inherits, each with the fd set it is put in (None: referred to by
 /// number, like the tap and the QMP listener).
@@ -458,11 +456,60 @@ fn random_mac() -> String {
         .join(":")
 }
 
-/// The last `lines` lines of a file (root's, in the runtime directory).
-pub(crate) fn tail(path: &Path, lines: usize) -> String {
-    let text = crate::vm::read_bounded(path, 64 * 1024);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+impl VirtualMachine {
+    /// Starts a VM of `machine` on the leased image (the lease is held until the VM is dropped)
+    /// and waits until QEMU answers on QMP.
+    pub async fn start(
+        lease: Lease,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+    ) -> Result<Self, VmError> {
+        launch(lease.into(), machine, settings, None).await
+    }
+
+    /// Starts a VM of `machine` whose root disk and boot files come from `source`: a cached
+    /// image, or files of the host's (an existing disk, read-only under the VM's overlay, or a
+    /// fresh empty disk). Files of the host's need not be readable by the sandbox user.
+    pub async fn start_from(
+        source: BootSource,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+    ) -> Result<Self, VmError> {
+        launch(source, machine, settings, None).await
+    }
+
+    /// Starts a VM from `snapshot` (made of the same image and machine, see
+    /// [`crate::snapshot`]) instead of booting it, and resumes it once the state is loaded.
+    /// Its disk is a new overlay on the snapshot's; its network is its own, as for a boot.
+    pub async fn restore(
+        lease: Lease,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+        snapshot: &Snapshot,
+    ) -> Result<Self, VmError> {
+        let vm = Self::restore_paused(lease, machine, settings, snapshot).await?;
+        vm.resume().await?;
+        Ok(vm)
+    }
+
+    /// Like [`VirtualMachine::restore`], but leaves the loaded guest paused (0 % CPU) until
+    /// [`VirtualMachine::resume`]: a VM kept ready in a warm pool.
+    pub async fn restore_paused(
+        lease: Lease,
+        machine: &ResolvedMachine,
+        settings: &VmSettings,
+        snapshot: &Snapshot,
+    ) -> Result<Self, VmError> {
+        let mut vm = launch(lease.into(), machine, settings, Some(snapshot)).await?;
+        vm.wait_migration("loading").await?;
+        let console = fs::read_to_string(Snapshot::path_in(snapshot.dir(), SnapshotFile::Console))
+            .unwrap_or_default();
+        vm.earlier_console = format!(
+            "{console}\n[taskvm: restored from the snapshot in {}]\n",
+            snapshot.dir().display()
+        );
+        Ok(vm)
+    }
 }
 
 #[cfg(test)]

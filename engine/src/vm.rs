@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use image::RgbaImage;
-use image_manager::Lease;
 use qapi::qmp;
-use schemas::ResolvedMachine;
 use thiserror::Error;
 
 use crate::cgroup::{CgroupHost, VmCgroup};
@@ -19,7 +17,6 @@ use crate::cmdline::{Accelerator, CmdlineError, Netdev};
 use crate::drives::{BootSource, ExtraDrive};
 use crate::ids::VmIds;
 use crate::jail::JailSettings;
-use crate::launch::{tail, STDERR_TAIL};
 use crate::metadata::Handler;
 use crate::netns::NetworkError;
 use crate::network::{NetworkSettings, VmNetwork};
@@ -28,14 +25,9 @@ use crate::qmp::Qmp;
 use crate::records::RecordFile;
 use crate::runtime::{RuntimeDir, VncEndpoint};
 use crate::screenshot::ScreenshotError;
-use crate::snapshot::{Snapshot, SnapshotFile};
 
-/// Migration bandwidth: QEMU 7.2 caps it at 128 MiB/s unless told otherwise.
-const MIGRATION_BANDWIDTH: u64 = 100 << 30;
-/// How long saving or loading a state may take.
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most bytes of a log returned by [`VirtualMachine::serial_output`].
-const LOG_LIMIT: u64 = 4 << 20;
+pub(crate) const LOG_LIMIT: u64 = 4 << 20;
 
 /// Host-side settings of a VM.
 #[derive(Debug, Clone)]
@@ -173,69 +165,6 @@ pub struct VirtualMachine {
 }
 
 impl VirtualMachine {
-    /// Starts a VM of `machine` on the leased image (the lease is held until the VM is dropped)
-    /// and waits until QEMU answers on QMP.
-    pub async fn start(
-        lease: Lease,
-        machine: &ResolvedMachine,
-        settings: &VmSettings,
-    ) -> Result<Self, VmError> {
-        Self::launch(lease.into(), machine, settings, None).await
-    }
-
-    /// Starts a VM of `machine` whose root disk and boot files come from `source`: a cached
-    /// image, or files of the host's (an existing disk, read-only under the VM's overlay, or a
-    /// fresh empty disk). Files of the host's need not be readable by the sandbox user.
-    pub async fn start_from(
-        source: BootSource,
-        machine: &ResolvedMachine,
-        settings: &VmSettings,
-    ) -> Result<Self, VmError> {
-        Self::launch(source, machine, settings, None).await
-    }
-
-    /// Starts a VM from `snapshot` (made of the same image and machine, see
-    /// [`crate::snapshot`]) instead of booting it, and resumes it once the state is loaded.
-    /// Its disk is a new overlay on the snapshot's; its network is its own, as for a boot.
-    pub async fn restore(
-        lease: Lease,
-        machine: &ResolvedMachine,
-        settings: &VmSettings,
-        snapshot: &Snapshot,
-    ) -> Result<Self, VmError> {
-        let vm = Self::restore_paused(lease, machine, settings, snapshot).await?;
-        vm.resume().await?;
-        Ok(vm)
-    }
-
-    /// Like [`VirtualMachine::restore`], but leaves the loaded guest paused (0 % CPU) until
-    /// [`VirtualMachine::resume`]: a VM kept ready in a warm pool.
-    pub async fn restore_paused(
-        lease: Lease,
-        machine: &ResolvedMachine,
-        settings: &VmSettings,
-        snapshot: &Snapshot,
-    ) -> Result<Self, VmError> {
-        let mut vm = Self::launch(lease.into(), machine, settings, Some(snapshot)).await?;
-        vm.wait_migration("loading").await?;
-        let console = fs::read_to_string(Snapshot::path_in(snapshot.dir(), SnapshotFile::Console))
-            .unwrap_or_default();
-        vm.earlier_console = format!(
-            "{console}\n[taskvm: restored from the snapshot in {}]\n",
-            snapshot.dir().display()
-        );
-        Ok(vm)
-    }
-
-    async fn launch(
-        source: BootSource,
-        machine: &ResolvedMachine,
-        settings: &VmSettings,
-        snapshot: Option<&Snapshot>,
-    ) -> Result<Self, VmError> {
-        crate::launch::launch(source, machine, settings, snapshot).await
-    }
-
     /// The QEMU argument vector this VM was started with.
     pub fn argv(&self) -> &[String] {
         &self.argv
@@ -397,100 +326,6 @@ impl VirtualMachine {
         crate::screenshot::capture(&self.runtime.vnc(), timeout).await
     }
 
-    /// Saves the paused VM into the new directory `dir` (see [`crate::snapshot`]) and ends it.
-    /// Call it at agent-ready, before the guest received anything of a task, and with the
-    /// guest not in the middle of a request to its metadata service (stop the service first:
-    /// [`crate::network::VmNetwork::stop_service`]).
-    pub async fn snapshot(mut self, dir: &Path) -> Result<Snapshot, VmError> {
-        let failed = |what: &str, error: &dyn std::fmt::Display| {
-            VmError::Snapshot(format!("{what}: {error}"))
-        };
-        fs::create_dir(dir).map_err(|e| failed(&format!("creating {}", dir.display()), &e))?;
-        self.suspend().await?;
-        let parameters = qmp::MigrateSetParameters {
-            max_bandwidth: Some(MIGRATION_BANDWIDTH),
-            ..Default::default()
-        };
-        self.qmp
-            .execute(qmp::migrate_set_parameters(parameters))
-            .await
-            .map_err(VmError::Qmp)?;
-        // In the root-owned runtime directory, so the name stays root's; QEMU's user may
-        // connect to it alone.
-        let socket = self.runtime.path().join("migrate.sock");
-        let listener = tokio::net::UnixListener::bind(&socket)
-            .map_err(|e| failed("listening for the migration stream", &e))?;
-        let (uid, gid) = self.runtime.owner();
-        std::os::unix::fs::chown(&socket, Some(uid), Some(gid))
-            .map_err(|e| failed("handing the socket to QEMU's user", &e))?;
-        let state = Snapshot::path_in(dir, SnapshotFile::State);
-        let uri = if self.jailed {
-            "unix:/migrate.sock".to_owned()
-        } else {
-            format!("unix:{}", socket.display())
-        };
-        let command = qmp::migrate {
-            uri: Some(uri),
-            channels: None,
-            detach: None,
-            resume: None,
-        };
-        self.qmp.execute(command).await.map_err(VmError::Qmp)?;
-        let copy = async {
-            let (mut stream, _) = listener.accept().await?;
-            let mut file = tokio::fs::File::create(&state).await?;
-            let bytes = tokio::io::copy(&mut stream, &mut file).await?;
-            file.sync_all().await?;
-            io::Result::Ok(bytes)
-        };
-        tokio::time::timeout(MIGRATION_TIMEOUT, copy)
-            .await
-            .map_err(|_| failed("the migration stream", &"timed out"))?
-            .map_err(|e| failed("the migration stream", &e))?;
-        self.wait_migration("saving").await?;
-        self.kill().await;
-        let disk = Snapshot::path_in(dir, SnapshotFile::Disk);
-        fs::rename(self.runtime.overlay(), &disk).map_err(|e| failed("keeping the disk", &e))?;
-        for file in [&disk, &state] {
-            fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o444))
-                .map_err(|e| failed("making the snapshot read-only", &e))?;
-        }
-        Snapshot::write_identity(dir, &self.uuid, &self.mac)
-            .map_err(|e| failed("writing the identity", &e))?;
-        // The console up to the snapshot, which every restored copy's console continues.
-        fs::write(
-            Snapshot::path_in(dir, SnapshotFile::Console),
-            read_bounded(&self.runtime.serial_log(), LOG_LIMIT),
-        )
-        .map_err(|e| failed("keeping the console", &e))?;
-        Snapshot::open(dir).map_err(|e| failed("reopening", &e))
-    }
-
-    /// Polls `query-migrate` until the migration completed; fails if it failed.
-    async fn wait_migration(&self, what: &str) -> Result<(), VmError> {
-        let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
-        loop {
-            let info = self
-                .qmp
-                .execute(qmp::query_migrate {})
-                .await
-                .map_err(VmError::Qmp)?;
-            match info.status {
-                Some(qmp::MigrationStatus::completed) => return Ok(()),
-                Some(qmp::MigrationStatus::failed | qmp::MigrationStatus::cancelled) => {
-                    return Err(VmError::Snapshot(format!(
-                        "{what} the state failed: {}",
-                        info.error_desc.unwrap_or_else(|| "no reason given".into())
-                    )))
-                }
-                _ if tokio::time::Instant::now() >= deadline => {
-                    return Err(VmError::Snapshot(format!("{what} the state timed out")))
-                }
-                _ => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
-    }
-
     /// Kills QEMU (SIGKILL to its process group) and waits for it.
     pub async fn kill(&mut self) {
         self.killed = true;
@@ -579,6 +414,16 @@ impl VirtualMachine {
             stderr_tail: tail(&self.runtime.qemu_log(), STDERR_TAIL),
         }
     }
+}
+
+/// Lines of QEMU's standard error kept in a start-up error.
+pub(crate) const STDERR_TAIL: usize = 20;
+
+/// The last `lines` lines of a file (root's, in the runtime directory).
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
+    let text = read_bounded(path, 64 * 1024);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A file's text, or its last `limit` bytes with a marker when it is longer.

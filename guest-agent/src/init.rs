@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use protocol::kernel_parameter;
 use rustix::mount::{mount, MountFlags};
 
+use crate::kernel_cmdline::parameter;
 use crate::netlink::{interface_index, Ipv4Cidr, Netlink};
 
 /// Address given to the guest's interface when the command line names none.
@@ -134,13 +135,6 @@ fn load_listed_modules() {
     }
 }
 
-/// The value of `name` (e.g. `taskvm.ip=`) on the kernel command line.
-pub fn parameter<'a>(cmdline: &'a str, name: &str) -> Option<&'a str> {
-    cmdline
-        .split_whitespace()
-        .find_map(|word| word.strip_prefix(name))
-}
-
 fn configure_network(address: &str, gateway: Option<&str>) -> io::Result<()> {
     let cidr: Ipv4Cidr = address.parse()?;
     let gateway: Option<std::net::Ipv4Addr> = match gateway {
@@ -216,16 +210,4 @@ pub fn power_off() -> ! {
         let _ = Command::new("poweroff").status();
     }
     std::process::exit(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parameter;
-
-    #[test]
-    fn reads_parameters_from_the_command_line() {
-        let cmdline = "console=ttyS0 taskvm.ip=169.254.7.2/16 quiet\n";
-        assert_eq!(parameter(cmdline, "taskvm.ip="), Some("169.254.7.2/16"));
-        assert_eq!(parameter(cmdline, "taskvm.metadata="), None);
-    }
 }

@@ -8,7 +8,7 @@
 //! The metadata service is `http://169.254.169.254` unless `TASKVM_METADATA_URL` (or the
 //! kernel parameter `taskvm.metadata=`) says otherwise.
 //!
-//! It depends on `schemas` (the protocol types) and nothing of the host's code.
+//! It depends on `taskvm-protocol` (the guest <-> host contract) and nothing of the host's code.
 
 #![warn(clippy::unwrap_used)]
 
@@ -18,6 +18,7 @@ mod client;
 mod fresh;
 mod http;
 mod init;
+mod kernel_cmdline;
 mod markers;
 mod netlink;
 mod run;

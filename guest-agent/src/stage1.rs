@@ -29,7 +29,7 @@ pub fn switch_root(cmdline: &str) -> io::Result<()> {
     let _ = fs::create_dir_all("/sys");
     let _ = mount("sysfs", "/sys", "sysfs", MountFlags::empty(), None);
     load_modules(&fs::read_to_string(MODULES).unwrap_or_default());
-    let device = crate::init::parameter(cmdline, "root=").ok_or_else(|| {
+    let device = crate::kernel_cmdline::parameter(cmdline, "root=").ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
             "no root= on the kernel command line",

@@ -1,63 +1,8 @@
-//! A VM saved at agent-ready, before it received any task data, and restored as many times
-//! as wanted: the migration stream of the paused VM (`state.bin`), the disk overlay as it was
-//! then (`disk.qcow2`, read-only; each restored VM gets its own overlay on top) and the
-//! identity its devices were created with (`identity`: UUID and MAC, which a restore must
-//! reuse) and its console up to then (`serial.log`, which a restored VM's console continues). QEMU writes the stream to a unix socket the engine listens on and reads it back
-//! from an inherited descriptor (`-incoming fd:N`): both work under the full `-sandbox`.
-//!
-//! The plain stream was chosen over a file-backed RAM object with `x-ignore-shared`: for the
-//! small guests tasks boot (256 MiB) it is ~66 MB and loads in ~0.1 s, needs no second
-//! memory backend on the command line (which every restore would have to match) and works
-//! for any machine. A restore is only valid for the same image, machine, QEMU and kernel
-//! command line; the caller keys snapshots by those.
+//! A snapshot on disk: the files of its directory and the identity a restore must reuse.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use image_manager::Lease;
-use schemas::ResolvedMachine;
-
-use crate::session::{GuestSession, SessionConfig};
-use crate::vm::{VirtualMachine, VmError, VmSettings};
-
-/// What the agent prints on the console once it is up and asks for its task.
-pub const AGENT_READY: &str = schemas::protocol::marker::READY;
-
-/// Boots a VM of `machine` on `lease` (with `settings`, which must give it a network), waits
-/// until its agent is up — no task is ever set, so it holds no task data — and saves it into
-/// the new directory `dir`. Gives up after `ready_timeout` (an image without our agent).
-pub async fn build(
-    lease: Lease,
-    machine: &ResolvedMachine,
-    settings: &VmSettings,
-    dir: &Path,
-    ready_timeout: Duration,
-) -> Result<Snapshot, VmError> {
-    let mut vm = VirtualMachine::start(lease, machine, settings).await?;
-    let (session, _log) = GuestSession::new(SessionConfig::new(&settings.name));
-    vm.set_http_handler(session.handler());
-    if !vm.wait_for_serial(AGENT_READY, ready_timeout).await {
-        return Err(VmError::Snapshot(format!(
-            "the guest's agent did not report ready within {} s",
-            ready_timeout.as_secs()
-        )));
-    }
-    // Let its first request arrive, then close the service under it: the agent is then in
-    // its retry loop, with no request open, and finds the restored VM's service at once.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    match vm.network_mut() {
-        Some(network) => network.stop_service(),
-        None => {
-            return Err(VmError::Snapshot(
-                "a snapshot needs the VM's own network".into(),
-            ))
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    vm.snapshot(dir).await
-}
 
 /// File names inside a snapshot directory.
 const STATE: &str = "state.bin";

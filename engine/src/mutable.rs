@@ -61,6 +61,12 @@ impl MutableImage {
         &mut self.vm
     }
 
+    /// Ends the VM and removes everything it had ([`VirtualMachine::release`]); the packaged
+    /// image, written elsewhere, stays.
+    pub async fn release(self) {
+        self.vm.release().await;
+    }
+
     /// Waits for the VM to end and returns how.
     pub async fn wait(&mut self) -> crate::ExitKind {
         let kind = self.vm.wait().await;

@@ -142,6 +142,7 @@ pub enum VmError {
 }
 
 /// One running VM. Fields drop in order: QEMU is killed before its directory is removed.
+/// [`VirtualMachine::release`] does the same off the async threads.
 pub struct VirtualMachine {
     pub(crate) qemu: QemuProcess,
     pub(crate) qmp: Qmp,
@@ -324,6 +325,37 @@ impl VirtualMachine {
     /// graphics). Gives up after `timeout`.
     pub async fn screenshot(&self, timeout: Duration) -> Result<RgbaImage, ScreenshotError> {
         crate::screenshot::capture(&self.runtime.vnc(), timeout).await
+    }
+
+    /// Ends the VM and removes everything it had, as dropping it does, but with the slow part
+    /// — waiting for its control groups to empty, `ip netns del`, the runtime directory — on a
+    /// blocking thread, so that no async thread waits on it. Returns once all of it is gone.
+    pub async fn release(mut self) {
+        self.kill().await;
+        // The same order as the fields drop in.
+        let VirtualMachine {
+            qemu,
+            qmp,
+            network,
+            cgroup,
+            runtime,
+            _record,
+            _ids,
+            source,
+            ..
+        } = self;
+        drop(qemu);
+        drop(qmp);
+        let teardown = move || {
+            drop(network);
+            drop(cgroup);
+            drop(runtime);
+            drop(_record);
+            drop(_ids);
+            drop(source);
+        };
+        // A panic in a drop would be the only error; the parts are gone either way.
+        let _ = tokio::task::spawn_blocking(teardown).await;
     }
 
     /// Kills QEMU (SIGKILL to its process group) and waits for it.

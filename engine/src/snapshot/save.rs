@@ -83,7 +83,9 @@ impl VirtualMachine {
             read_bounded(&self.runtime.serial_log(), LOG_LIMIT),
         )
         .map_err(|e| failed("keeping the console", &e))?;
-        Snapshot::open(dir).map_err(|e| failed("reopening", &e))
+        let saved = Snapshot::open(dir).map_err(|e| failed("reopening", &e));
+        self.release().await;
+        saved
     }
 
     /// Polls `query-migrate` until the migration completed; fails if it failed.

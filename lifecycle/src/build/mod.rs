@@ -184,10 +184,12 @@ pub async fn build_image(
                 say(&format!("  {line}"));
             }
         }
-        image.vm_mut().kill().await;
+        image.release().await;
         return Err(Outcome::Failed);
     }
-    package(&image, &definition, &output, level, say)
+    let packaged = package(&image, &definition, &output, level, say);
+    image.release().await;
+    packaged
 }
 
 /// Packages the built disk into the image at `output`.

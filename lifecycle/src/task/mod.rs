@@ -249,7 +249,7 @@ impl Run {
             vm.kill().await;
         }
         save_consoles(&vm, &request.artifacts_dir, &self.log);
-        drop(vm);
+        vm.release().await;
         Ok((ending, collected))
     }
 

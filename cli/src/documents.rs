@@ -102,8 +102,8 @@ pub fn load_config(path: Option<&Path>) -> Result<WorkerConfig, Violations> {
     }
 }
 
-/// Tells the user one line on standard error, as every command does: `taskvm: LINE`.
+/// Tells the user one line, as every command does: an event of the command's log
+/// ([`crate::logging`]), `taskvm: LINE` on standard error unless `--log-format json`.
 pub fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "taskvm: {line}");
+    tracing::info!("{line}");
 }

@@ -182,8 +182,8 @@ fn execute(command: ImageCommand) -> Result<(), Outcome> {
                 println!("removed {digest} ({})", human_size(*bytes));
             }
             // Snapshots of removed images go with them.
-            let snapshots = lifecycle::snapshots::snapshots_dir(&state_dir);
-            let swept = lifecycle::snapshots::sweep_snapshots(&snapshots);
+            let snapshots = engine::snapshot::store::snapshots_dir(&state_dir);
+            let swept = engine::snapshot::store::sweep_snapshots(&snapshots);
             if swept > 0 {
                 println!("removed {swept} snapshot(s) of removed images");
             }

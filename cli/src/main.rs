@@ -9,6 +9,7 @@ mod args;
 mod build_cmd;
 mod documents;
 mod image_cmd;
+mod logging;
 mod run_cmd;
 mod serve_cmd;
 mod signals;
@@ -33,6 +34,10 @@ use lifecycle::exit::Outcome;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How taskvm's own messages on standard error are written: `text` lines, or `json`, one
+    /// object per line with the task and VM they concern (for log shippers).
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,6 +108,12 @@ impl From<SchemaDocument> for DocumentKind {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let prefix = match cli.command {
+        Command::Serve(_) => "taskvm serve",
+        Command::Worker(_) => "taskvm worker",
+        _ => "taskvm",
+    };
+    logging::init(cli.log_format, prefix);
     let outcome = match cli.command {
         Command::Schema { document } => {
             print!("{}", DocumentKind::from(document).schema_text());

@@ -1,5 +1,6 @@
 //! `taskvm serve`: the embedded queue with its HTTP API and web UI, until SIGINT or SIGTERM.
 
+use crate::documents::say;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,7 +70,7 @@ pub fn run(args: ServeArgs) -> Outcome {
             match text.parse() {
                 Ok(listen) => listen,
                 Err(error) => {
-                    eprintln!("taskvm serve: queue.listen {text:?} is not an address: {error}");
+                    say(&format!("queue.listen {text:?} is not an address: {error}"));
                     return Outcome::Malformed;
                 }
             }
@@ -78,10 +79,10 @@ pub fn run(args: ServeArgs) -> Outcome {
     let novnc_dir = match args.novnc {
         Some(dir) if dir.join("core/rfb.js").is_file() => Some(dir),
         Some(dir) => {
-            eprintln!(
-                "taskvm serve: {} holds no noVNC (core/rfb.js is missing)",
+            say(&format!(
+                "{} holds no noVNC (core/rfb.js is missing)",
                 dir.display()
-            );
+            ));
             return Outcome::Malformed;
         }
         None => {
@@ -89,10 +90,10 @@ pub fn run(args: ServeArgs) -> Outcome {
             if debian.join("core/rfb.js").is_file() {
                 Some(debian)
             } else {
-                eprintln!(
-                    "taskvm serve: noVNC is not installed ({DEBIAN_NOVNC}); the console is off \
-                     (make deps installs it)"
-                );
+                say(&format!(
+                    "noVNC is not installed ({DEBIAN_NOVNC}); the console is off (make deps \
+                     installs it)"
+                ));
                 None
             }
         }
@@ -115,7 +116,7 @@ pub fn run(args: ServeArgs) -> Outcome {
         Ok(runtime) => runtime,
         Err(outcome) => return outcome,
     };
-    let announce = |line: &str| serve::say(line);
+    let announce = say;
     let outcome = runtime.block_on(async {
         let host = match Host::prepare(config, &announce) {
             Ok(host) => Arc::new(host),

@@ -9,7 +9,9 @@ use lifecycle::host::Host;
 use schemas::config::{QueueConfig, TaskclusterQueueConfig};
 use taskcluster::Credentials;
 use taskcluster_provider::queue::QueueEndpoint;
-use taskcluster_provider::{run_worker, say, WorkerOptions};
+use taskcluster_provider::{run_worker, WorkerOptions};
+
+use crate::documents::say;
 
 /// Arguments of `taskvm worker`.
 #[derive(Debug, clap::Args)]

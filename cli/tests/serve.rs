@@ -874,3 +874,71 @@ fn schemathesis_finds_no_server_error_in_the_api() {
     let (status, _) = server.terminate();
     assert!(status.success());
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line_with_the_task_span() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    let config = state.with_extension("json");
+    std::fs::write(&config, config_allowing_test_images("")).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_taskvm"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--accel", "tcg"])
+        .args(["--start", "boot", "--log-format", "json", "--config"])
+        .arg(&config)
+        .arg("--state")
+        .arg(&state)
+        .arg("--cache")
+        .arg(shared_cache());
+    let (address_tx, address_rx) = std::sync::mpsc::channel();
+    let process = Spawned::spawn(&mut command, move |line| {
+        let Ok(event) = serde_json::from_str::<Value>(line) else {
+            return;
+        };
+        let message = event["fields"]["message"].as_str().unwrap_or_default();
+        if let Some(rest) = message.strip_prefix("listening on ") {
+            let _ = address_tx.send(rest.trim_end_matches('/').to_owned());
+        }
+    });
+    let base = address_rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("serve did not start: {:?}", process.lines()));
+    let server = Server {
+        process,
+        base,
+        state: state.clone(),
+        http: reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap(),
+    };
+    let id = server.submit(&script_task("echo hello", 60));
+    let done = server.wait_resolved(&id);
+    assert_eq!(done["resolution"], "completed", "{done:#}");
+    let resolved = format!("task {id} run 0 resolved completed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.said(&resolved) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lines = server.process.lines();
+    let (status, _) = server.terminate();
+    assert!(status.success(), "{status:?}");
+
+    let events: Vec<Value> = lines
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+        .collect();
+    for event in &events {
+        assert_eq!(event["level"], "INFO", "{event}");
+        assert!(event["timestamp"].is_string(), "{event}");
+    }
+    for message in [format!("task {id} run 0 started"), resolved] {
+        let event = events
+            .iter()
+            .find(|event| event["fields"]["message"] == message.as_str())
+            .unwrap_or_else(|| panic!("no {message:?} in {lines:#?}"));
+        assert_eq!(event["span"]["name"], "task", "{event}");
+        assert_eq!(event["span"]["task_id"], id.as_str(), "{event}");
+        assert_eq!(event["span"]["run_id"], 0, "{event}");
+    }
+}

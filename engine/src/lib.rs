@@ -9,6 +9,8 @@
 //! - [`runtime`]: the VM's runtime directory, root's, which is also its jail's root.
 //! - [`jail`]: the namespaces and mounts QEMU runs in (`pivot_root` into the runtime
 //!   directory, the host's `/usr` read-only, a minimal `/dev`).
+//! - [`host`]: [`host::VmHost`], the host prepared once for all VMs (privileges, sweep, jail,
+//!   control groups, accelerator, TSC, snapshot store): the engine's entry point.
 //! - [`ids`]: a user and group per VM from a range no account uses.
 //! - [`netns`]: the VM's own network namespace and the tap device in it.
 //! - [`metadata`]: the per-VM HTTP service, its listener inside the VM's namespace.
@@ -29,7 +31,8 @@
 //! - [`screenshot`]: the screen over VNC as an RGBA image or PNG.
 //! - [`seed`]: a cloud-init NoCloud seed (a FAT volume labelled CIDATA).
 //! - [`mutable`]: [`mutable::MutableImage`], a VM booted to be changed and packaged.
-//! - [`snapshot`]: a VM saved at agent-ready, restored in a fraction of a boot.
+//! - [`snapshot`]: a VM saved at agent-ready, restored in a fraction of a boot, and the
+//!   store of them.
 //! - [`tsc`]: the host's TSC frequency for the guest's command line.
 //! - [`vm`]: [`VirtualMachine`], which owns all of the above and removes it on drop.
 
@@ -43,6 +46,7 @@ pub mod dns;
 pub mod drives;
 pub mod egress;
 pub mod egress_policy;
+pub mod host;
 pub mod ids;
 pub mod jail;
 mod launch;

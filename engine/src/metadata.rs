@@ -16,7 +16,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
+
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
@@ -74,6 +76,8 @@ impl Handler for NotYet {
 pub struct MetadataService {
     handler: Arc<RwLock<Arc<dyn Handler>>>,
     accept_loop: JoinHandle<()>,
+    /// Connections accepted and not yet served to their end.
+    open: Arc<AtomicUsize>,
 }
 
 impl MetadataService {
@@ -83,11 +87,24 @@ impl MetadataService {
         let listener = TcpListener::from_std(listener)?;
         let handler: Arc<RwLock<Arc<dyn Handler>>> = Arc::new(RwLock::new(Arc::new(NotYet)));
         let slot = handler.clone();
-        let accept_loop = tokio::spawn(accept_loop(listener, slot, limits));
+        let open = Arc::new(AtomicUsize::new(0));
+        let accept_loop = tokio::spawn(accept_loop(listener, slot, limits, open.clone()));
         Ok(MetadataService {
             handler,
             accept_loop,
+            open,
         })
+    }
+
+    /// Stops the service for good and returns how many connections it cut off (accepted and
+    /// not served to their end): their peers learn of it only when they next read.
+    pub async fn stop(mut self) -> usize {
+        self.accept_loop.abort();
+        // Once the loop is gone no connection is accepted any more; its connections went with
+        // it, and those that had not ended by themselves are still counted as open.
+        let loop_ended = tokio::time::timeout(Duration::from_secs(5), &mut self.accept_loop);
+        let _ = loop_ended.await;
+        self.open.load(Ordering::SeqCst)
     }
 
     /// Sets the handler for every request from now on.
@@ -108,6 +125,7 @@ async fn accept_loop(
     listener: TcpListener,
     handler: Arc<RwLock<Arc<dyn Handler>>>,
     limits: ServiceLimits,
+    open: Arc<AtomicUsize>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     // Connections are tasks of their own; dropping the set (when this loop is aborted)
@@ -125,6 +143,8 @@ async fn accept_loop(
             }
         };
         let handler = handler.clone();
+        open.fetch_add(1, Ordering::SeqCst);
+        let served = open.clone();
         connections.spawn(async move {
             let service = service_fn(move |request| {
                 let current = handler.read().map(|h| h.clone()).ok();
@@ -141,6 +161,8 @@ async fn accept_loop(
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            // Not reached by a connection aborted with the service: that one stays counted.
+            served.fetch_sub(1, Ordering::SeqCst);
             drop(permit);
         });
         while connections.try_join_next().is_some() {}

@@ -166,9 +166,14 @@ impl VmNetwork {
     }
 
     /// Stops the metadata service for good: its connections close and new ones are refused,
-    /// so the agent waits in its retry loop (no request open) — the state to snapshot a VM in.
-    pub fn stop_service(&mut self) {
-        self.service = None;
+    /// so the agent goes to its retry loop (no request open) — the state to snapshot a VM in.
+    /// Returns how many open requests were cut off: the guest has left them only once it
+    /// says so ([`schemas::protocol::marker::CUT_OFF`]).
+    pub async fn stop_service(&mut self) -> usize {
+        match self.service.take() {
+            Some(service) => service.stop().await,
+            None => 0,
+        }
     }
 
     /// The kernel parameters that tell our agent its address (and, with egress, its

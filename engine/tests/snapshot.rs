@@ -98,6 +98,14 @@ fn field<'a>(text: &'a str, name: &str) -> &'a str {
 async fn two_restored_copies_are_each_a_vm_of_their_own() {
     let fixture = Fixture::new();
     let snapshot = make_snapshot(&fixture).await;
+    // The save waited until the agent had left the request the stop of its service cut off:
+    // no restored copy can be left waiting on a connection of the saved VM's.
+    let console = std::fs::read_to_string(snapshot.dir().join("serial.log")).unwrap();
+    assert_eq!(
+        console.matches(schemas::protocol::marker::CUT_OFF).count(),
+        1,
+        "{console}"
+    );
     let image_disk = fixture.lease().disk_path();
     let before = [
         sha256_file(&image_disk),

@@ -6,13 +6,29 @@ use std::time::Duration;
 
 use protocol::{content_type, Action, Execute, Report, API_PREFIX};
 
-use crate::http::{ChunkedBody, Endpoint};
+use crate::http::{ChunkedBody, Endpoint, Response};
 
 /// First wait after a failed request while the service is unreachable.
 const FIRST_RETRY: Duration = Duration::from_millis(10);
 /// Longest wait between attempts: short, because a VM restored from a snapshot finds its
 /// (new) metadata service only at its next attempt.
 const MAX_RETRY: Duration = Duration::from_millis(20);
+
+/// The longest a request for the task may go unanswered: the service answers a long poll
+/// within 20 s (204, ask again), so a request silent for longer lost its service.
+const LONG_POLL_BOUND: Duration = Duration::from_secs(30);
+
+/// How one request for the task ended.
+enum Asked {
+    /// The task.
+    Task(Execute),
+    /// No task yet (a long poll ended): ask again at once.
+    AgainNow,
+    /// The service accepted the request and then went away without an answer.
+    CutOff,
+    /// No connection, or an answer that is not one.
+    Unreachable,
+}
 
 /// Talks to the metadata service.
 pub struct Client {
@@ -33,28 +49,57 @@ impl Client {
 
     /// Asks for the task until one comes. While the service is unreachable the agent retries
     /// with a back-off from 10 ms to 20 ms, so the first request goes out as soon as the
-    /// network is up.
+    /// network is up. A request that reached the service and was then cut off (the service
+    /// stopped under it, as before a snapshot) is said on the console
+    /// ([`protocol::marker::CUT_OFF`]); one that gets no answer within [`LONG_POLL_BOUND`]
+    /// is given up and asked again, so no request can hang the agent.
     pub fn wait_for_task(&self) -> Execute {
         let mut delay = FIRST_RETRY;
         loop {
-            match self
-                .endpoint
-                .request("GET", &Self::path("execute"), "text/plain", b"")
-            {
-                Ok(response) if response.status == 200 => {
-                    match serde_json::from_slice::<Execute>(&response.body) {
-                        Ok(task) => return task,
-                        Err(error) => eprintln!("taskvm-agent: unreadable task: {error}"),
-                    }
-                }
-                Ok(response) if response.status == 204 => {
+            match self.ask_for_task() {
+                Asked::Task(task) => return task,
+                Asked::AgainNow => {
                     delay = FIRST_RETRY;
                     continue;
                 }
-                Ok(_) | Err(_) => {}
+                Asked::CutOff => {
+                    let line = protocol::marker::CUT_OFF;
+                    crate::markers::marker(
+                        line.strip_prefix(protocol::marker::PREFIX).unwrap_or(line),
+                    );
+                }
+                Asked::Unreachable => {}
             }
             sleep(delay);
             delay = (delay * 2).min(MAX_RETRY);
+        }
+    }
+
+    /// One `GET execute`.
+    fn ask_for_task(&self) -> Asked {
+        let Ok(stream) = self.endpoint.start(
+            "GET",
+            &Self::path("execute"),
+            &[("Content-Type", "text/plain"), ("Content-Length", "0")],
+        ) else {
+            return Asked::Unreachable;
+        };
+        if stream.set_read_timeout(Some(LONG_POLL_BOUND)).is_err() {
+            return Asked::Unreachable;
+        }
+        match Response::read(stream) {
+            Ok(response) if response.status == 200 => {
+                match serde_json::from_slice::<Execute>(&response.body) {
+                    Ok(task) => Asked::Task(task),
+                    Err(error) => {
+                        eprintln!("taskvm-agent: unreadable task: {error}");
+                        Asked::Unreachable
+                    }
+                }
+            }
+            Ok(response) if response.status == 204 => Asked::AgainNow,
+            Ok(_) => Asked::Unreachable,
+            Err(_) => Asked::CutOff,
         }
     }
 

@@ -145,7 +145,8 @@ pub struct Response {
 }
 
 impl Response {
-    fn read(stream: TcpStream) -> io::Result<Self> {
+    /// Reads the response to a request sent on `stream`.
+    pub(crate) fn read(stream: TcpStream) -> io::Result<Self> {
         let mut reader = BufReader::new(stream);
         let mut status_line = String::new();
         reader.read_line(&mut status_line)?;

@@ -16,7 +16,6 @@
 //!   sized for the commands outside a task.
 //! - [`log`]: the task log.
 //! - [`artifacts`]: copying files and directories out of the guest.
-//! - [`snapshots`]: the store of booted images' snapshots, for fast starts.
 //! - [`pool`]: paused restored VMs kept ready for the most used image.
 //! - [`capacity`]: the host's memory and CPUs, shared out among running tasks.
 //! - [`build`]: `taskvm image build`, a VM whose disk becomes a new image; [`warm`]: an image's
@@ -34,7 +33,6 @@ pub mod log;
 pub mod payload_run;
 pub mod pool;
 pub mod resolution;
-pub mod snapshots;
 pub mod task;
 pub mod warm;
 

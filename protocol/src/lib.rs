@@ -46,6 +46,10 @@ pub mod marker {
     pub const PREFIX: &str = "taskvm-agent: ";
     /// The agent is up and asks for its task: the moment a snapshot is taken.
     pub const READY: &str = "taskvm-agent: ready";
+    /// A request for the task was cut off after it reached the metadata service (the
+    /// service stopped under it): the agent holds no open request now and asks again. A
+    /// snapshot is taken only after this line when the engine closed a request.
+    pub const CUT_OFF: &str = "taskvm-agent: the metadata service closed the request; asking again";
 }
 
 /// The `Content-Type` of replies to actions (and of the agent's other requests).

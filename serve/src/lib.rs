@@ -39,13 +39,6 @@ use self::store::{Store, StoreError};
 use lifecycle::capacity::{Capacity, Resources};
 use lifecycle::host::Host;
 
-/// Writes one line of the server's own to stderr, `taskvm serve: LINE`. Never panics: a
-/// closed stderr (a supervisor gone) must not take the server and its VMs down.
-pub fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "taskvm serve: {line}");
-}
-
 /// Largest request body: a payload is a few KiB.
 pub const BODY_LIMIT: usize = 1 << 20;
 

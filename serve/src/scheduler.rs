@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use tracing::Instrument;
 
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
@@ -173,12 +174,17 @@ impl Scheduler {
                     match self.claim() {
                         Ok(Some((claimed, stop, live))) => {
                             let scheduler = self.clone();
-                            tasks
-                                .spawn(async move { scheduler.execute(claimed, stop, live).await });
+                            let span = tracing::info_span!(
+                                "task",
+                                task_id = %claimed.task_id,
+                                run_id = claimed.run_id
+                            );
+                            let run = scheduler.execute(claimed, stop, live);
+                            tasks.spawn(run.instrument(span));
                         }
                         Ok(None) => break,
                         Err(error) => {
-                            super::say(&format!("cannot take the next task: {error}"));
+                            tracing::info!("cannot take the next task: {error}");
                             break;
                         }
                     }
@@ -229,7 +235,7 @@ impl Scheduler {
         let Claimed {
             task_id, run_id, ..
         } = &claimed;
-        super::say(&format!("task {task_id} run {run_id} started"));
+        tracing::info!("task {task_id} run {run_id} started");
         let dir = self.run_dir(task_id, *run_id);
         let run = PayloadRun {
             payload: PayloadDocument::Text(claimed.payload.clone()),
@@ -251,15 +257,13 @@ impl Scheduler {
             artifacts: artifact_files(&dir, &outcome),
         };
         if let Err(error) = self.store.finish(task_id, *run_id, &finished) {
-            super::say(&format!(
-                "task {task_id} run {run_id} could not be recorded: {error}"
-            ));
+            tracing::info!("task {task_id} run {run_id} could not be recorded: {error}");
         }
         self.lock_running().remove(task_id);
-        super::say(&format!(
+        tracing::info!(
             "task {task_id} run {run_id} resolved {}",
             finished.ending.resolution
-        ));
+        );
         self.wake();
     }
 

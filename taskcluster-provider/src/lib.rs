@@ -18,6 +18,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use taskcluster::Credentials;
 use tokio::sync::watch;
@@ -51,12 +52,6 @@ pub struct WorkerOptions {
     pub shutdown_grace: Duration,
 }
 
-/// Writes one line of the worker's own to stderr; never panics.
-pub fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "taskvm worker: {line}");
-}
-
 /// Claims and runs tasks until `shutdown` completes; then stops claiming, lets running tasks
 /// finish within the grace and resolves the rest `exception/worker-shutdown`. An error means
 /// the worker cannot work at all (its credentials are refused).
@@ -71,11 +66,9 @@ pub async fn run_worker(
     if runs_dir.exists() {
         let left = std::fs::read_dir(&runs_dir).map_or(0, |entries| entries.count());
         if let Err(error) = std::fs::remove_dir_all(&runs_dir) {
-            say(&format!("cannot remove {}: {error}", runs_dir.display()));
+            tracing::info!("cannot remove {}: {error}", runs_dir.display());
         } else if left > 0 {
-            say(&format!(
-                "removed {left} run director(y/ies) a previous worker left"
-            ));
+            tracing::info!("removed {left} run director(y/ies) a previous worker left");
         }
     }
     let capacity = Capacity::new(options.resources);
@@ -92,10 +85,13 @@ pub async fn run_worker(
     let mut running = JoinSet::new();
     let mut backoff = Duration::from_secs(1);
     let mut fatal = None;
-    say(&format!(
+    tracing::info!(
         "claiming from {} as {}/{} (capacity {})",
-        options.task_queue_id, options.worker_group, options.worker_id, options.capacity
-    ));
+        options.task_queue_id,
+        options.worker_group,
+        options.worker_id,
+        options.capacity
+    );
     while !*shutdown_seen.borrow() {
         while running.try_join_next().is_some() {}
         let free = options.capacity.saturating_sub(running.len());
@@ -117,31 +113,31 @@ pub async fn run_worker(
                 for entry in entries {
                     match Claim::parse(&entry) {
                         Ok(claim) => {
-                            say(&format!(
-                                "claimed task {} run {}",
-                                claim.task_id, claim.run_id
-                            ));
+                            tracing::info!("claimed task {} run {}", claim.task_id, claim.run_id);
                             let run = ClaimedRun {
                                 host: host.clone(),
                                 options: options.clone(),
                                 capacity: capacity.clone(),
                                 stop: stop_signal.clone(),
                             };
-                            running.spawn(run.execute(claim));
+                            let span = tracing::info_span!(
+                                "task",
+                                task_id = %claim.task_id,
+                                run_id = claim.run_id
+                            );
+                            running.spawn(run.execute(claim).instrument(span));
                         }
-                        Err(error) => say(&format!("a claim could not be read: {error}")),
+                        Err(error) => tracing::info!("a claim could not be read: {error}"),
                     }
                 }
             }
             Err(error) if matches!(error.status, Some(401 | 403)) => {
-                say(&format!(
-                    "{error}; stopping (check the credentials and scopes)"
-                ));
+                tracing::info!("{error}; stopping (check the credentials and scopes)");
                 fatal = Some(error);
                 break;
             }
             Err(error) => {
-                say(&format!("{error}; trying again in {} s", backoff.as_secs()));
+                tracing::info!("{error}; trying again in {} s", backoff.as_secs());
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     _ = shutdown_seen.changed() => {}
@@ -151,11 +147,11 @@ pub async fn run_worker(
         }
     }
     if !running.is_empty() {
-        say(&format!(
+        tracing::info!(
             "stopping: {} task(s) running get {} s to finish",
             running.len(),
             options.shutdown_grace.as_secs()
-        ));
+        );
         let finished = tokio::time::timeout(options.shutdown_grace, async {
             while running.join_next().await.is_some() {}
         })
@@ -223,10 +219,10 @@ impl ClaimedRun {
         relay.abort();
         let lost = *stop_signal.borrow() == Some(ExceptionReason::Canceled);
         if lost {
-            say(&format!(
+            tracing::info!(
                 "task {task_id} run {run_id}: the claim was lost (canceled or expired); the VM \
                  was killed and the task is left alone"
-            ));
+            );
         } else {
             self.resolve(&claim, &dir, &outcome, &credentials).await;
         }
@@ -276,7 +272,7 @@ impl ClaimedRun {
         {
             Ok(queue) => queue,
             Err(error) => {
-                say(&format!("task {task_id} run {run_id}: {error}"));
+                tracing::info!("task {task_id} run {run_id}: {error}");
                 return;
             }
         };
@@ -285,19 +281,15 @@ impl ClaimedRun {
             let artifacts = artifacts_to_publish(claim, dir, outcome);
             let uploaded = publish(&queue, task_id, run_id, &expires, &artifacts).await;
             for (name, error) in &uploaded.failed {
-                say(&format!(
-                    "task {task_id} run {run_id}: artifact {name}: {error}"
-                ));
+                tracing::info!("task {task_id} run {run_id}: artifact {name}: {error}");
             }
         }
         let reported = report(&queue, task_id, run_id, report_for(resolution)).await;
         match reported {
-            Ok(()) => say(&format!(
-                "task {task_id} run {run_id} resolved {resolution}"
-            )),
-            Err(error) => say(&format!(
+            Ok(()) => tracing::info!("task {task_id} run {run_id} resolved {resolution}"),
+            Err(error) => tracing::info!(
                 "task {task_id} run {run_id} ended {resolution} but could not be resolved: {error}"
-            )),
+            ),
         }
     }
 }

@@ -10,6 +10,10 @@ use super::format::Snapshot;
 use super::AGENT_READY;
 use crate::session::{GuestSession, SessionConfig};
 use crate::vm::{VirtualMachine, VmError, VmSettings};
+use schemas::protocol::marker::CUT_OFF;
+
+/// How long the guest may take to notice that the metadata service stopped under its request.
+const CUT_OFF_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Boots a VM of `machine` on `lease` (with `settings`, which must give it a network), waits
 /// until its agent is up — no task is ever set, so it holds no task data — and saves it into
@@ -31,14 +35,31 @@ pub async fn build(
         )));
     }
     // Let its first request arrive, then close the service under it: the agent is then in
-    // its retry loop, with no request open, and finds the restored VM's service at once.
+    // its retry loop, with no request open, and finds the restored VM's service at once. A
+    // request the stop cut off is left only when the guest has read that its connection
+    // closed, which it says on the console; until then the close may still be in flight
+    // (on the host's side of the tap) and would be lost in the saved state, leaving the
+    // restored agent waiting on a connection that no longer exists.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    match vm.network_mut() {
-        Some(network) => network.stop_service(),
+    let cut_off_before = vm.serial_output().matches(CUT_OFF).count();
+    let cut_off = match vm.network_mut() {
+        Some(network) => network.stop_service().await,
         None => {
             return Err(VmError::Snapshot(
                 "a snapshot needs the VM's own network".into(),
             ))
+        }
+    };
+    if cut_off > 0 {
+        let deadline = tokio::time::Instant::now() + CUT_OFF_TIMEOUT;
+        while vm.serial_output().matches(CUT_OFF).count() == cut_off_before {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VmError::Snapshot(format!(
+                    "the guest's agent did not leave the request the snapshot cut off within {} s",
+                    CUT_OFF_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -15,12 +15,14 @@
 //! - [`format`]: the files of a snapshot directory ([`Snapshot`]).
 //! - [`save`]: a paused VM saved into one ([`VirtualMachine::snapshot`]).
 //! - [`build`]: an image's snapshot made from a fresh boot ([`build()`]).
+//! - [`store`]: one snapshot per key under the state directory, built once and shared.
 //!
 //! Restoring is a start of its own ([`VirtualMachine::restore`], in [`crate::launch`]).
 
 pub mod build;
 pub mod format;
 mod save;
+pub mod store;
 
 pub use build::build;
 pub use format::Snapshot;

@@ -30,6 +30,7 @@ use image_manager::Lease;
 use schemas::protocol::Execute;
 use schemas::{limit_violation, resolve_machine, MachineLayers, Payload, ResolvedMachine};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use self::exits::describe_exit;
 use self::finish::{has_display, save_consoles, shut_down, take_screenshot};
@@ -100,7 +101,8 @@ pub async fn run_task(
         log: log.clone(),
         stop,
     };
-    let (ending, artifacts) = match run.steps(host, &request).await {
+    let span = tracing::info_span!("vm", name = %request.name);
+    let (ending, artifacts) = match run.steps(host, &request).instrument(span).await {
         Ok(ended) => ended,
         Err(early) => (early, Vec::new()),
     };
@@ -285,7 +287,7 @@ impl Run {
             }
             Err(error) => return Err(Ending::internal(format!("the VM did not start: {error}"))),
         };
-        self.log.note(&format!(
+        let vm_line = format!(
             "VM {}: {} MiB, {} vCPU(s), {}",
             request.name,
             machine.memory_mib(),
@@ -294,7 +296,9 @@ impl Run {
                 engine::Accelerator::Kvm => "KVM",
                 engine::Accelerator::Tcg => "TCG",
             }
-        ));
+        );
+        tracing::debug!(start = self.timings.start, "{vm_line}");
+        self.log.note(&vm_line);
         vm.set_http_handler(session.handler());
         let forward = tokio::spawn(async move {
             while let Some(chunk) = guest_log.recv().await {

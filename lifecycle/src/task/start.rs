@@ -76,7 +76,7 @@ impl Run {
                 if let Ok((_, FetchKind::Downloaded)) = &fetched {
                     match host.cache.gc_configured() {
                         Ok(report) if !report.removed.is_empty() => {
-                            host.snapshots.sweep();
+                            host.vms.snapshots.sweep();
                         }
                         Ok(_) => {}
                         Err(error) => {
@@ -144,7 +144,7 @@ impl Run {
                 }
             }
         }
-        if mode == StartMode::Auto && host.snapshots.is_unusable(&key) {
+        if mode == StartMode::Auto && host.vms.snapshots.is_unusable(&key) {
             self.timings.start = "boot";
             return VirtualMachine::start(lease, machine, settings).await;
         }
@@ -154,7 +154,7 @@ impl Run {
             Err(error) => {
                 let reason = format!("no snapshot could be made ({error})");
                 if mode == StartMode::Auto {
-                    host.snapshots.mark_unusable(&key, &reason);
+                    host.vms.snapshots.mark_unusable(&key, &reason);
                 }
                 self.log.note(&format!("{reason}; booting instead"));
                 self.timings.start = "boot";
@@ -188,7 +188,7 @@ impl Run {
                     "snapshot {} did not restore ({error}); discarded, booting instead",
                     &key[..12]
                 ));
-                host.snapshots.discard(&key);
+                host.vms.snapshots.discard(&key);
                 self.timings.start = "boot";
                 VirtualMachine::start(fresh_lease()?, machine, settings).await
             }

@@ -64,7 +64,7 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        super::say(&error.to_string());
+        tracing::info!("{}", error.to_string());
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
     }
 }

@@ -11,9 +11,9 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use engine::network::NetworkSettings;
-use engine::snapshot::Snapshot;
-use engine::{Accelerator, VmError};
+use super::format::Snapshot;
+use crate::network::NetworkSettings;
+use crate::{Accelerator, VmError};
 use image_manager::Lease;
 use schemas::ResolvedMachine;
 use sha2::{Digest, Sha256};
@@ -75,7 +75,7 @@ impl SnapshotStore {
     /// `qemu --version`, asked once.
     fn qemu_version(&self) -> &str {
         self.qemu_version
-            .get_or_init(|| engine::process::qemu_version(&self.qemu))
+            .get_or_init(|| crate::process::qemu_version(&self.qemu))
     }
 
     /// The snapshot of `key`, built with `build` (given the directory to create) when there

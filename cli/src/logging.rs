@@ -31,8 +31,15 @@ pub enum LogFormat {
 pub fn init(format: LogFormat, prefix: &'static str) {
     // Only taskvm's own crates speak here: a dependency's events are not the user's business.
     let ours = Targets::new().with_targets(
-        ["taskvm", "lifecycle", "serve", "taskcluster_provider", "engine", "image_manager"]
-            .map(|target| (target, LevelFilter::INFO)),
+        [
+            "taskvm",
+            "lifecycle",
+            "serve",
+            "taskcluster_provider",
+            "engine",
+            "image_manager",
+        ]
+        .map(|target| (target, LevelFilter::INFO)),
     );
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

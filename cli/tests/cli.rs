@@ -1,14 +1,10 @@
 //! The `taskvm` binary as a user runs it: output and exit codes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn taskvm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_taskvm"))
-        .args(args)
-        .output()
-        .expect("run taskvm")
-}
+mod common;
+use common::taskvm;
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()

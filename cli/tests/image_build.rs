@@ -8,12 +8,10 @@ use std::process::{Command, Output};
 
 use testkit::guest::minimal_image;
 use testkit::images::sha256_file;
+use testkit::process::root_scratch;
 
-fn taskvm(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_taskvm"));
-    command.args(args);
-    command
-}
+mod common;
+use common::taskvm_command as taskvm;
 
 struct Scene {
     dir: tempfile::TempDir,
@@ -21,13 +19,9 @@ struct Scene {
 
 impl Scene {
     fn new() -> Scene {
-        assert!(
-            rustix::process::geteuid().is_root(),
-            "builds boot VMs: tests need root"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        Scene { dir }
+        Scene {
+            dir: root_scratch("builds boot VMs: tests need root"),
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {

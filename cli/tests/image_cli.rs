@@ -8,12 +8,8 @@ use std::time::{Duration, Instant};
 use testkit::http::{Behaviour, Server};
 use testkit::images::{image, incompressible_image, machine_json, valid_image, Entry};
 
-fn taskvm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_taskvm"))
-        .args(args)
-        .output()
-        .expect("run taskvm")
-}
+mod common;
+use common::{taskvm, taskvm_command};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -265,7 +261,7 @@ fn kill_9_mid_fetch_then_a_new_fetch_leaves_a_valid_cache() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let url = server.url("/big");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+    let mut child = taskvm_command(&[])
         .args(["image", "fetch", &url, "--cache", cache.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

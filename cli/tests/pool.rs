@@ -1,7 +1,6 @@
 //! The warm pool through the lifecycle library, in one process as a long-running worker uses
 //! it (root only: real VMs under TCG on their own networks).
 
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,9 +59,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_warm_pool_hands_out_paused_vms_that_cost_no_cpu_while_they_wait() {
-    assert!(rustix::process::geteuid().is_root(), "VMs need root");
-    let scratch = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let scratch = testkit::process::root_scratch("VMs need root");
     let config = WorkerConfig {
         cache: CacheConfig {
             dir: scratch.path().join("cache"),

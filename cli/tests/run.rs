@@ -8,9 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::taskvm_command;
+
 use testkit::guest::{display_image, minimal_image};
 use testkit::http::{Behaviour, Server};
 use testkit::images::{image, valid_entries, Entry};
+use testkit::process::{root_scratch, shared_cache};
 
 /// A test's own directories: state (VM records, runtime dirs) and artifacts. The image cache
 /// is shared by all tests of a run, as a worker's would be.
@@ -20,14 +24,11 @@ struct Scene {
 
 impl Scene {
     fn new() -> Scene {
-        assert!(
-            rustix::process::geteuid().is_root(),
-            "taskvm run needs root (network namespaces, taps, the sandbox user)"
-        );
-        let scratch = tempfile::tempdir().unwrap();
-        // QEMU runs as `nobody` and must pass through to its runtime directory.
-        std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        Scene { scratch }
+        Scene {
+            scratch: root_scratch(
+                "taskvm run needs root (network namespaces, taps, the sandbox user)",
+            ),
+        }
     }
 
     fn state(&self) -> PathBuf {
@@ -51,7 +52,7 @@ impl Scene {
     }
 
     fn command(&self, payload: &Path, artifacts: &str, cache: &Path) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_taskvm"));
+        let mut command = taskvm_command(&[]);
         command
             .arg("run")
             .arg(payload)
@@ -233,11 +234,6 @@ fn with_test_images(payload: &str) -> String {
     )
 }
 
-/// One cache for every test of the run (fetches are single-flight across processes).
-fn shared_cache() -> PathBuf {
-    std::env::temp_dir().join("taskvm-test-cache")
-}
-
 fn processes_mentioning(text: &str) -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -300,7 +296,7 @@ fn hello_prints_what_the_guest_sees_and_completes() {
 fn relative_directories_work_like_absolute_ones() {
     let scene = Scene::new();
     scene.example("hello"); // writes hello.json into the scene
-    let output = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+    let output = taskvm_command(&[])
         .current_dir(scene.scratch.path())
         .args(["run", "hello.json", "--cache", "cache", "--state", "state"])
         .args(["--artifacts", "out", "--accel", "tcg"])
@@ -788,7 +784,7 @@ fn auto_never_probes_kvm_with_the_tasks_kernel() {
         eprintln!("this host has its own kernel to probe with, or no KVM: nothing to show here");
         return;
     }
-    let output = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+    let output = taskvm_command(&[])
         .arg("run")
         .arg(scene.example("hello"))
         .arg("--cache")
@@ -1017,7 +1013,7 @@ fn concurrent_first_tasks_make_one_snapshot() {
 fn image_warm_makes_the_snapshot_ahead_and_gc_removes_it_with_its_image() {
     let scene = Scene::new();
     let cache = scene.scratch.path().join("private-cache");
-    let warm = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+    let warm = taskvm_command(&[])
         .args(["image", "warm"])
         .arg(minimal_image())
         .arg("--cache")
@@ -1043,7 +1039,7 @@ fn image_warm_makes_the_snapshot_ahead_and_gc_removes_it_with_its_image() {
     assert!(!run.log.contains("made for this image"), "{}", run.log);
     assert!(run.log.contains("(start snapshot, "), "{}", run.log);
 
-    let gc = Command::new(env!("CARGO_BIN_EXE_taskvm"))
+    let gc = taskvm_command(&[])
         .args([
             "image",
             "gc",

@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::taskvm_command;
+
 use serde_json::{json, Value};
 use testkit::guest::{config_allowing_test_images, display_image, minimal_image};
-use testkit::process::{file_url, qemu_processes_under, root_scratch, Spawned};
+use testkit::process::{file_url, qemu_processes_under, root_scratch, shared_cache, Spawned};
 
 /// A `taskvm serve` on 127.0.0.1 with its own state directory.
 struct Server {
@@ -25,10 +28,6 @@ fn scratch() -> tempfile::TempDir {
     )
 }
 
-fn shared_cache() -> PathBuf {
-    std::env::temp_dir().join("taskvm-test-cache")
-}
-
 impl Server {
     fn start(state: &Path, extra: &[&str]) -> Server {
         Server::start_configured(state, &config_allowing_test_images(""), extra)
@@ -41,7 +40,7 @@ impl Server {
         let path = path.to_string_lossy().into_owned();
         let mut args = vec!["--config", path.as_str()];
         args.extend_from_slice(extra);
-        Server::start_with(Command::new(env!("CARGO_BIN_EXE_taskvm")), state, &args)
+        Server::start_with(taskvm_command(&[]), state, &args)
     }
 
     fn start_with(mut command: Command, state: &Path, extra: &[&str]) -> Server {
@@ -223,7 +222,7 @@ fn write_payload(dir: &Path, name: &str, payload: &Value) -> PathBuf {
 }
 
 fn submit_cli(server: &Server, payload: &Path, follow: bool) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_taskvm"));
+    let mut command = taskvm_command(&[]);
     command
         .arg("submit")
         .arg(payload)
@@ -881,7 +880,7 @@ fn log_format_json_writes_one_object_per_line_with_the_task_span() {
     let state = dir.path().join("state");
     let config = state.with_extension("json");
     std::fs::write(&config, config_allowing_test_images("")).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_taskvm"));
+    let mut command = taskvm_command(&[]);
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--accel", "tcg"])
         .args(["--start", "boot", "--log-format", "json", "--config"])

@@ -4,13 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
+
+mod common;
+use common::taskvm_command;
 
 use serde_json::{json, Value};
 use taskcluster::{ClientBuilder, Credentials, Queue};
 use testkit::guest::{display_image, minimal_image};
-use testkit::process::{file_url, qemu_processes_under, root_scratch, Spawned};
+use testkit::process::{file_url, qemu_processes_under, root_scratch, shared_cache, Spawned};
 
 /// The deployment `tc-local up` started: its env file, or the variables already set.
 struct Deployment {
@@ -158,7 +160,7 @@ impl Worker {
             testkit::guest::config_allowing_test_images(r#""start": "boot""#),
         )
         .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_taskvm"));
+        let mut command = taskvm_command(&[]);
         command
             .arg("worker")
             .args(["--task-queue-id", task_queue_id, "--worker-group", "local"])
@@ -168,7 +170,7 @@ impl Worker {
             .arg("--state")
             .arg(state)
             .arg("--cache")
-            .arg(std::env::temp_dir().join("taskvm-test-cache"))
+            .arg(shared_cache())
             .args(extra)
             .env("TASKCLUSTER_ROOT_URL", &deployment.root_url)
             .env(

@@ -96,6 +96,11 @@ impl MetadataService {
         })
     }
 
+    /// Connections accepted and not yet served to their end (a long poll is one).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
     /// Stops the service for good and returns how many connections it cut off (accepted and
     /// not served to their end): their peers learn of it only when they next read.
     pub async fn stop(mut self) -> usize {

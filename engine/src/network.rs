@@ -165,6 +165,13 @@ impl VmNetwork {
         }
     }
 
+    /// Requests open at the metadata service now (0 once it is stopped).
+    pub fn open_requests(&self) -> usize {
+        self.service
+            .as_ref()
+            .map_or(0, MetadataService::open_connections)
+    }
+
     /// Stops the metadata service for good: its connections close and new ones are refused,
     /// so the agent goes to its retry loop (no request open) — the state to snapshot a VM in.
     /// Returns how many open requests were cut off: the guest has left them only once it

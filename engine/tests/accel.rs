@@ -3,62 +3,39 @@
 //! and probe kernel. The test image's kernel stands for the host's trusted probe kernel.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use engine::accel::{decide, probe_boot, Decision, ProbeOutcome, ProbeSpec};
-use engine::jail::JailSettings;
-use engine::process::lookup_user;
 use engine::Accelerator;
-use image_manager::{Cache, ImageRequest, Lease};
-use schemas::config::{Accel, CacheConfig};
-use testkit::guest::{host_tsc_khz, minimal_image};
+use image_manager::Lease;
+use schemas::config::Accel;
 
-struct Fixture {
-    scratch: tempfile::TempDir,
-    _lease: Lease,
-    kernel: PathBuf,
+mod common;
+use common::Fixture;
+
+/// An engine fixture holding a lease on the minimal image, whose kernel the probe boots.
+struct Probe {
+    fixture: Fixture,
+    lease: Lease,
 }
 
-impl Fixture {
-    fn new() -> Fixture {
-        let scratch = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let cache = Cache::open(CacheConfig {
-            dir: scratch.path().join("cache"),
-            ..CacheConfig::default()
-        })
-        .unwrap();
-        let request = ImageRequest::parse(minimal_image().to_str().unwrap(), None).unwrap();
-        let lease = cache.fetch(&request, &|_| {}).unwrap().0;
-        let kernel = lease
-            .kernel_path()
-            .expect("the minimal image boots a kernel");
-        Fixture {
-            scratch,
-            _lease: lease,
-            kernel,
-        }
+impl Probe {
+    fn new() -> Probe {
+        let fixture = Fixture::new();
+        let lease = fixture.lease();
+        Probe { fixture, lease }
     }
 
     fn spec(&self, watchdog: Duration) -> ProbeSpec {
-        ProbeSpec {
-            qemu: "qemu-system-x86_64".into(),
-            kernel: self.kernel.clone(),
-            jail: rustix::process::geteuid()
-                .is_root()
-                .then(JailSettings::default),
-            run_as: rustix::process::geteuid()
-                .is_root()
-                .then(|| lookup_user("nobody").unwrap()),
-            scratch: self.scratch.path().join("probe"),
-            tsc_khz: host_tsc_khz(),
-            watchdog,
-        }
+        self.fixture.probe_spec(&self.lease, watchdog)
+    }
+
+    fn scratch(&self) -> &std::path::Path {
+        self.fixture.scratch.path()
     }
 
     fn probe_dir_is_empty(&self) -> bool {
-        std::fs::read_dir(self.scratch.path().join("probe"))
+        std::fs::read_dir(self.scratch().join("probe"))
             .map(|entries| entries.count() == 0)
             .unwrap_or(true)
     }
@@ -66,7 +43,7 @@ impl Fixture {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_probe_guest_boots_under_tcg() {
-    let fixture = Fixture::new();
+    let fixture = Probe::new();
     let outcome = probe_boot(Accelerator::Tcg, &fixture.spec(Duration::from_secs(60))).await;
     assert!(
         matches!(outcome, ProbeOutcome::Booted { .. }),
@@ -77,7 +54,7 @@ async fn the_probe_guest_boots_under_tcg() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_watchdog_calls_a_guest_that_does_not_come_up_in_time_hung() {
-    let fixture = Fixture::new();
+    let fixture = Probe::new();
     // Under TCG the kernel needs about a second; 200 ms is a hang by this watchdog.
     let outcome = probe_boot(Accelerator::Tcg, &fixture.spec(Duration::from_millis(200))).await;
     assert_eq!(outcome, ProbeOutcome::Hung);
@@ -89,9 +66,9 @@ async fn the_watchdog_calls_a_guest_that_does_not_come_up_in_time_hung() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_qemu_that_cannot_run_the_probe_is_a_failure_with_its_reason() {
-    let fixture = Fixture::new();
+    let fixture = Probe::new();
     let mut spec = fixture.spec(Duration::from_secs(30));
-    spec.kernel = fixture.scratch.path().join("no-such-kernel");
+    spec.kernel = fixture.scratch().join("no-such-kernel");
     let outcome = probe_boot(Accelerator::Tcg, &spec).await;
     match outcome {
         ProbeOutcome::Failed { reason } => assert!(reason.contains("no-such-kernel"), "{reason}"),
@@ -101,8 +78,8 @@ async fn a_qemu_that_cannot_run_the_probe_is_a_failure_with_its_reason() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn auto_probes_once_per_host_and_reuses_the_cached_verdict() {
-    let fixture = Fixture::new();
-    let cache = fixture.scratch.path().join("state/accel.json");
+    let fixture = Probe::new();
+    let cache = fixture.scratch().join("state/accel.json");
     let spec = fixture.spec(Duration::from_secs(10));
     let first = decide(Accel::Auto, &cache, Some(&spec)).await;
     if first.accelerator == Accelerator::Tcg {
@@ -136,8 +113,8 @@ async fn auto_probes_once_per_host_and_reuses_the_cached_verdict() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn forced_choices_never_probe() {
-    let fixture = Fixture::new();
-    let cache = fixture.scratch.path().join("state/accel.json");
+    let fixture = Probe::new();
+    let cache = fixture.scratch().join("state/accel.json");
     for (choice, accelerator) in [
         (Accel::Kvm, Accelerator::Kvm),
         (Accel::Tcg, Accelerator::Tcg),
@@ -158,8 +135,8 @@ async fn forced_choices_never_probe() {
 /// behind a link, not one made with another kernel (e.g. a task's, as earlier versions did).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_verdict_that_could_have_been_poisoned_is_not_believed() {
-    let fixture = Fixture::new();
-    let state = fixture.scratch.path().join("state");
+    let fixture = Probe::new();
+    let state = fixture.scratch().join("state");
     let cache = state.join("accel.json");
     let spec = fixture.spec(Duration::from_secs(10));
     decide(Accel::Auto, &cache, Some(&spec)).await;

@@ -13,7 +13,7 @@ use common::Fixture;
 use engine::drives::{BootSource, ExtraDrive, HostDisk, HostFiles};
 use engine::mutable::MutableImage;
 use engine::ExitKind;
-use schemas::{migrate_machine_definition, resolve_machine, MachineLayers, MachineLimits};
+use schemas::migrate_machine_definition;
 use testkit::guest::installer_iso;
 use testkit::images::sha256_file;
 
@@ -33,16 +33,7 @@ async fn an_installer_iso_fills_a_fresh_disk_that_packages_to_the_same_bytes_twi
         "network": "virtio-net-pci", "storage": "virtio-blk-pci", "graphics": "none"
     }))
     .unwrap();
-    let limits = MachineLimits {
-        max_memory: 1024,
-        max_cpus: 1,
-        default_threads: 1,
-    };
-    let layers = MachineLayers {
-        image: Some(&machine),
-        ..MachineLayers::default()
-    };
-    let resolved = resolve_machine(layers, &limits).unwrap();
+    let resolved = common::resolved_machine(&machine);
     let mut settings = fixture.settings("installer", engine::network::DEFAULT_GUEST_ADDRESS);
     settings.drives.push(ExtraDrive::installer_cdrom(&iso));
     let source = BootSource::Files(HostFiles {

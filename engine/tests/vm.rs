@@ -5,85 +5,16 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use engine::cgroup::{CgroupHost, CgroupLimits};
+use engine::cgroup::CgroupLimits;
 use engine::jail::JailSettings;
-use engine::process::lookup_user;
-use engine::{Accelerator, ExitKind, Netdev, VirtualMachine, VmSettings};
-use image_manager::{Cache, ImageRequest, Lease};
-use schemas::config::CacheConfig;
-use schemas::{resolve_machine, Machine, MachineLayers, MachineLimits, ResolvedMachine};
-use testkit::guest::{display_image, host_tsc_khz, minimal_image};
+use engine::{ExitKind, VirtualMachine};
+use testkit::guest::display_image;
 use testkit::images::sha256_file;
 
-const READY: &str = "taskvm-agent: ready";
+const READY: &str = schemas::protocol::marker::READY;
 
-/// A scratch directory the sandbox user can traverse, a cache in it, and the minimal image.
-struct Fixture {
-    scratch: tempfile::TempDir,
-    cache: Cache,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let scratch = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let cache = Cache::open(CacheConfig {
-            dir: scratch.path().join("cache"),
-            ..CacheConfig::default()
-        })
-        .unwrap();
-        Fixture { scratch, cache }
-    }
-
-    fn lease(&self) -> Lease {
-        self.lease_of(&minimal_image())
-    }
-
-    fn lease_of(&self, image: &Path) -> Lease {
-        let request = ImageRequest::parse(image.to_str().unwrap(), None).unwrap();
-        self.cache.fetch(&request, &|_| {}).unwrap().0
-    }
-
-    fn settings(&self, name: &str) -> VmSettings {
-        let root = rustix::process::geteuid().is_root();
-        VmSettings {
-            runtime_parent: self.scratch.path().join("run"),
-            name: name.to_owned(),
-            accelerator: Accelerator::Tcg,
-            jail: root.then(JailSettings::default),
-            run_as: root.then(|| lookup_user("nobody").unwrap()),
-            netdev: Netdev::RestrictedUser,
-            qemu: "qemu-system-x86_64".into(),
-            tsc_khz: host_tsc_khz(),
-            start_timeout: Duration::from_secs(10),
-            state_dir: Some(self.scratch.path().join("state")),
-            // As root on Linux the host must offer them; a failure here is a finding.
-            cgroups: root.then(|| CgroupHost::detect().unwrap()),
-            network: None,
-            drives: Vec::new(),
-            max_file_size: None,
-            max_console_size: None,
-        }
-    }
-}
-
-fn resolved(lease: &Lease, tweak: impl FnOnce(&mut Machine)) -> ResolvedMachine {
-    let mut image = lease.machine().clone();
-    tweak(&mut image);
-    let limits = MachineLimits {
-        max_memory: 1024,
-        max_cpus: 1,
-        default_threads: 1,
-    };
-    resolve_machine(
-        MachineLayers {
-            image: Some(&image),
-            ..MachineLayers::default()
-        },
-        &limits,
-    )
-    .unwrap()
-}
+mod common;
+use common::{resolved_with, Fixture};
 
 fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -95,8 +26,8 @@ async fn boots_sandboxed_to_the_agent_and_leaves_nothing_behind() {
     let lease = fixture.lease();
     let base = lease.disk_path();
     let base_digest = sha256_file(&base);
-    let machine = resolved(&lease, |_| {});
-    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings("boot"))
+    let machine = resolved_with(&lease, |_| {});
+    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings_without_network("boot"))
         .await
         .unwrap();
     assert!(
@@ -207,8 +138,8 @@ async fn boots_sandboxed_to_the_agent_and_leaves_nothing_behind() {
 async fn dropping_a_booting_vm_kills_it_and_removes_its_files() {
     let fixture = Fixture::new();
     let lease = fixture.lease();
-    let machine = resolved(&lease, |_| {});
-    let vm = VirtualMachine::start(lease, &machine, &fixture.settings("drop"))
+    let machine = resolved_with(&lease, |_| {});
+    let vm = VirtualMachine::start(lease, &machine, &fixture.settings_without_network("drop"))
         .await
         .unwrap();
     let (pid, runtime) = (vm.pid(), vm.runtime_dir().to_path_buf());
@@ -238,8 +169,8 @@ async fn dropping_a_booting_vm_kills_it_and_removes_its_files() {
 async fn suspend_and_resume() {
     let fixture = Fixture::new();
     let lease = fixture.lease();
-    let machine = resolved(&lease, |_| {});
-    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings("pause"))
+    let machine = resolved_with(&lease, |_| {});
+    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings_without_network("pause"))
         .await
         .unwrap();
     assert!(vm.wait_for_serial(READY, Duration::from_secs(60)).await);
@@ -253,10 +184,11 @@ async fn suspend_and_resume() {
 async fn a_vnc_screenshot_equals_the_qmp_screendump_pixel_for_pixel() {
     let fixture = Fixture::new();
     let lease = fixture.lease_of(&display_image());
-    let machine = resolved(&lease, |_| {});
-    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings("screen"))
-        .await
-        .unwrap();
+    let machine = resolved_with(&lease, |_| {});
+    let mut vm =
+        VirtualMachine::start(lease, &machine, &fixture.settings_without_network("screen"))
+            .await
+            .unwrap();
     assert!(
         vm.wait_for_serial(READY, Duration::from_secs(90)).await,
         "serial:\n{}",
@@ -293,14 +225,14 @@ async fn a_guest_panic_is_reported_as_such() {
     let fixture = Fixture::new();
     let lease = fixture.lease();
     // No stage 1: the kernel cannot mount its root and panics.
-    let machine = resolved(&lease, |m| {
+    let machine = resolved_with(&lease, |m| {
         let boot = m.boot.as_mut().unwrap();
         boot.append = Some(format!(
             "{} rdinit=/nonexistent",
             boot.append.clone().unwrap_or_default()
         ));
     });
-    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings("panic"))
+    let mut vm = VirtualMachine::start(lease, &machine, &fixture.settings_without_network("panic"))
         .await
         .unwrap();
     let kind = tokio::time::timeout(Duration::from_secs(60), vm.wait())
@@ -313,8 +245,8 @@ async fn a_guest_panic_is_reported_as_such() {
 async fn a_qemu_that_cannot_start_reports_its_stderr_and_argv() {
     let fixture = Fixture::new();
     let lease = fixture.lease();
-    let machine = resolved(&lease, |m| m.memory = Some(1024));
-    let mut settings = fixture.settings("bad");
+    let machine = resolved_with(&lease, |m| m.memory = Some(1024));
+    let mut settings = fixture.settings_without_network("bad");
     settings.qemu = "/bin/false".into();
     let error = VirtualMachine::start(lease, &machine, &settings)
         .await
@@ -339,17 +271,10 @@ async fn owner_process_for_the_kill_9_test() {
     let Ok(scratch) = std::env::var("TASKVM_TEST_OWNER_DIR") else {
         return;
     };
-    let fixture = Fixture {
-        cache: Cache::open(CacheConfig {
-            dir: Path::new(&scratch).join("cache"),
-            ..CacheConfig::default()
-        })
-        .unwrap(),
-        scratch: tempfile::TempDir::new_in(&scratch).unwrap(),
-    };
+    let fixture = Fixture::within(Path::new(&scratch));
     let lease = fixture.lease();
-    let machine = resolved(&lease, |_| {});
-    let mut settings = fixture.settings("owned");
+    let machine = resolved_with(&lease, |_| {});
+    let mut settings = fixture.settings_without_network("owned");
     if let Some(jail) = settings.jail.as_mut() {
         *jail = owned_jail(Path::new(&scratch));
     }
@@ -413,12 +338,13 @@ async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
         // The one id of the range is the owner's VM's: no second VM gets it meanwhile.
         let fixture = Fixture::new();
         let lease = fixture.lease();
-        let mut settings = fixture.settings("second");
+        let mut settings = fixture.settings_without_network("second");
         settings.jail = Some(owned_jail(scratch.path()));
-        let error = VirtualMachine::start(lease, &resolved(&fixture.lease(), |_| {}), &settings)
-            .await
-            .err()
-            .expect("the range's only id is held");
+        let error =
+            VirtualMachine::start(lease, &resolved_with(&fixture.lease(), |_| {}), &settings)
+                .await
+                .err()
+                .expect("the range's only id is held");
         assert!(error.to_string().contains("sandbox.idRange"), "{error}");
     }
     owner.kill().unwrap(); // SIGKILL: no destructor runs
@@ -457,8 +383,8 @@ async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
         // The next VM gets the freed id and runs as it.
         let fixture = Fixture::new();
         let lease = fixture.lease();
-        let machine = resolved(&lease, |_| {});
-        let mut settings = fixture.settings("next");
+        let machine = resolved_with(&lease, |_| {});
+        let mut settings = fixture.settings_without_network("next");
         settings.jail = Some(owned_jail(scratch.path()));
         let vm = VirtualMachine::start(lease, &machine, &settings)
             .await
@@ -484,8 +410,8 @@ async fn weaker_isolation_keeps_the_vms_own_user_without_namespaces() {
     }
     let fixture = Fixture::new();
     let lease = fixture.lease();
-    let machine = resolved(&lease, |_| {});
-    let mut settings = fixture.settings("weak");
+    let machine = resolved_with(&lease, |_| {});
+    let mut settings = fixture.settings_without_network("weak");
     if let Some(jail) = settings.jail.as_mut() {
         jail.namespaces = false;
     }

@@ -115,6 +115,12 @@ pub fn root_scratch(why: &str) -> tempfile::TempDir {
     dir
 }
 
+/// The image cache every VM test of a run shares, as a worker's tasks would (fetches are
+/// single-flight across processes): `$TMPDIR/taskvm-test-cache`.
+pub fn shared_cache() -> PathBuf {
+    std::env::temp_dir().join("taskvm-test-cache")
+}
+
 /// `file://` and the canonical path.
 pub fn file_url(path: PathBuf) -> String {
     format!(

@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 
-/// Each workspace package and its normal (non-dev, non-build) dependencies.
-fn dependencies() -> BTreeMap<String, Vec<String>> {
+/// `cargo metadata` of the workspace's own packages.
+fn metadata() -> serde_json::Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = std::process::Command::new(cargo)
         .args([
@@ -25,8 +25,12 @@ fn dependencies() -> BTreeMap<String, Vec<String>> {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    metadata["packages"]
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Each workspace package and its normal (non-dev, non-build) dependencies.
+fn dependencies() -> BTreeMap<String, Vec<String>> {
+    metadata()["packages"]
         .as_array()
         .unwrap()
         .iter()
@@ -43,74 +47,30 @@ fn dependencies() -> BTreeMap<String, Vec<String>> {
         .collect()
 }
 
-/// The edges that must not exist: (package, dependencies it must not have).
-const FORBIDDEN: &[(&str, &[&str])] = &[
-    (
-        "taskvm-protocol",
-        &[
-            "taskvm-schemas",
-            "taskvm-untar",
-            "taskvm-image-manager",
-            "taskvm-engine",
-            "taskvm-lifecycle",
-            "taskvm-serve",
-            "taskvm-taskcluster",
-            "taskvm",
-            "tokio",
-        ],
-    ),
-    (
-        "taskvm-schemas",
-        &[
-            "taskvm-untar",
-            "taskvm-image-manager",
-            "taskvm-engine",
-            "taskvm-lifecycle",
-            "taskvm-serve",
-            "taskvm-taskcluster",
-            "taskvm",
-            "tokio",
-        ],
-    ),
-    (
-        "taskvm-guest-agent",
-        &[
-            "taskvm-schemas",
-            "taskvm-untar",
-            "taskvm-image-manager",
-            "taskvm-engine",
-            "taskvm-lifecycle",
-            "taskvm-serve",
-            "taskvm-taskcluster",
-            "taskvm",
-        ],
-    ),
-    (
-        "taskvm-image-manager",
-        &[
-            "taskvm-engine",
-            "taskvm-lifecycle",
-            "taskvm-serve",
-            "taskvm-taskcluster",
-            "taskvm",
-        ],
-    ),
-    (
-        "taskvm-engine",
-        &[
-            "taskvm-lifecycle",
-            "taskvm-serve",
-            "taskvm-taskcluster",
-            "taskvm",
-        ],
-    ),
-    (
-        "taskvm-lifecycle",
-        &["taskvm-serve", "taskvm-taskcluster", "taskvm"],
-    ),
-    ("taskvm-serve", &["taskvm-taskcluster", "taskvm"]),
-    ("taskvm-taskcluster", &["taskvm-serve", "taskvm"]),
+/// The workspace's layers, bottom up: a package may depend on packages of lower layers only
+/// (so never on its own layer's: the two providers stay apart). `tokio` stays out of the
+/// two lowest.
+const LAYERS: &[&[&str]] = &[
+    &["taskvm-protocol"],
+    &["taskvm-schemas"],
+    &["taskvm-untar"],
+    &["taskvm-image-manager"],
+    &["taskvm-engine"],
+    &["taskvm-lifecycle"],
+    &["taskvm-serve", "taskvm-taskcluster"],
+    &["taskvm"],
 ];
+
+/// Packages outside the layers, with the only packages of ours they may depend on.
+const APART: &[(&str, &[&str])] = &[
+    // A static binary inside guests: the guest <-> host contract and nothing of the host's.
+    ("taskvm-guest-agent", &["taskvm-protocol"]),
+];
+
+/// The layer of `package`, when it is one of the layered packages.
+fn layer_of(package: &str) -> Option<usize> {
+    LAYERS.iter().position(|layer| layer.contains(&package))
+}
 
 /// Crates that belong to one tier only: (crate, the packages that may depend on it).
 const CONFINED: &[(&str, &[&str])] = &[
@@ -126,22 +86,27 @@ const CONFINED: &[(&str, &[&str])] = &[
 #[test]
 fn the_dependency_graph_draws_the_architecture() {
     let graph = dependencies();
-    for name in [
-        "taskvm-lifecycle",
-        "taskvm-serve",
-        "taskvm-taskcluster",
-        "taskvm",
-    ] {
-        assert!(graph.contains_key(name), "no package {name}: {graph:?}");
+    let named = LAYERS.iter().flat_map(|layer| layer.iter());
+    for name in named.chain(APART.iter().map(|(name, _)| name)) {
+        assert!(graph.contains_key(*name), "no package {name}: {graph:?}");
     }
     let mut broken = Vec::new();
-    for (package, forbidden) in FORBIDDEN {
-        let dependencies = graph
-            .get(*package)
-            .unwrap_or_else(|| panic!("no {package}"));
-        for dependency in dependencies {
-            if forbidden.contains(&dependency.as_str()) {
-                broken.push(format!("{package} depends on {dependency}"));
+    for (package, dependencies) in &graph {
+        let ours = dependencies.iter().filter(|d| d.starts_with("taskvm"));
+        if let Some(level) = layer_of(package) {
+            for dependency in ours {
+                if layer_of(dependency).is_none_or(|other| other >= level) {
+                    broken.push(format!("{package} depends on {dependency}"));
+                }
+            }
+            if level < 2 && dependencies.iter().any(|d| d == "tokio") {
+                broken.push(format!("{package} depends on tokio"));
+            }
+        } else if let Some((_, allowed)) = APART.iter().find(|(name, _)| name == package) {
+            for dependency in ours {
+                if !allowed.contains(&dependency.as_str()) {
+                    broken.push(format!("{package} depends on {dependency}"));
+                }
             }
         }
     }
@@ -165,20 +130,7 @@ fn the_dependency_graph_draws_the_architecture() {
 
 /// Each workspace package's source directory (the directory of its lib or bin target).
 fn source_dirs() -> Vec<(String, std::path::PathBuf)> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = std::process::Command::new(cargo)
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--offline",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo metadata");
-    assert!(output.status.success());
-    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let metadata = metadata();
     let mut dirs = Vec::new();
     for package in metadata["packages"].as_array().unwrap() {
         for target in package["targets"].as_array().unwrap() {

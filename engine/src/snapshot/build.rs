@@ -12,6 +12,8 @@ use crate::session::{GuestSession, SessionConfig};
 use crate::vm::{VirtualMachine, VmError, VmSettings};
 use schemas::protocol::marker::CUT_OFF;
 
+/// How long the agent may take from ready to its first request.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the guest may take to notice that the metadata service stopped under its request.
 const CUT_OFF_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,15 +42,21 @@ pub async fn build(
     // closed, which it says on the console; until then the close may still be in flight
     // (on the host's side of the tap) and would be lost in the saved state, leaving the
     // restored agent waiting on a connection that no longer exists.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let Some(network) = vm.network_mut() else {
+        return Err(VmError::Snapshot(
+            "a snapshot needs the VM's own network".into(),
+        ));
+    };
+    // Its first request (the long poll for a task) is open at the service within a moment of
+    // ready; waiting for it makes every snapshot the same: saved after a request was cut off.
+    let deadline = tokio::time::Instant::now() + FIRST_REQUEST_TIMEOUT;
+    while network.open_requests() == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let cut_off_before = vm.serial_output().matches(CUT_OFF).count();
     let cut_off = match vm.network_mut() {
         Some(network) => network.stop_service().await,
-        None => {
-            return Err(VmError::Snapshot(
-                "a snapshot needs the VM's own network".into(),
-            ))
-        }
+        None => 0,
     };
     if cut_off > 0 {
         let deadline = tokio::time::Instant::now() + CUT_OFF_TIMEOUT;

@@ -1,6 +1,8 @@
-//! The test images booted for real under TCG. `minimal` with a metadata peer inside a network
-//! namespace of the test's own: the agent takes `echo hello`, streams it, reports and powers
-//! off when told to. `display`: the agent's banner is on the VGA screen, checked by pixel.
+//! The guest agent in the test images, booted for real under TCG by hand (the bare QEMU
+//! command line the benchmarks compare the engine with; no engine code involved). `minimal`
+//! with a metadata peer inside a network namespace of the test's own: the agent takes
+//! `echo hello`, streams it, reports and powers off when told to. `display`: the agent's
+//! banner is on the VGA screen, checked by pixel.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use lifecycle::exit::Outcome;
 use lifecycle::resolution::Resolution;
-use serde_json::Value;
+use serve::api::wire;
 
 /// Arguments of `taskvm submit`.
 #[derive(Debug, clap::Args)]
@@ -53,14 +53,7 @@ pub fn run(args: SubmitArgs) -> Outcome {
         Ok(created) => created,
         Err(failure) => return failure.report(),
     };
-    let Some(task_id) = created
-        .get("taskId")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-    else {
-        eprintln!("taskvm submit: the server answered without a task id: {created}");
-        return Outcome::Internal;
-    };
+    let task_id = created.task_id;
     if !args.follow {
         println!("{task_id}");
         eprintln!("taskvm submit: queued; {}/tasks/{task_id}", client.base);
@@ -85,7 +78,7 @@ pub fn run(args: SubmitArgs) -> Outcome {
 /// Why talking to the server failed.
 enum Failure {
     /// The server refused the payload (400): the violations it listed.
-    Refused(Value),
+    Refused(wire::Error),
     /// Anything else.
     Other(String),
 }
@@ -94,26 +87,10 @@ impl Failure {
     fn report(self) -> Outcome {
         match self {
             Failure::Refused(body) => {
-                let message = body
-                    .get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("refused");
-                eprintln!("taskvm submit: {message}");
-                for violation in body
-                    .get("violations")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let pointer = violation
-                        .get("pointer")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    let rule = violation.get("rule").and_then(Value::as_str).unwrap_or("");
-                    eprintln!(
-                        "  {}: {rule}",
-                        if pointer.is_empty() { "/" } else { pointer }
-                    );
+                eprintln!("taskvm submit: {}", body.error);
+                for wire::Violation { pointer, rule } in &body.violations {
+                    let pointer = if pointer.is_empty() { "/" } else { pointer };
+                    eprintln!("  {pointer}: {rule}");
                 }
                 Outcome::Malformed
             }
@@ -153,7 +130,7 @@ impl Client {
         }
     }
 
-    fn submit(&self, payload: Vec<u8>) -> Result<Value, Failure> {
+    fn submit(&self, payload: Vec<u8>) -> Result<wire::Created, Failure> {
         let response = self
             .request(reqwest::Method::POST, "/api/tasks")
             .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -161,13 +138,22 @@ impl Client {
             .send()
             .map_err(|error| Failure::Other(format!("cannot reach {}: {error}", self.base)))?;
         let status = response.status();
-        let body: Value = response.json().unwrap_or(Value::Null);
+        let body = response.bytes().unwrap_or_default();
+        let unreadable = |error: serde_json::Error| {
+            Failure::Other(format!(
+                "the server answered {status} with an unreadable body: {error}"
+            ))
+        };
         match status.as_u16() {
-            200..=299 => Ok(body),
-            400 => Err(Failure::Refused(body)),
+            200..=299 => serde_json::from_slice(&body).map_err(unreadable),
+            400 => Err(Failure::Refused(
+                serde_json::from_slice(&body).map_err(unreadable)?,
+            )),
             _ => Err(Failure::Other(format!(
                 "the server answered {status}: {}",
-                body.get("error").and_then(Value::as_str).unwrap_or("")
+                serde_json::from_slice::<wire::Error>(&body)
+                    .map(|error| error.error)
+                    .unwrap_or_default()
             ))),
         }
     }
@@ -223,17 +209,14 @@ impl Client {
     fn resolution(&self, task_id: &str) -> Result<Resolution, Failure> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let task: Value = self
+            let task: wire::Task = self
                 .request(reqwest::Method::GET, &format!("/api/tasks/{task_id}"))
                 .send()
                 .and_then(|response| response.error_for_status())
                 .and_then(|response| response.json())
                 .map_err(|error| Failure::Other(format!("the task's state: {error}")))?;
-            if let Some(text) = task.get("resolution").and_then(Value::as_str) {
-                let state = task.get("state").and_then(Value::as_str).unwrap_or("");
-                if !matches!(state, "queued" | "running") {
-                    return text.parse().map_err(Failure::Other);
-                }
+            if let Some(text) = task.resolution.filter(|_| task.state.is_resolved()) {
+                return text.parse().map_err(Failure::Other);
             }
             if Instant::now() > deadline {
                 return Err(Failure::Other("the task did not resolve".to_owned()));

@@ -1,5 +1,6 @@
-//! The OpenAPI 3.1 document of the API, with the task payload's JSON Schema (the one
-//! `taskvm schema payload` prints) as its request body.
+//! The OpenAPI 3.1 document of the API: the routes written here, every body's schema derived
+//! from its type — the task payload's JSON Schema (the one `taskvm schema payload` prints) as
+//! the request body, the answers' from [`crate::api::wire`].
 
 use schemas::DocumentKind;
 use serde_json::{json, Map, Value};
@@ -7,9 +8,12 @@ use serde_json::{json, Map, Value};
 /// The whole document.
 pub fn document() -> Value {
     let mut components = Map::new();
-    let payload = payload_schema(&mut components);
+    let payload =
+        serde_json::from_str(&DocumentKind::Payload.schema_text()).unwrap_or_else(|_| json!({}));
+    let payload = into_components(payload, &mut components);
     components.insert("Payload".into(), payload);
-    for (name, schema) in answer_schemas() {
+    for (name, schema) in crate::api::wire::schemas() {
+        let schema = into_components(schema, &mut components);
         components.insert(name.into(), schema);
     }
     let task_id = json!({
@@ -200,10 +204,9 @@ fn responses(entries: &[(&str, &str, Option<&str>)]) -> Value {
     Value::Object(map)
 }
 
-/// The payload schema with its `$defs` moved into `components` (references rewritten).
-fn payload_schema(components: &mut Map<String, Value>) -> Value {
-    let mut schema: Value =
-        serde_json::from_str(&DocumentKind::Payload.schema_text()).unwrap_or_else(|_| json!({}));
+/// `schema` with its `$defs` moved into `components` (references rewritten); definitions of
+/// one name are one type's, whichever schema brought them.
+fn into_components(mut schema: Value, components: &mut Map<String, Value>) -> Value {
     if let Some(object) = schema.as_object_mut() {
         object.remove("$schema");
         if let Some(Value::Object(definitions)) = object.remove("$defs") {
@@ -234,97 +237,6 @@ fn rewrite_refs(value: &mut Value) {
         Value::Array(items) => items.iter_mut().for_each(rewrite_refs),
         _ => {}
     }
-}
-
-fn answer_schemas() -> Vec<(&'static str, Value)> {
-    let state = json!({ "type": "string", "enum": ["queued", "running", "completed", "failed", "exception"] });
-    let resolution = json!({ "type": ["string", "null"], "description": "completed, failed or exception/REASON" });
-    vec![
-        (
-            "Error",
-            json!({
-                "type": "object", "required": ["error"],
-                "properties": {
-                    "error": { "type": "string" },
-                    "violations": { "type": "array", "items": {
-                        "type": "object", "required": ["pointer", "rule"],
-                        "properties": { "pointer": { "type": "string" }, "rule": { "type": "string" } } } }
-                }
-            }),
-        ),
-        (
-            "Created",
-            json!({
-                "type": "object", "required": ["taskId", "state"],
-                "properties": { "taskId": { "type": "string" }, "state": state, "links": { "type": "object" } }
-            }),
-        ),
-        (
-            "TaskSummary",
-            json!({
-                "type": "object", "required": ["taskId", "state", "created", "runs"],
-                "properties": {
-                    "taskId": { "type": "string" }, "state": state, "created": { "type": "integer" },
-                    "resolution": resolution, "runs": { "type": "integer" }, "image": {}
-                }
-            }),
-        ),
-        (
-            "TaskList",
-            json!({
-                "type": "object", "required": ["tasks"],
-                "properties": { "tasks": { "type": "array", "items": { "$ref": "#/components/schemas/TaskSummary" } } }
-            }),
-        ),
-        (
-            "Run",
-            json!({
-                "type": "object", "required": ["runId", "state", "started"],
-                "properties": {
-                    "runId": { "type": "integer" },
-                    "state": { "type": "string", "enum": ["running", "completed", "failed", "exception"] },
-                    "resolution": resolution,
-                    "started": { "type": "integer" }, "resolved": { "type": ["integer", "null"] },
-                    "exitCode": { "type": ["integer", "null"] }, "reason": { "type": ["string", "null"] },
-                    "stages": { "type": "array", "items": { "type": "array" } },
-                    "artifacts": { "type": "array", "items": {
-                        "type": "object", "required": ["name", "size"],
-                        "properties": { "name": { "type": "string" }, "size": { "type": "integer" } } } }
-                }
-            }),
-        ),
-        (
-            "Task",
-            json!({
-                "type": "object", "required": ["taskId", "state", "created", "payload", "runs"],
-                "properties": {
-                    "taskId": { "type": "string" }, "state": state, "created": { "type": "integer" },
-                    "payload": { "type": "object" }, "resolution": resolution,
-                    "runs": { "type": "array", "items": { "$ref": "#/components/schemas/Run" } },
-                    "console": { "type": "boolean" }, "links": { "type": "object" }
-                }
-            }),
-        ),
-        (
-            "Canceled",
-            json!({
-                "type": "object", "required": ["taskId", "state"],
-                "properties": { "taskId": { "type": "string" }, "state": state, "message": { "type": "string" } }
-            }),
-        ),
-        (
-            "Health",
-            json!({
-                "type": "object", "required": ["status"],
-                "properties": {
-                    "status": { "type": "string" }, "version": { "type": "string" },
-                    "queued": { "type": "integer" }, "running": { "type": "integer" },
-                    "paused": { "type": "boolean" }, "concurrency": { "type": "integer" },
-                    "capacity": { "type": "object" }, "console": { "type": "boolean" }
-                }
-            }),
-        ),
-    ]
 }
 
 #[cfg(test)]

@@ -4,25 +4,32 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
 
+use super::wire::{Capacity, Health, Resources};
 use super::{ApiResult, Shared};
 use crate::store::TaskState;
 
 /// `GET /api/health`.
-pub async fn health(State(app): Shared) -> ApiResult<Json<Value>> {
+pub async fn health(State(app): Shared) -> ApiResult<Json<Health>> {
     let counts = app.scheduler.store().counts()?;
     let capacity = app.scheduler.capacity();
-    Ok(Json(json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-        "queued": count_of(&counts, TaskState::Queued),
-        "running": app.scheduler.running_count(),
-        "paused": app.scheduler.paused(),
-        "concurrency": app.scheduler.concurrency(),
-        "capacity": { "total": capacity.total(), "used": capacity.used() },
-        "console": app.novnc_dir.is_some(),
-    })))
+    let resources = |held: lifecycle::capacity::Resources| Resources {
+        memory_mib: held.memory_mib,
+        cpus: held.cpus,
+    };
+    Ok(Json(Health {
+        status: "ok".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        queued: count_of(&counts, TaskState::Queued),
+        running: app.scheduler.running_count(),
+        paused: app.scheduler.paused(),
+        concurrency: app.scheduler.concurrency(),
+        capacity: Capacity {
+            total: resources(capacity.total()),
+            used: resources(capacity.used()),
+        },
+        console: app.novnc_dir.is_some(),
+    }))
 }
 
 /// The count of `state` in [`Store::counts`]'s answer.

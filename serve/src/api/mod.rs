@@ -6,9 +6,12 @@
 //!   list, show, cancel).
 //! - [`streams`]: the log followed while a run goes on, artifacts, screenshot, console.
 //! - [`metrics`]: health and Prometheus metrics.
+//! - [`wire`]: every JSON body as a type (the OpenAPI schemas derive from them; `taskvm
+//!   submit` reads them).
 
 mod metrics;
 mod streams;
+pub mod wire;
 
 pub use metrics::{health, metrics};
 pub use streams::{artifact, console, log, screenshot};
@@ -23,7 +26,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use schemas::{limit_violation, parse_payload, resolve_machine, MachineLayers, Violation};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::scheduler::{Cancel, Scheduler};
 use super::store::{RunRecord, StoreError, TaskRecord, TaskState};
@@ -71,14 +74,17 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({ "error": self.message });
-        if !self.violations.is_empty() {
-            body["violations"] = self
+        let body = wire::Error {
+            error: self.message,
+            violations: self
                 .violations
-                .iter()
-                .map(|violation| json!({ "pointer": violation.pointer, "rule": violation.rule }))
-                .collect();
-        }
+                .into_iter()
+                .map(|violation| wire::Violation {
+                    pointer: violation.pointer,
+                    rule: violation.rule,
+                })
+                .collect(),
+        };
         (self.status, Json(body)).into_response()
     }
 }
@@ -127,19 +133,6 @@ fn chosen_run<'a>(
     }
 }
 
-/// The summary of a task in lists and answers.
-fn summary(record: &TaskRecord) -> Value {
-    let latest = record.latest_run();
-    json!({
-        "taskId": record.task_id,
-        "state": record.state,
-        "created": record.created,
-        "resolution": latest.and_then(|run| run.resolution.clone()),
-        "runs": record.runs.len(),
-        "image": record.payload.get("image"),
-    })
-}
-
 /// `POST /api/tasks`: a payload in, a task id out.
 pub async fn submit(State(app): Shared, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
     let json_type = headers
@@ -186,7 +179,11 @@ pub async fn submit(State(app): Shared, headers: HeaderMap, body: Bytes) -> ApiR
     let location = format!("/api/tasks/{task_id}");
     let mut response = (
         StatusCode::CREATED,
-        Json(json!({ "taskId": task_id, "state": TaskState::Queued, "links": links(&task_id) })),
+        Json(wire::Created {
+            links: wire::Links::of(&task_id),
+            task_id: task_id.clone(),
+            state: TaskState::Queued,
+        }),
     )
         .into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
@@ -195,21 +192,11 @@ pub async fn submit(State(app): Shared, headers: HeaderMap, body: Bytes) -> ApiR
     Ok(response)
 }
 
-fn links(task_id: &str) -> Value {
-    json!({
-        "self": format!("/api/tasks/{task_id}"),
-        "log": format!("/api/tasks/{task_id}/log"),
-        "screenshot": format!("/api/tasks/{task_id}/screenshot"),
-        "cancel": format!("/api/tasks/{task_id}/cancel"),
-        "page": format!("/tasks/{task_id}"),
-    })
-}
-
 /// `GET /api/tasks?state=S&limit=N`: newest first.
 pub async fn list(
     State(app): Shared,
     Query(query): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<wire::TaskList>> {
     let state = match query.get("state") {
         None => None,
         Some(name) => Some(TaskState::from_name(name).ok_or_else(|| {
@@ -233,23 +220,28 @@ pub async fn list(
             })?,
     };
     let tasks = app.scheduler.store().list(state, limit)?;
-    Ok(Json(
-        json!({ "tasks": tasks.iter().map(summary).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(wire::TaskList {
+        tasks: tasks.iter().map(wire::TaskSummary::of).collect(),
+    }))
 }
 
 /// `GET /api/tasks/{id}`: the task, its payload and every run.
-pub async fn show(State(app): Shared, Path(task_id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn show(State(app): Shared, Path(task_id): Path<String>) -> ApiResult<Json<wire::Task>> {
     let record = task(&app, &task_id)?;
-    let mut body = serde_json::to_value(&record)
-        .map_err(|error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
-    body["resolution"] = json!(record.latest_run().and_then(|run| run.resolution.clone()));
-    body["links"] = links(&task_id);
-    body["console"] = json!(app
+    let console = app
         .scheduler
         .live_vm(&task_id)
-        .is_some_and(|live| live.has_display));
-    Ok(Json(body))
+        .is_some_and(|live| live.has_display);
+    Ok(Json(wire::Task {
+        resolution: record.latest_run().and_then(|run| run.resolution.clone()),
+        links: wire::Links::of(&task_id),
+        console,
+        task_id: record.task_id,
+        state: record.state,
+        created: record.created,
+        payload: record.payload,
+        runs: record.runs,
+    }))
 }
 
 /// `POST /api/tasks/{id}/cancel`.
@@ -276,7 +268,11 @@ pub async fn cancel(State(app): Shared, Path(task_id): Path<String>) -> ApiResul
     };
     Ok((
         status,
-        Json(json!({ "taskId": task_id, "state": state, "message": message })),
+        Json(wire::Canceled {
+            task_id,
+            state,
+            message: message.to_owned(),
+        }),
     )
         .into_response())
 }

@@ -32,7 +32,9 @@ pub enum StoreError {
 }
 
 /// Where a task is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
     /// Waiting for a free slot.
@@ -90,7 +92,7 @@ impl TaskState {
 }
 
 /// One artifact file of a run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct ArtifactFile {
     /// Its name (a relative path, as the payload named it or below a directory artifact).
     pub name: String,
@@ -110,7 +112,7 @@ pub struct FinishedRun {
 }
 
 /// One run of a task.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunRecord {
     /// 0 for the first run.

@@ -32,11 +32,16 @@ pub const NOTE_PREFIX: &str = "[taskvm] ";
 /// A guest line beginning with this (after any `>`) is quoted with one more `>`.
 const MARKER: &[u8] = b"[taskvm]";
 
+/// Called after every write to a task's log: a follower reads on when it is told, instead of
+/// polling the file.
+pub type LogListener = Arc<dyn Fn() + Send + Sync>;
+
 /// A task's log; clone it to write from several places (it is one file behind a lock).
 #[derive(Clone)]
 pub struct TaskLog {
     inner: Arc<Mutex<Inner>>,
     echo: Echo,
+    listener: Option<LogListener>,
 }
 
 struct Inner {
@@ -62,7 +67,20 @@ impl TaskLog {
                 failed: None,
             })),
             echo,
+            listener: None,
         })
+    }
+
+    /// The log, with `listener` told of every write from now on.
+    pub fn with_listener(mut self, listener: LogListener) -> TaskLog {
+        self.listener = Some(listener);
+        self
+    }
+
+    fn written(&self) {
+        if let Some(listener) = &self.listener {
+            listener();
+        }
     }
 
     /// Appends the guest's output.
@@ -88,6 +106,7 @@ impl TaskLog {
             inner.at_line_start = bytes.ends_with(b"\n");
             inner.file.write_all(&quoted)
         });
+        self.written();
     }
 
     /// Appends one line of taskvm's own, `[taskvm] LINE`, on a line of its own (control
@@ -108,6 +127,7 @@ impl TaskLog {
             text.extend_from_slice(format!("{separator}{NOTE_PREFIX}{line}\n").as_bytes());
             inner.file.write_all(&text)
         });
+        self.written();
     }
 
     /// When the guest's first output arrived.

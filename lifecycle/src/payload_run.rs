@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::capacity::Capacity;
 use crate::host::Host;
-use crate::log::{Echo, TaskLog};
+use crate::log::{Echo, LogListener, TaskLog};
 use crate::resolution::Ending;
 use crate::{run_task, LiveVm, StopSignal, TaskOutcome, TaskRequest};
 
@@ -36,6 +36,8 @@ pub struct PayloadRun {
     pub capacity: Option<Arc<Capacity>>,
     /// Told where the running VM can be watched.
     pub live: Option<watch::Sender<Option<LiveVm>>>,
+    /// Told of every write to the run's log (a provider that streams it).
+    pub on_log: Option<LogListener>,
 }
 
 /// Runs `run` on `host` to its outcome; see the module documentation. `stop` turning `Some`
@@ -45,7 +47,10 @@ pub async fn run_payload(host: Arc<Host>, run: PayloadRun, stop: StopSignal) -> 
         return internal_error(format!("cannot create {}: {error}", run.dir.display()));
     }
     let log = match TaskLog::create(&run.dir.join("live.log"), Echo::Quiet) {
-        Ok(log) => log,
+        Ok(log) => match run.on_log {
+            Some(listener) => log.with_listener(listener),
+            None => log,
+        },
         Err(error) => return internal_error(format!("cannot create the task log: {error}")),
     };
     log.note(&run.header);

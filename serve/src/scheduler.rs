@@ -55,6 +55,8 @@ pub struct Scheduler {
     running: Mutex<HashMap<String, Running>>,
     wake: Notify,
     totals: Mutex<StageTotals>,
+    /// Bumped whenever a run starts or ends or a run's log grows: what log followers wait on.
+    activity: Arc<watch::Sender<u64>>,
 }
 
 impl Scheduler {
@@ -78,7 +80,19 @@ impl Scheduler {
             running: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             totals: Mutex::new(StageTotals::default()),
+            activity: Arc::new(watch::channel(0).0),
         })
+    }
+
+    /// Changes whenever a run starts or ends or a run's log grows: a log follower waits on it
+    /// instead of polling.
+    pub fn activity(&self) -> watch::Receiver<u64> {
+        self.activity.subscribe()
+    }
+
+    fn bump_activity(&self) {
+        self.activity
+            .send_modify(|count| *count = count.wrapping_add(1));
     }
 
     /// The queue database.
@@ -223,6 +237,8 @@ impl Scheduler {
                 live: live_view,
             },
         );
+        drop(running);
+        self.bump_activity();
         Ok(Some((claimed, stop_signal, live)))
     }
 
@@ -243,6 +259,10 @@ impl Scheduler {
             header: format!("task {task_id} run {run_id} on taskvm serve"),
             capacity: Some(self.capacity.clone()),
             live: Some(live),
+            on_log: Some({
+                let activity = self.activity.clone();
+                Arc::new(move || activity.send_modify(|count| *count = count.wrapping_add(1)))
+            }),
         };
         let outcome = run_payload(self.host.clone(), run, stop).await;
         self.count_stages(&outcome);
@@ -260,6 +280,7 @@ impl Scheduler {
             tracing::info!("task {task_id} run {run_id} could not be recorded: {error}");
         }
         self.lock_running().remove(task_id);
+        self.bump_activity();
         tracing::info!(
             "task {task_id} run {run_id} resolved {}",
             finished.ending.resolution

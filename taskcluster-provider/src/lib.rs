@@ -248,6 +248,7 @@ impl ClaimedRun {
             ),
             capacity: Some(self.capacity.clone()),
             live: None,
+            on_log: None,
         };
         run_payload(self.host.clone(), run, stop).await
     }

@@ -33,6 +33,7 @@ pub async fn log(
         fixed_run: query.contains_key("run"),
         file: None,
         draining: false,
+        activity: app.scheduler.activity(),
     };
     let stream = futures::stream::unfold(tail, |mut tail| async move {
         tail.next_chunk().await.map(|chunk| (chunk, tail))
@@ -55,7 +56,11 @@ fn text_stream(
         .into_response()
 }
 
-/// Follows one run's `live.log` like `tail -f`, to the end of the run.
+/// The longest a log follower waits without being told of anything before it looks again.
+const SAFETY_NET: Duration = Duration::from_secs(2);
+
+/// Follows one run's `live.log` like `tail -f`, to the end of the run, reading on when the
+/// scheduler says a run started or ended or a log grew.
 struct Tail {
     app: Arc<App>,
     task_id: String,
@@ -65,12 +70,21 @@ struct Tail {
     fixed_run: bool,
     file: Option<tokio::fs::File>,
     draining: bool,
+    /// Runs starting and ending, logs growing: waited on between reads.
+    activity: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Tail {
+    /// Waits until the scheduler says something happened (a run started or ended, a log
+    /// grew) since the last look; the timeout is a safety net, not the pace.
+    async fn wait_for_activity(&mut self) {
+        let _ = tokio::time::timeout(SAFETY_NET, self.activity.changed()).await;
+    }
+
     async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
-        let pause = Duration::from_millis(100);
         loop {
+            // Seen now: whatever happens from here on ends the next wait at once.
+            self.activity.borrow_and_update();
             let scheduler = &self.app.scheduler;
             let Some(run_id) = self.run_id else {
                 // Queued: wait for the first run (or the end, for a task canceled meanwhile).
@@ -80,7 +94,7 @@ impl Tail {
                     Some(run) => self.run_id = Some(run.run_id),
                     // A paused server starts nothing: there is no log to wait for.
                     None if record.state.is_resolved() || scheduler.paused() => return None,
-                    None => tokio::time::sleep(pause * 2).await,
+                    None => self.wait_for_activity().await,
                 }
                 continue;
             };
@@ -89,7 +103,7 @@ impl Tail {
                 let path = scheduler.run_dir(&self.task_id, run_id).join("live.log");
                 match tokio::fs::File::open(&path).await {
                     Ok(file) => self.file = Some(file),
-                    Err(_) if running => tokio::time::sleep(pause).await,
+                    Err(_) if running => self.wait_for_activity().await,
                     Err(_) => return self.next_run_or_end(run_id),
                 }
                 continue;
@@ -98,7 +112,7 @@ impl Tail {
             match file.read(&mut buffer).await {
                 Ok(0) if self.draining => return self.next_run_or_end(run_id),
                 Ok(0) if !running => self.draining = true,
-                Ok(0) => tokio::time::sleep(pause).await,
+                Ok(0) => self.wait_for_activity().await,
                 Ok(read) => {
                     buffer.truncate(read);
                     return Some(Ok(Bytes::from(buffer)));

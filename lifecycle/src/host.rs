@@ -17,15 +17,7 @@ use super::pool::WarmPool;
 /// Why the host cannot run tasks.
 #[derive(Debug, Error)]
 pub enum HostError {
-    /// A directory could not be made.
-    #[error("cannot create {path}: {source}")]
-    Directory {
-        /// The directory.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The engine cannot run VMs here.
+    /// The engine cannot run VMs here (or a directory could not be made).
     #[error(transparent)]
     Engine(#[from] engine::host::HostError),
     /// The image cache could not be opened.
@@ -60,9 +52,11 @@ impl Host {
         // QEMU and qemu-img resolve paths from other directories (a backing file is relative
         // to its overlay): every directory is made absolute once, here.
         for dir in [&mut config.state_dir, &mut config.cache.dir] {
-            *dir = std::path::absolute(&*dir).map_err(|source| HostError::Directory {
-                path: dir.clone(),
-                source,
+            *dir = std::path::absolute(&*dir).map_err(|source| {
+                engine::host::HostError::Directory {
+                    path: dir.clone(),
+                    source,
+                }
             })?;
         }
         let vms = VmHost::prepare(host_settings(&config)?, notice)?;

@@ -44,6 +44,9 @@ pub fn init(format: LogFormat, prefix: &'static str) {
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        // A failed write is dropped: the default would report it with `eprintln!`, which
+        // panics when standard error is the thing that failed.
+        .log_internal_errors(false)
         .with_max_level(LevelFilter::INFO);
     let installed = match format {
         LogFormat::Text => builder

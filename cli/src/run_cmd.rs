@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use lifecycle::exit::Outcome;
 use lifecycle::host::Host;
 use lifecycle::log::{Echo, TaskLog};
-use lifecycle::{run_task, TaskRequest};
+use lifecycle::{run_payload, PayloadDocument, PayloadRun, TaskOutcome};
 
 /// Arguments of `taskvm run`.
 #[derive(Debug, clap::Args)]
@@ -52,37 +52,26 @@ pub fn run(args: RunArgs) -> Outcome {
     } else {
         Echo::TerminalEscaped
     };
-    let log = match TaskLog::create(&artifacts.path().join("live.log"), echo) {
-        Ok(log) => log,
-        Err(error) => {
-            eprintln!("taskvm: cannot write the task log: {error}");
-            return Outcome::Internal;
-        }
-    };
     // The payload first: a malformed one is the user's to fix, whatever this host can do.
-    let payload =
-        match crate::documents::read_document(&args.task).and_then(|value| parse_payload(&value)) {
-            Ok(payload) => payload,
-            Err(violations) => {
-                for line in violations.to_string().lines() {
-                    log.note(line);
-                }
-                log.note("resolved exception/malformed-payload: the payload is malformed");
-                return Outcome::Malformed;
-            }
-        };
+    let document = crate::documents::read_document(&args.task)
+        .and_then(|value| parse_payload(&value).map(|_| value));
+    let document = match document {
+        Ok(document) => document,
+        Err(violations) => return malformed(&artifacts, echo, &violations.to_string()),
+    };
     let runtime = match crate::documents::vm_runtime() {
         Ok(runtime) => runtime,
         Err(outcome) => return outcome,
     };
+    let say = crate::documents::say;
     let outcome = runtime.block_on(async {
-        let host = match Host::prepare(config, &|line| log.note(line)) {
+        let host = match Host::prepare(config, &say) {
             Ok(mut host) => {
                 host.allow_any_local_file();
                 Arc::new(host)
             }
             Err(error) => {
-                log.note(&format!("this host cannot run tasks: {error}"));
+                say(&format!("this host cannot run tasks: {error}"));
                 return Outcome::Internal;
             }
         };
@@ -93,15 +82,16 @@ pub fn run(args: RunArgs) -> Outcome {
             // Keep the sender: dropping it would look like "no more signals".
             std::future::pending::<()>().await;
         });
-        let request = TaskRequest::new(
-            payload,
-            format!("task-{:08x}", rand::random::<u32>()),
-            artifacts.path().to_path_buf(),
-        );
-        let outcome = run_task(host, request, &log, stop_signal).await;
-        if let Some(error) = log.write_error() {
-            log.note(&format!("warning: the task log is incomplete: {error}"));
-        }
+        let run = PayloadRun {
+            payload: PayloadDocument::Json(document),
+            dir: artifacts.path().to_path_buf(),
+            header: String::new(),
+            echo,
+            capacity: None,
+            live: None,
+            on_log: None,
+        };
+        let outcome = run_payload(host, run, stop_signal).await;
         outcome.ending.resolution.outcome()
     });
     if kept {
@@ -114,6 +104,20 @@ pub fn run(args: RunArgs) -> Outcome {
     }
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     outcome
+}
+
+/// A payload refused before any host work: the lifecycle resolves it in the task log.
+fn malformed(artifacts: &ArtifactsDir, echo: Echo, violations: &str) -> Outcome {
+    match TaskLog::create(&artifacts.path().join("live.log"), echo) {
+        Ok(log) => TaskOutcome::malformed_payload(&log, violations)
+            .ending
+            .resolution
+            .outcome(),
+        Err(error) => {
+            eprintln!("taskvm: cannot write the task log: {error}");
+            Outcome::Internal
+        }
+    }
 }
 
 /// The artifacts directory: the one given (created), or a temporary one removed at exit.

@@ -1,7 +1,7 @@
 //! One payload as a provider hands it over — a document nobody has validated yet — run to its
 //! [`TaskOutcome`]: the run's directory and log made, the payload validated (a malformed one
-//! resolves `exception/malformed-payload`), then [`run_task`]. Every provider (`taskvm run`'s
-//! own checks aside, which exit before a run exists) goes through here, so what happens before
+//! resolves `exception/malformed-payload`), then [`run_task`]. Every provider — `taskvm run`,
+//! the embedded queue and the Taskcluster provider — goes through here, so what happens before
 //! the task can start is resolved by the lifecycle too.
 
 use std::path::PathBuf;
@@ -30,8 +30,11 @@ pub struct PayloadRun {
     pub payload: PayloadDocument,
     /// The run's own directory (made here): `live.log` and the artifacts.
     pub dir: PathBuf,
-    /// The log's first line, naming the run (e.g. `task X run 0 on taskvm serve`).
+    /// The log's first line, naming the run (e.g. `task X run 0 on taskvm serve`; none when
+    /// empty).
     pub header: String,
+    /// Whether the log is also shown as it is written (`taskvm run`'s terminal).
+    pub echo: Echo,
     /// The host's capacity shared with the provider's other runs.
     pub capacity: Option<Arc<Capacity>>,
     /// Told where the running VM can be watched.
@@ -46,14 +49,16 @@ pub async fn run_payload(host: Arc<Host>, run: PayloadRun, stop: StopSignal) -> 
     if let Err(error) = std::fs::create_dir_all(&run.dir) {
         return internal_error(format!("cannot create {}: {error}", run.dir.display()));
     }
-    let log = match TaskLog::create(&run.dir.join("live.log"), Echo::Quiet) {
+    let log = match TaskLog::create(&run.dir.join("live.log"), run.echo) {
         Ok(log) => match run.on_log {
             Some(listener) => log.with_listener(listener),
             None => log,
         },
         Err(error) => return internal_error(format!("cannot create the task log: {error}")),
     };
-    log.note(&run.header);
+    if !run.header.is_empty() {
+        log.note(&run.header);
+    }
     let value = match run.payload {
         PayloadDocument::Text(text) => serde_json::from_str(&text).map_err(|e| e.to_string()),
         PayloadDocument::Json(value) => Ok(value),
@@ -71,7 +76,11 @@ pub async fn run_payload(host: Arc<Host>, run: PayloadRun, stop: StopSignal) -> 
     );
     request.capacity = run.capacity;
     request.live = run.live;
-    run_task(host, request, &log, stop).await
+    let outcome = run_task(host, request, &log, stop).await;
+    if let Some(error) = log.write_error() {
+        log.note(&format!("warning: the task log is incomplete: {error}"));
+    }
+    outcome
 }
 
 /// The outcome of a run that could not begin because the host failed (no log to write).

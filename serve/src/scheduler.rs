@@ -257,6 +257,7 @@ impl Scheduler {
             payload: PayloadDocument::Text(claimed.payload.clone()),
             dir: dir.clone(),
             header: format!("task {task_id} run {run_id} on taskvm serve"),
+            echo: lifecycle::log::Echo::Quiet,
             capacity: Some(self.capacity.clone()),
             live: Some(live),
             on_log: Some({

@@ -246,6 +246,7 @@ impl ClaimedRun {
                 "task {} run {} on {}/{}",
                 claim.task_id, claim.run_id, self.options.worker_group, self.options.worker_id
             ),
+            echo: lifecycle::log::Echo::Quiet,
             capacity: Some(self.capacity.clone()),
             live: None,
             on_log: None,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use lifecycle::exit::Outcome;
 use lifecycle::resolution::Resolution;
-use serve::api::wire;
+use serve::wire;
 
 /// Arguments of `taskvm submit`.
 #[derive(Debug, clap::Args)]

@@ -6,6 +6,8 @@
 //! - [`store`]: tasks and runs in SQLite.
 //! - [`scheduler`]: which task runs when; cancel, watch and follow running ones.
 //! - [`api`]: the JSON API and `/metrics` (written by [`metrics`]); [`openapi`]: its document.
+//! - [`wire`]: every JSON body as a type (the OpenAPI schemas derive from them; `taskvm
+//!   submit` reads them).
 //! - [`ui`]: the pages; [`console`]: the websocket to a VM's VNC server.
 //! - [`access`]: loopback or token.
 
@@ -19,6 +21,7 @@ pub mod openapi;
 pub mod scheduler;
 pub mod store;
 pub mod ui;
+pub mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;

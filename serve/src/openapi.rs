@@ -1,6 +1,6 @@
 //! The OpenAPI 3.1 document of the API: the routes written here, every body's schema derived
 //! from its type — the task payload's JSON Schema (the one `taskvm schema payload` prints) as
-//! the request body, the answers' from [`crate::api::wire`].
+//! the request body, the answers' from [`crate::wire`].
 
 use schemas::DocumentKind;
 use serde_json::{json, Map, Value};
@@ -12,7 +12,7 @@ pub fn document() -> Value {
         serde_json::from_str(&DocumentKind::Payload.schema_text()).unwrap_or_else(|_| json!({}));
     let payload = into_components(payload, &mut components);
     components.insert("Payload".into(), payload);
-    for (name, schema) in crate::api::wire::schemas() {
+    for (name, schema) in crate::wire::schemas() {
         let schema = into_components(schema, &mut components);
         components.insert(name.into(), schema);
     }

@@ -5,9 +5,9 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::wire::{Capacity, Health, Resources};
 use super::{ApiResult, Shared};
 use crate::store::TaskState;
+use crate::wire::{Capacity, Health, Resources};
 
 /// `GET /api/health`.
 pub async fn health(State(app): Shared) -> ApiResult<Json<Health>> {

@@ -6,12 +6,11 @@
 //!   list, show, cancel).
 //! - [`streams`]: the log followed while a run goes on, artifacts, screenshot, console.
 //! - [`metrics`]: health and Prometheus metrics.
-//! - [`wire`]: every JSON body as a type (the OpenAPI schemas derive from them; `taskvm
-//!   submit` reads them).
+//!
+//! Every JSON body is a type of [`crate::wire`].
 
 mod metrics;
 mod streams;
-pub mod wire;
 
 pub use metrics::{health, metrics};
 pub use streams::{artifact, console, log, screenshot};
@@ -30,6 +29,7 @@ use serde_json::Value;
 
 use super::scheduler::{Cancel, Scheduler};
 use super::store::{RunRecord, StoreError, TaskRecord, TaskState};
+use crate::wire;
 
 /// What every handler shares.
 pub struct App {

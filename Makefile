@@ -50,15 +50,18 @@ CLIPPY_DRIVER := $(shell command -v clippy-driver)
 LINTING_CARGO := env RUSTC_WORKSPACE_WRAPPER=$(CLIPPY_DRIVER) CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__ $(CARGO)
 
 ## Everything `make test` needs before the tests run: the lint, the test tools, the images and
-## the test binaries. The Debian image (debootstrap: disk and network, little CPU) is made in
-## the background while the workspace compiles; its output follows once both are done.
+## the test binaries. The Debian image (debootstrap) and the test tools (npm, pip) are mostly
+## disk and network: they are made in the background while the workspace compiles, and their
+## output follows once all is done.
 test-build: deps
 	@mkdir -p $(TARGET_DIR)
 	@$(MAKE) --no-print-directory $(DEBIAN_IMAGE) > $(TARGET_DIR)/test-images-debian.log 2>&1 & debian=$$!; \
+	  $(MAKE) --no-print-directory test-tools > $(TARGET_DIR)/test-tools.log 2>&1 & tools=$$!; \
 	  $(MAKE) --no-print-directory test-build-cpu; built=$$?; \
-	  wait $$debian; made=$$?; cat $(TARGET_DIR)/test-images-debian.log; \
-	  [ $$built -eq 0 ] && [ $$made -eq 0 ]
-test-build-cpu: fmt-check test-tools
+	  wait $$debian; made=$$?; wait $$tools; got=$$?; \
+	  cat $(TARGET_DIR)/test-images-debian.log $(TARGET_DIR)/test-tools.log; \
+	  [ $$built -eq 0 ] && [ $$made -eq 0 ] && [ $$got -eq 0 ]
+test-build-cpu: fmt-check
 	@test -n "$(CLIPPY_DRIVER)" || { echo "clippy-driver not found: rustup component add clippy" >&2; exit 1; }
 	@$(MAKE) --no-print-directory test-images PACKER=debug CARGO="$(LINTING_CARGO)"
 ifeq ($(NEXTEST),yes)

@@ -8,7 +8,6 @@
 //!
 //! Needs root (the build boots a VM on its own network).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -23,9 +22,7 @@ fn main() {
         println!("build benchmark skipped: taskvm image build needs root");
         return;
     }
-    let scratch = tempfile::tempdir().expect("scratch");
-    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
+    let scratch = testkit::process::root_scratch("VMs need root");
     let base = minimal_image().canonicalize().expect("image");
     println!("build benchmark: minimal image, TCG");
 

@@ -4,7 +4,6 @@
 //! records it, minus the lifecycle's own time in the log). `TASKVM_BENCH_FLEET_TASKS` sets the
 //! number of tasks (default 20). Needs root and the deployment's env file.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,9 +37,7 @@ fn main() {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(20);
-    let scratch = tempfile::tempdir().expect("scratch");
-    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
+    let scratch = testkit::process::root_scratch("VMs need root");
     let state = scratch.path().join("state");
     let cache = scratch.path().join("cache");
     let image = minimal_image().canonicalize().expect("image");

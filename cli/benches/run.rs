@@ -13,7 +13,6 @@
 //! Needs root (`taskvm run` gives each VM a network namespace).
 
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,9 +36,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let scratch = tempfile::tempdir().expect("scratch");
-    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
+    let scratch = testkit::process::root_scratch("VMs need root");
     let image = minimal_image().canonicalize().expect("image");
     let payload = scratch.path().join("task.json");
     std::fs::write(

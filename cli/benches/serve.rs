@@ -10,7 +10,6 @@
 //!
 //! Needs root (every VM gets a network namespace).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,9 +29,7 @@ fn main() {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(20);
-    let scratch = tempfile::tempdir().expect("scratch");
-    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
+    let scratch = testkit::process::root_scratch("VMs need root");
     let bench = Bench {
         state: scratch.path().join("state"),
         cache: scratch.path().join("cache"),

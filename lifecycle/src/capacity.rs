@@ -8,7 +8,9 @@ use thiserror::Error;
 use tokio::sync::Notify;
 
 /// Memory and CPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Resources {
     /// Memory in MiB.

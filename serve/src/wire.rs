@@ -5,6 +5,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use lifecycle::capacity::Resources;
+
 use crate::store::{RunRecord, TaskRecord, TaskState};
 
 /// Where a task's resources are.
@@ -119,16 +121,6 @@ pub struct Canceled {
     pub state: TaskState,
     /// What happens to it.
     pub message: String,
-}
-
-/// Memory and CPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Resources {
-    /// Memory in MiB.
-    pub memory_mib: u64,
-    /// Virtual CPUs.
-    pub cpus: u64,
 }
 
 /// The host's capacity for VMs and what running tasks hold of it.

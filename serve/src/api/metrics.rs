@@ -7,16 +7,12 @@ use axum::Json;
 
 use super::{ApiResult, Shared};
 use crate::store::TaskState;
-use crate::wire::{Capacity, Health, Resources};
+use crate::wire::{Capacity, Health};
 
 /// `GET /api/health`.
 pub async fn health(State(app): Shared) -> ApiResult<Json<Health>> {
     let counts = app.scheduler.store().counts()?;
     let capacity = app.scheduler.capacity();
-    let resources = |held: lifecycle::capacity::Resources| Resources {
-        memory_mib: held.memory_mib,
-        cpus: held.cpus,
-    };
     Ok(Json(Health {
         status: "ok".to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -25,8 +21,8 @@ pub async fn health(State(app): Shared) -> ApiResult<Json<Health>> {
         paused: app.scheduler.paused(),
         concurrency: app.scheduler.concurrency(),
         capacity: Capacity {
-            total: resources(capacity.total()),
-            used: resources(capacity.used()),
+            total: capacity.total(),
+            used: capacity.used(),
         },
         console: app.novnc_dir.is_some(),
     }))

@@ -847,6 +847,25 @@ fn schemathesis_finds_no_server_error_in_the_api() {
     server.terminate();
     // …then paused, so that the payloads schemathesis makes up are kept, never fetched.
     let server = Server::start(&state, &["--paused"]);
+    // Schemathesis reaches the artifact route only when its random walk finds this task's id;
+    // every file the task has is checked here on each run: its content type is documented.
+    let (_, document) = server.get("/api/openapi.json");
+    let documented = &document["paths"]["/api/tasks/{taskId}/artifacts/{name}"]["get"]["responses"]
+        ["200"]["content"];
+    for name in ["a.txt", "live.log", "serial.log", "screenshot.png"] {
+        let response = server
+            .http
+            .get(server.url(&format!("/api/tasks/{id}/artifacts/{name}")))
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{name}");
+        let content_type = response.headers()["content-type"].to_str().unwrap();
+        let media_type = content_type.split(';').next().unwrap().trim();
+        assert!(
+            documented.get(media_type).is_some(),
+            "{name} is served as {content_type}, which the document does not name: {documented}"
+        );
+    }
     let output = Command::new(schemathesis)
         .current_dir(dir.path())
         .args(["run", &server.url("/api/openapi.json")])

@@ -112,7 +112,7 @@ pub fn document() -> Value {
                           "schema": { "type": "string" } },
                         run],
                     "responses": {
-                        "200": { "description": "The file", "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } } },
+                        "200": { "description": "The file, with a content type by its extension", "content": artifact_content() },
                         "400": error_response("A bad run number"),
                         "404": error_response("No such task, run or artifact"),
                         "409": error_response("The run has not ended"),
@@ -180,6 +180,26 @@ pub fn document() -> Value {
 }
 
 const ERROR: &str = "#/components/schemas/Error";
+
+/// Every content type an artifact can be served with, each a binary body.
+fn artifact_content() -> Value {
+    let types = lifecycle::artifacts::CONTENT_TYPES
+        .iter()
+        .map(|(_, content_type)| *content_type)
+        .chain([lifecycle::artifacts::DEFAULT_CONTENT_TYPE]);
+    let content: Map<String, Value> = types
+        .map(|content_type| {
+            let media_type = content_type
+                .split(';')
+                .next()
+                .unwrap_or(content_type)
+                .trim();
+            let schema = json!({ "schema": { "type": "string", "format": "binary" } });
+            (media_type.to_string(), schema)
+        })
+        .collect();
+    Value::Object(content)
+}
 
 fn error_response(description: &str) -> Value {
     json!({

@@ -47,19 +47,30 @@ pub struct Collected {
 /// Most left-out entries named in [`Collected::skipped`].
 pub const SKIPPED_SHOWN: usize = 20;
 
-/// The content type an artifact file is served and uploaded with, by its extension. Markup
-/// is served as text, never rendered as a page of ours.
+/// The content types of artifact files by extension; any other name is
+/// [`DEFAULT_CONTENT_TYPE`]. Markup is served as text, never rendered as a page of ours.
+pub const CONTENT_TYPES: &[(&[&str], &str)] = &[
+    (
+        &["log", "txt", "html", "htm", "svg"],
+        "text/plain; charset=utf-8",
+    ),
+    (&["png"], "image/png"),
+    (&["json"], "application/json"),
+    (&["tar"], "application/x-tar"),
+    (&["zst"], "application/zstd"),
+    (&["gz"], "application/gzip"),
+];
+
+/// The content type of an artifact whose extension [`CONTENT_TYPES`] does not name.
+pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+
+/// The content type an artifact file is served and uploaded with, by its extension.
 pub fn content_type(name: &str) -> &'static str {
     let extension = name.rsplit_once('.').map_or("", |(_, extension)| extension);
-    match extension {
-        "log" | "txt" | "html" | "htm" | "svg" => "text/plain; charset=utf-8",
-        "png" => "image/png",
-        "json" => "application/json",
-        "tar" => "application/x-tar",
-        "zst" => "application/zstd",
-        "gz" => "application/gzip",
-        _ => "application/octet-stream",
-    }
+    CONTENT_TYPES
+        .iter()
+        .find(|(extensions, _)| extensions.contains(&extension))
+        .map_or(DEFAULT_CONTENT_TYPE, |(_, content_type)| content_type)
 }
 
 /// A file as a stream of 256 KiB chunks, for an HTTP body of any size.

@@ -16,6 +16,11 @@ have python3 || missing+=(python3)
 have ip || missing+=(iproute2)
 have debugfs || missing+=(e2fsprogs)
 have nft || missing+=(nftables)
+# Building taskvm: the system's zstd (linked statically) and SQLite libraries, found with
+# pkg-config, instead of compiling their C sources in every fresh build.
+have pkg-config || missing+=(pkg-config)
+[ -f /usr/include/zstd.h ] || missing+=(libzstd-dev)
+[ -f /usr/include/sqlite3.h ] || missing+=(libsqlite3-dev)
 # taskvm serve's console: noVNC, served to the browser.
 [ -f /usr/share/novnc/core/rfb.js ] || missing+=(novnc)
 # The tests: Chromium for the web UI test, Node.js for playwright-core, venv for schemathesis.

@@ -25,7 +25,7 @@
 //! - [`overlay`]: the per-VM qcow2 overlay on the leased image.
 //! - [`process`]: starting QEMU as an unprivileged user in its own process group, tied to
 //!   the worker's life; killing and reaping it.
-//! - [`qmp`]: the QMP connection (the `qapi` crate) and its events.
+//! - [`qmp`]: the QMP connection (bounded messages, timed commands) and its events.
 //! - [`records`]: what each VM created, on disk, and the start-up [`records::sweep`] that
 //!   cleans up after a worker killed with `kill -9`.
 //! - [`screenshot`]: the screen over VNC as an RGBA image or PNG.

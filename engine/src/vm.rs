@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use image::RgbaImage;
-use qapi::qmp;
 use thiserror::Error;
 
 use crate::cgroup::{CgroupHost, VmCgroup};
@@ -265,29 +264,17 @@ impl VirtualMachine {
 
     /// Pauses the guest (`stop`).
     pub async fn suspend(&self) -> Result<(), VmError> {
-        self.qmp
-            .execute(qmp::stop {})
-            .await
-            .map(drop)
-            .map_err(VmError::Qmp)
+        self.qmp.stop().await.map_err(VmError::Qmp)
     }
 
     /// Resumes a paused guest (`cont`).
     pub async fn resume(&self) -> Result<(), VmError> {
-        self.qmp
-            .execute(qmp::cont {})
-            .await
-            .map(drop)
-            .map_err(VmError::Qmp)
+        self.qmp.cont().await.map_err(VmError::Qmp)
     }
 
     /// Resets the guest (`system_reset`); with `-no-reboot` this ends the VM.
     pub async fn reset(&self) -> Result<(), VmError> {
-        self.qmp
-            .execute(qmp::system_reset {})
-            .await
-            .map(drop)
-            .map_err(VmError::Qmp)
+        self.qmp.system_reset().await.map_err(VmError::Qmp)
     }
 
     /// Whether the guest is running, and QEMU's run state.
@@ -309,13 +296,7 @@ impl VirtualMachine {
                 .display()
                 .to_string()
         };
-        let command = qmp::screendump {
-            filename,
-            device: None,
-            head: None,
-            format: None,
-        };
-        self.qmp.execute(command).await.map_err(VmError::Qmp)?;
+        self.qmp.screendump(&filename).await.map_err(VmError::Qmp)?;
         let bytes = self.runtime.read_scratch_file(NAME, 256 << 20);
         self.runtime.remove_scratch(NAME);
         bytes.map_err(VmError::Setup)

@@ -6,8 +6,6 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use qapi::qmp;
-
 use super::format::{Snapshot, SnapshotFile};
 use crate::vm::{read_bounded, VirtualMachine, VmError, LOG_LIMIT};
 
@@ -27,12 +25,8 @@ impl VirtualMachine {
         };
         fs::create_dir(dir).map_err(|e| failed(&format!("creating {}", dir.display()), &e))?;
         self.suspend().await?;
-        let parameters = qmp::MigrateSetParameters {
-            max_bandwidth: Some(MIGRATION_BANDWIDTH),
-            ..Default::default()
-        };
         self.qmp
-            .execute(qmp::migrate_set_parameters(parameters))
+            .set_migration_bandwidth(MIGRATION_BANDWIDTH)
             .await
             .map_err(VmError::Qmp)?;
         // In the root-owned runtime directory, so the name stays root's; QEMU's user may
@@ -49,13 +43,7 @@ impl VirtualMachine {
         } else {
             format!("unix:{}", socket.display())
         };
-        let command = qmp::migrate {
-            uri: Some(uri),
-            channels: None,
-            detach: None,
-            resume: None,
-        };
-        self.qmp.execute(command).await.map_err(VmError::Qmp)?;
+        self.qmp.migrate(&uri).await.map_err(VmError::Qmp)?;
         let copy = async {
             let (mut stream, _) = listener.accept().await?;
             let mut file = tokio::fs::File::create(&state).await?;
@@ -92,17 +80,13 @@ impl VirtualMachine {
     pub(crate) async fn wait_migration(&self, what: &str) -> Result<(), VmError> {
         let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
         loop {
-            let info = self
-                .qmp
-                .execute(qmp::query_migrate {})
-                .await
-                .map_err(VmError::Qmp)?;
-            match info.status {
-                Some(qmp::MigrationStatus::completed) => return Ok(()),
-                Some(qmp::MigrationStatus::failed | qmp::MigrationStatus::cancelled) => {
+            let info = self.qmp.query_migrate().await.map_err(VmError::Qmp)?;
+            match info.status.as_deref() {
+                Some("completed") => return Ok(()),
+                Some("failed" | "cancelled") => {
                     return Err(VmError::Snapshot(format!(
                         "{what} the state failed: {}",
-                        info.error_desc.unwrap_or_else(|| "no reason given".into())
+                        info.error.unwrap_or_else(|| "no reason given".into())
                     )))
                 }
                 _ if tokio::time::Instant::now() >= deadline => {

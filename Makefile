@@ -4,6 +4,8 @@ CARGO ?= cargo
 ## Where cargo puts what it builds: $CARGO_TARGET_DIR when the user's shell sets it.
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
+## What runs the tests: cargo-nextest when installed, else cargo's own test runner.
+TEST_RUNNER := $(if $(NEXTEST),nextest run,test)
 
 .PHONY: all deps build packer agent test test-build test-build-cpu test-tools lint fmt-check fmt schemas demo bench test-images test-images-debian clean
 
@@ -34,12 +36,10 @@ test-tools: deps
 	@bash scripts/test-tools.sh
 
 ## fmt check, clippy with -D warnings, and the whole test suite (which boots the test image).
-test: test-build
-ifeq ($(NEXTEST),yes)
-	bash scripts/with-tc-local.sh $(LINTING_CARGO) nextest run --workspace --locked --no-fail-fast
-else
-	bash scripts/with-tc-local.sh $(LINTING_CARGO) test --workspace --locked --no-fail-fast
-endif
+## The local Taskcluster deployment comes up while `test-build` compiles.
+test: deps
+	bash scripts/with-tc-local.sh --meanwhile '$(MAKE) --no-print-directory test-build' \
+	  $(LINTING_CARGO) $(TEST_RUNNER) --workspace --locked --no-fail-fast
 
 ## `make test` lints while it compiles: clippy-driver is the compiler of the workspace's own
 ## crates (what `cargo clippy` does, in check mode, under the hood), so the dependencies are
@@ -63,12 +63,13 @@ test-build: deps
 	  [ $$built -eq 0 ] && [ $$made -eq 0 ] && [ $$got -eq 0 ]
 test-build-cpu: fmt-check
 	@test -n "$(CLIPPY_DRIVER)" || { echo "clippy-driver not found: rustup component add clippy" >&2; exit 1; }
-	@$(MAKE) --no-print-directory test-images PACKER=debug CARGO="$(LINTING_CARGO)"
-ifeq ($(NEXTEST),yes)
-	$(LINTING_CARGO) nextest run --workspace --locked --no-run
-else
-	$(LINTING_CARGO) test --workspace --locked --no-run
-endif
+	@$(MAKE) --no-print-directory agent CARGO="$(LINTING_CARGO)" > $(TARGET_DIR)/agent.log 2>&1 & agent=$$!; \
+	  $(LINTING_CARGO) $(TEST_RUNNER) --workspace --locked --no-run; built=$$?; \
+	  wait $$agent; made=$$?; cat $(TARGET_DIR)/agent.log; \
+	  [ $$built -eq 0 ] && [ $$made -eq 0 ]
+	@# The test build made target/debug/taskvm: it packs the images (a `cargo build --bin`
+	@# now would build it again, with the dependencies' features of the binary alone).
+	@$(MAKE) --no-print-directory $(TEST_IMAGE) PACKER=debug
 	$(LINTING_CARGO) build --workspace --locked --bench '*'
 
 fmt-check:

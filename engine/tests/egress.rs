@@ -87,10 +87,12 @@ async fn with_egress_internal_networks_and_the_host_are_denied_and_dns_is_screen
         bound
     }));
     let reached = [format!("{ALLOWED}:80"), format!("{PUBLIC}:80")];
+    // A blocked connection waits out its whole timeout (the packets are dropped): the probes
+    // run side by side, each line written whole.
     let probe = |target: &String| {
         format!(
-            "if timeout 5 wget -q -O /dev/null http://{target}/; \
-             then echo REACHED {target}; else echo BLOCKED {target}; fi; "
+            "(if timeout 8 wget -q -O /dev/null http://{target}/; \
+             then echo REACHED {target}; else echo BLOCKED {target}; fi) & "
         )
     };
     let script: String = reached
@@ -98,7 +100,7 @@ async fn with_egress_internal_networks_and_the_host_are_denied_and_dns_is_screen
         .chain(blocked.iter())
         .map(probe)
         .collect::<String>()
-        + "echo \"public: $(timeout 10 nslookup public.test 2>&1 | tr '\\n' ' ')\"; \
+        + "wait; echo \"public: $(timeout 10 nslookup public.test 2>&1 | tr '\\n' ' ')\"; \
            echo \"internal: $(timeout 10 nslookup internal.test 2>&1 | tr '\\n' ' ')\"; \
            echo resolv: $(cat /etc/resolv.conf); \
            echo metadata says $(timeout 3 wget -q -O - http://169.254.169.254/latest/meta-data/instance-id)";

@@ -298,7 +298,7 @@ async fn a_log_flood_is_capped_marked_and_keeps_memory_bounded() {
         &name,
         Ipv4Addr::new(169, 254, 0, 2),
         config,
-        shell("head -c 104857600 /dev/zero | tr '\\0' x; echo; echo flood done >&2"),
+        shell("head -c 50331648 /dev/zero | tr '\\0' x; echo; echo flood done >&2"),
     )
     .await;
     let before = resident_kib();
@@ -334,9 +334,11 @@ async fn a_log_flood_is_capped_marked_and_keeps_memory_bounded() {
         "{tail}"
     );
     assert!(received < (8 << 20) + 200);
-    println!("worker RSS before {before} KiB, peak {peak} KiB while 100 MiB of log arrived");
+    // 48 MiB arrive, 8 MiB are kept: had the other 40 MiB been buffered, the peak would be
+    // that much higher (a run measured about 7 MiB of growth).
+    println!("worker RSS before {before} KiB, peak {peak} KiB while 48 MiB of log arrived");
     assert!(
-        peak < before + 64 * 1024,
+        peak < before + 24 * 1024,
         "memory grew by {} KiB",
         peak.saturating_sub(before)
     );

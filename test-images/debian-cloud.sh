@@ -32,19 +32,23 @@ fi
 root="$work/root"
 echo "/dev/vda / ext4 defaults 0 1" > "$root/etc/fstab"
 # A fixture that boots under TCG in the tests: still Debian's own systemd and cloud-init, but
-# without what no test looks at — login prompts, periodic timers, the KVM modules udev would
-# load for nothing, and the cloud-init modules beyond the ones user-data needs (the defaults
-# also generate locales): side by side with the stock set-up, 119 s instead of 140 s.
+# without what no test looks at (login prompts, periodic timers, the KVM modules udev would
+# load for nothing), and with cloud-init in one stage instead of four: each stage is a Python
+# start of 10-15 s under TCG. The network stage alone finds the NoCloud seed and runs the
+# modules user-data needs (the defaults also generate locales). Side by side: 77 s to power-off
+# against 100 s with four stages.
 for unit in getty-static.service getty@tty1.service serial-getty@ttyS0.service \
     e2scrub_reap.service systemd-binfmt.service apt-daily.timer apt-daily-upgrade.timer \
-    dpkg-db-backup.timer e2scrub_all.timer fstrim.timer; do
+    dpkg-db-backup.timer e2scrub_all.timer fstrim.timer \
+    cloud-init-local.service cloud-config.service cloud-final.service; do
   ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
 printf 'blacklist %s\n' kvm kvm_amd kvm_intel powernow_k8 > "$root/etc/modprobe.d/taskvm-fixture.conf"
 cat > "$root/etc/cloud/cloud.cfg.d/90-taskvm-fixture.cfg" <<'YAML'
-cloud_init_modules: [seed_random, write-files, set_hostname, update_hostname]
-cloud_config_modules: [runcmd]
-cloud_final_modules: [scripts-user, final-message, power-state-change]
+cloud_init_modules: [seed_random, write-files, set_hostname, update_hostname, runcmd,
+  scripts-user, final-message, power-state-change]
+cloud_config_modules: []
+cloud_final_modules: []
 YAML
 echo debian-cloud > "$root/etc/hostname"
 : > "$root/etc/machine-id"

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use reqwest::Method;
 use serde_json::{json, Value};
-use taskcluster::{ClientBuilder, Credentials, Queue};
+use taskcluster_provider::client::{Credentials, Service};
 use testkit::guest::minimal_image;
 use testkit::stats::median;
 
@@ -76,11 +77,15 @@ fn main() {
     });
     let run_wall = started.elapsed();
 
-    let admin = Queue::new(
-        ClientBuilder::new(root_url.clone()).credentials(Credentials::new(
-            var("TC_LOCAL_ADMIN_CLIENT_ID"),
-            var("TC_LOCAL_ADMIN_ACCESS_TOKEN"),
-        )),
+    let credentials = Credentials::new(
+        var("TC_LOCAL_ADMIN_CLIENT_ID"),
+        var("TC_LOCAL_ADMIN_ACCESS_TOKEN"),
+    );
+    let admin = Service::new(
+        &root_url,
+        "queue",
+        Some(&credentials),
+        Duration::from_secs(60),
     )
     .expect("queue");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -131,7 +136,7 @@ fn main() {
                 "metadata": { "name": "bench", "description": "bench", "owner": "taskvm@example.com", "source": "http://localhost/" }
             });
             runtime
-                .block_on(admin.createTask(&task_id, &definition))
+                .block_on(admin.call(Method::PUT, &["task", &task_id], Some(&definition)))
                 .expect("createTask");
             task_id
         })
@@ -139,8 +144,10 @@ fn main() {
     let mut statuses = Vec::new();
     for id in &ids {
         loop {
-            let status: Value =
-                runtime.block_on(admin.status(id)).expect("status")["status"].clone();
+            let status: Value = runtime
+                .block_on(admin.call(Method::GET, &["task", id, "status"], None))
+                .expect("status")["status"]
+                .clone();
             match status["state"].as_str() {
                 Some("completed") => {
                     statuses.push(status);

@@ -7,7 +7,7 @@ use lifecycle::capacity::Resources;
 use lifecycle::exit::Outcome;
 use lifecycle::host::Host;
 use schemas::config::{QueueConfig, TaskclusterQueueConfig};
-use taskcluster::Credentials;
+use taskcluster_provider::client::Credentials;
 use taskcluster_provider::queue::QueueEndpoint;
 use taskcluster_provider::{run_worker, WorkerOptions};
 

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 mod common;
 use common::taskvm_command;
 
+use reqwest::Method;
 use serde_json::{json, Value};
-use taskcluster::{ClientBuilder, Credentials, Queue};
+use taskcluster_provider::client::{Credentials, Service};
 use testkit::guest::{display_image, minimal_image};
 use testkit::process::{file_url, qemu_processes_under, root_scratch, shared_cache, Spawned};
 
@@ -45,12 +46,18 @@ impl Deployment {
         }
     }
 
-    fn admin(&self) -> Queue {
+    fn admin(&self) -> Service {
         let credentials = Credentials::new(
             self.vars["TC_LOCAL_ADMIN_CLIENT_ID"].clone(),
             self.vars["TC_LOCAL_ADMIN_ACCESS_TOKEN"].clone(),
         );
-        Queue::new(ClientBuilder::new(self.root_url.clone()).credentials(credentials)).unwrap()
+        Service::new(
+            &self.root_url,
+            "queue",
+            Some(&credentials),
+            Duration::from_secs(60),
+        )
+        .unwrap()
     }
 }
 
@@ -88,15 +95,23 @@ fn create_task(deployment: &Deployment, task_queue_id: &str, payload: Value) -> 
         }
     });
     runtime()
-        .block_on(deployment.admin().createTask(&task_id, &definition))
-        .unwrap_or_else(|error| panic!("createTask: {error:#}"));
+        .block_on(
+            deployment
+                .admin()
+                .call(Method::PUT, &["task", &task_id], Some(&definition)),
+        )
+        .unwrap_or_else(|error| panic!("createTask: {error}"));
     task_id
 }
 
 fn status(deployment: &Deployment, task_id: &str) -> Value {
     runtime()
-        .block_on(deployment.admin().status(task_id))
-        .unwrap_or_else(|error| panic!("status: {error:#}"))["status"]
+        .block_on(
+            deployment
+                .admin()
+                .call(Method::GET, &["task", task_id, "status"], None),
+        )
+        .unwrap_or_else(|error| panic!("status: {error}"))["status"]
         .clone()
 }
 
@@ -132,11 +147,11 @@ fn artifact(deployment: &Deployment, task_id: &str, run: u64, name: &str) -> (u1
 
 fn artifact_names(deployment: &Deployment, task_id: &str, run: u64) -> Vec<String> {
     let listed = runtime()
-        .block_on(
-            deployment
-                .admin()
-                .listArtifacts(task_id, &run.to_string(), None, None),
-        )
+        .block_on(deployment.admin().call(
+            Method::GET,
+            &["task", task_id, "runs", &run.to_string(), "artifacts"],
+            None,
+        ))
         .unwrap();
     listed["artifacts"]
         .as_array()

@@ -4,9 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::client::Credentials;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use taskcluster::Credentials;
 use tokio::sync::watch;
 
 use super::queue::{reclaim, QueueEndpoint};

@@ -4,6 +4,7 @@
 //! credentials.
 //!
 //! # Layout
+//! - [`client`]: a Taskcluster service client (Hawk, retries, bounded answers).
 //! - [`queue`]: the queue calls, with our errors.
 //! - [`claim`]: one claim and the reclaim loop.
 //! - [`uploads`]: artifacts as `s3` and `error` artifacts.
@@ -11,6 +12,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod claim;
+pub mod client;
 pub mod queue;
 pub mod uploads;
 
@@ -20,11 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::Instrument;
 
-use taskcluster::Credentials;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use self::claim::{keep_claimed, Claim};
+use self::client::Credentials;
 use self::queue::{claim_work, report, QueueEndpoint, QueueError, Report};
 use self::uploads::{publish, Publish};
 use lifecycle::capacity::{Capacity, Resources};

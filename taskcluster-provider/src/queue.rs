@@ -1,11 +1,16 @@
-//! The Taskcluster queue calls a worker makes, over the `taskcluster` crate (Hawk, retries of
-//! 5xx and connection errors with back-off; 4xx come back at once), with errors of our own.
+//! The Taskcluster queue calls a worker makes, over [`crate::client`] (Hawk, retries of 5xx
+//! and connection errors with back-off; 4xx come back at once), with errors of our own.
 
 use std::time::Duration;
 
+use reqwest::Method;
 use serde_json::{json, Value};
-use taskcluster::{ClientBuilder, Credentials, Queue, Retry};
 use thiserror::Error;
+
+use crate::client::{CallError, Credentials, Service};
+
+/// A queue client.
+pub type Queue = Service;
 
 /// A failed queue call.
 #[derive(Debug, Error)]
@@ -20,11 +25,11 @@ pub struct QueueError {
 }
 
 impl QueueError {
-    fn from_anyhow(call: &'static str, error: &anyhow::Error) -> QueueError {
+    fn from_call(call: &'static str, error: CallError) -> QueueError {
         QueueError {
             call,
-            status: taskcluster::err_status_code(error).map(|status| status.as_u16()),
-            message: format!("{error:#}"),
+            status: error.status,
+            message: error.to_string(),
         }
     }
 
@@ -51,16 +56,8 @@ impl QueueEndpoint {
         credentials: &Credentials,
         timeout: Duration,
     ) -> Result<Queue, QueueError> {
-        let builder = ClientBuilder::new(self.root_url.clone())
-            .credentials(credentials.clone())
-            .timeout(timeout)
-            .retry(Retry {
-                retries: 5,
-                max_delay: Duration::from_secs(10),
-                delay_factor: Duration::from_millis(250),
-                ..Retry::default()
-            });
-        Queue::new(builder).map_err(|error| QueueError::from_anyhow("client", &error))
+        Service::new(&self.root_url, "queue", Some(credentials), timeout)
+            .map_err(|error| QueueError::from_call("client", error))
     }
 }
 
@@ -74,9 +71,9 @@ pub async fn claim_work(
 ) -> Result<Vec<Value>, QueueError> {
     let body = json!({ "workerGroup": worker_group, "workerId": worker_id, "tasks": tasks });
     let answer = queue
-        .claimWork(task_queue_id, &body)
+        .call(Method::POST, &["claim-work", task_queue_id], Some(&body))
         .await
-        .map_err(|error| QueueError::from_anyhow("claimWork", &error))?;
+        .map_err(|error| QueueError::from_call("claimWork", error))?;
     Ok(answer
         .get("tasks")
         .and_then(Value::as_array)
@@ -86,10 +83,15 @@ pub async fn claim_work(
 
 /// `reclaimTask`: the claim's new `takenUntil` and credentials.
 pub async fn reclaim(queue: &Queue, task_id: &str, run_id: u32) -> Result<Value, QueueError> {
+    let run = run_id.to_string();
     queue
-        .reclaimTask(task_id, &run_id.to_string())
+        .call(
+            Method::POST,
+            &["task", task_id, "runs", &run, "reclaim"],
+            None,
+        )
         .await
-        .map_err(|error| QueueError::from_anyhow("reclaimTask", &error))
+        .map_err(|error| QueueError::from_call("reclaimTask", error))
 }
 
 /// How a run is reported to the queue.
@@ -111,18 +113,20 @@ pub async fn report(
     report: Report,
 ) -> Result<(), QueueError> {
     let run = run_id.to_string();
-    let result = match report {
-        Report::Completed => queue.reportCompleted(task_id, &run).await,
-        Report::Failed => queue.reportFailed(task_id, &run).await,
-        Report::Exception(reason) => {
-            queue
-                .reportException(task_id, &run, &json!({ "reason": reason }))
-                .await
-        }
+    let (last, body) = match report {
+        Report::Completed => ("completed", None),
+        Report::Failed => ("failed", None),
+        Report::Exception(reason) => ("exception", Some(json!({ "reason": reason }))),
     };
-    result
-        .map(|_| ())
-        .map_err(|error| QueueError::from_anyhow("report", &error))
+    queue
+        .call(
+            Method::POST,
+            &["task", task_id, "runs", &run, last],
+            body.as_ref(),
+        )
+        .await
+        .map(drop)
+        .map_err(|error| QueueError::from_call("report", error))
 }
 
 /// `createArtifact`.
@@ -133,8 +137,10 @@ pub async fn create_artifact(
     name: &str,
     request: &Value,
 ) -> Result<Value, QueueError> {
+    let run = run_id.to_string();
+    let path = ["task", task_id, "runs", &run, "artifacts", name];
     queue
-        .createArtifact(task_id, &run_id.to_string(), name, request)
+        .call(Method::POST, &path, Some(request))
         .await
-        .map_err(|error| QueueError::from_anyhow("createArtifact", &error))
+        .map_err(|error| QueueError::from_call("createArtifact", error))
 }

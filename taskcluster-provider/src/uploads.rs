@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::queue::Queue;
 use serde_json::{json, Value};
-use taskcluster::Queue;
 
 use super::queue::create_artifact;
 

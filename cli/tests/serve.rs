@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::taskvm_command;
+use engine::screenshot::Screen;
 
 use serde_json::{json, Value};
 use testkit::guest::{config_allowing_test_images, display_image, minimal_image};
@@ -784,36 +785,33 @@ fn the_web_ui_shows_the_log_a_screenshot_and_a_novnc_console_of_the_guests_scree
     let png = findings["canvas"]["png"].as_str().unwrap();
     let png = png.strip_prefix("data:image/png;base64,").unwrap();
     use base64::Engine as _;
-    let canvas = image::load_from_memory(
+    let canvas = Screen::decode_png(
         &base64::engine::general_purpose::STANDARD
             .decode(png)
             .unwrap(),
     )
-    .unwrap()
-    .to_rgba8();
+    .unwrap();
     let (status, fresh) = server.get_bytes(&format!("/api/tasks/{id}/screenshot"));
     assert_eq!(status, 200);
-    let fresh = image::load_from_memory(&fresh).unwrap().to_rgba8();
+    let fresh = Screen::decode_png(&fresh).unwrap();
     assert_eq!(canvas.dimensions(), fresh.dimensions());
     let differing = canvas
-        .pixels()
-        .zip(fresh.pixels())
-        .filter(|(a, b)| {
-            a.0[..3]
-                .iter()
-                .zip(&b.0[..3])
-                .any(|(x, y)| x.abs_diff(*y) > 16)
-        })
+        .rgba()
+        .chunks_exact(4)
+        .zip(fresh.rgba().chunks_exact(4))
+        .filter(|(a, b)| a[..3].iter().zip(&b[..3]).any(|(x, y)| x.abs_diff(*y) > 16))
         .count();
-    let total = (canvas.width() * canvas.height()) as usize;
+    let (width, height) = canvas.dimensions();
+    let total = (width * height) as usize;
     // A blinking cursor may differ; the rest must match.
     assert!(
         differing * 100 < total,
         "{differing} of {total} pixels differ"
     );
     let lit = canvas
-        .pixels()
-        .filter(|pixel| pixel.0[..3].iter().any(|channel| *channel > 64))
+        .rgba()
+        .chunks_exact(4)
+        .filter(|pixel| pixel[..3].iter().any(|channel| *channel > 64))
         .count();
     assert!(
         lit * 50 > total,

@@ -1,10 +1,9 @@
 //! Screenshots through the VM's VNC socket: one full, non-incremental framebuffer update,
-//! assembled until every pixel has arrived, as an RGBA image (and PNG bytes for artifacts).
+//! assembled until every pixel has arrived, as a [`Screen`] of RGBA pixels (and PNG bytes
+//! for artifacts).
 
-use std::io::Cursor;
 use std::time::Duration;
 
-use image::{ImageFormat, RgbaImage};
 use thiserror::Error;
 use tokio::net::UnixStream;
 
@@ -33,7 +32,76 @@ pub enum ScreenshotError {
     Timeout(Duration),
     /// PNG encoding failed.
     #[error("encoding PNG: {0}")]
-    Encode(#[from] image::ImageError),
+    Encode(#[from] png::EncodingError),
+    /// PNG decoding failed (or the picture is not 8-bit RGB or RGBA).
+    #[error("decoding PNG: {0}")]
+    Decode(String),
+}
+
+/// A captured screen: `width` × `height` RGBA pixels, row by row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Screen {
+    width: u32,
+    height: u32,
+    rgba: Vec<u8>,
+}
+
+impl Screen {
+    /// The screen of these pixels; `None` when `rgba` is not `width × height × 4` bytes.
+    pub fn new(width: u32, height: u32, rgba: Vec<u8>) -> Option<Screen> {
+        let expected = (width as usize)
+            .checked_mul(height as usize)?
+            .checked_mul(BYTES_PER_PIXEL)?;
+        (rgba.len() == expected).then_some(Screen {
+            width,
+            height,
+            rgba,
+        })
+    }
+
+    /// `(width, height)`.
+    pub fn dimensions(&self) -> (u32, u32) {
+        (self.width, self.height)
+    }
+
+    /// The RGBA bytes, row by row.
+    pub fn rgba(&self) -> &[u8] {
+        &self.rgba
+    }
+
+    /// The pixel at `(x, y)` as `[r, g, b, a]`, or `None` outside the screen.
+    pub fn pixel(&self, x: u32, y: u32) -> Option<[u8; 4]> {
+        if x >= self.width || y >= self.height {
+            return None;
+        }
+        let start = (y as usize * self.width as usize + x as usize) * BYTES_PER_PIXEL;
+        self.rgba[start..start + BYTES_PER_PIXEL].try_into().ok()
+    }
+
+    /// Decodes 8-bit RGB or RGBA PNG bytes, at most 64 MiB of pixels (the `png` crate's
+    /// default limit).
+    pub fn decode_png(bytes: &[u8]) -> Result<Screen, ScreenshotError> {
+        let failed = |error: &dyn std::fmt::Display| ScreenshotError::Decode(error.to_string());
+        let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+            .read_info()
+            .map_err(|e| failed(&e))?;
+        let size = reader
+            .output_buffer_size()
+            .ok_or_else(|| failed(&"the picture is too large"))?;
+        let mut buffer = vec![0; size];
+        let info = reader.next_frame(&mut buffer).map_err(|e| failed(&e))?;
+        buffer.truncate(info.buffer_size());
+        let rgba = match (info.color_type, info.bit_depth) {
+            (png::ColorType::Rgba, png::BitDepth::Eight) => buffer,
+            (png::ColorType::Rgb, png::BitDepth::Eight) => buffer
+                .chunks_exact(3)
+                .flat_map(|rgb| [rgb[0], rgb[1], rgb[2], 0xff])
+                .collect(),
+            (color, depth) => return Err(failed(&format!("{color:?} at {depth:?}"))),
+        };
+        Screen::new(info.width, info.height, rgba)
+            .ok_or_else(|| failed(&"the pixels do not fill the picture"))
+    }
 }
 
 impl From<VncError> for ScreenshotError {
@@ -46,7 +114,7 @@ impl From<VncError> for ScreenshotError {
 const BYTES_PER_PIXEL: usize = 4;
 
 /// Captures the whole screen from a VM's VNC server.
-pub async fn capture(vnc: &VncEndpoint, timeout: Duration) -> Result<RgbaImage, ScreenshotError> {
+pub async fn capture(vnc: &VncEndpoint, timeout: Duration) -> Result<Screen, ScreenshotError> {
     let stream = vnc.connect().map_err(|source| ScreenshotError::Connect {
         path: vnc.path().display().to_string(),
         source,
@@ -57,7 +125,7 @@ pub async fn capture(vnc: &VncEndpoint, timeout: Duration) -> Result<RgbaImage, 
     }
 }
 
-async fn capture_from(stream: UnixStream) -> Result<RgbaImage, ScreenshotError> {
+async fn capture_from(stream: UnixStream) -> Result<Screen, ScreenshotError> {
     // The socket lives in the VM's private 0700 directory: QEMU offers no password, so the
     // password callback is never polled.
     let client = VncConnector::new(stream)
@@ -98,7 +166,7 @@ async fn capture_from(stream: UnixStream) -> Result<RgbaImage, ScreenshotError> 
             _ => {}
         }
         if let Some(done) = frame.as_ref().filter(|frame| frame.is_complete()) {
-            break Ok(done.to_image());
+            break Ok(done.to_screen());
         }
     };
     let _ = client.close().await;
@@ -109,11 +177,16 @@ fn no_resolution(what: &str) -> ScreenshotError {
     ScreenshotError::Malformed(format!("{what} before the screen size"))
 }
 
-/// Encodes `image` as PNG.
-pub fn encode_png(image: &RgbaImage) -> Result<Vec<u8>, ScreenshotError> {
-    let mut bytes = Cursor::new(Vec::new());
-    image.write_to(&mut bytes, ImageFormat::Png)?;
-    Ok(bytes.into_inner())
+/// Encodes `screen` as PNG.
+pub fn encode_png(screen: &Screen) -> Result<Vec<u8>, ScreenshotError> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, screen.width, screen.height);
+    encoder.set_color(png::ColorType::Rgba);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(&screen.rgba)?;
+    writer.finish()?;
+    Ok(bytes)
 }
 
 /// A framebuffer being assembled, with a record of which pixels have arrived.
@@ -203,14 +276,17 @@ impl Frame {
         Ok(())
     }
 
-    fn to_image(&self) -> RgbaImage {
-        let mut pixels = self.pixels.clone();
+    fn to_screen(&self) -> Screen {
+        let mut rgba = self.pixels.clone();
         // The RGBA pixel format's fourth byte is padding, not alpha.
-        for pixel in pixels.chunks_exact_mut(BYTES_PER_PIXEL) {
+        for pixel in rgba.chunks_exact_mut(BYTES_PER_PIXEL) {
             pixel[3] = 0xff;
         }
-        RgbaImage::from_raw(self.width as u32, self.height as u32, pixels)
-            .unwrap_or_else(|| RgbaImage::new(self.width as u32, self.height as u32))
+        Screen {
+            width: self.width as u32,
+            height: self.height as u32,
+            rgba,
+        }
     }
 }
 
@@ -236,8 +312,8 @@ mod tests {
         assert!(!frame.is_complete(), "repainting a row adds nothing");
         frame.copy(rect(0, 1, 4, 1), rect(0, 0, 4, 1)).unwrap();
         assert!(frame.is_complete());
-        let image = frame.to_image();
-        assert_eq!(image.get_pixel(3, 1).0, [2, 2, 2, 0xff]);
+        let image = frame.to_screen();
+        assert_eq!(image.pixel(3, 1), Some([2, 2, 2, 0xff]));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use image::RgbaImage;
+use crate::screenshot::Screen;
 use thiserror::Error;
 
 use crate::cgroup::{CgroupHost, VmCgroup};
@@ -304,7 +304,7 @@ impl VirtualMachine {
 
     /// The screen as an RGBA image, read over the VM's VNC socket (the machine needs
     /// graphics). Gives up after `timeout`.
-    pub async fn screenshot(&self, timeout: Duration) -> Result<RgbaImage, ScreenshotError> {
+    pub async fn screenshot(&self, timeout: Duration) -> Result<Screen, ScreenshotError> {
         crate::screenshot::capture(&self.runtime.vnc(), timeout).await
     }
 

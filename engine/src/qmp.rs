@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use schemas::shown::escaped;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
@@ -318,7 +319,7 @@ fn apply(record: &mut EventRecord, event: &str, data: Option<&Value>) {
         "SHUTDOWN" => {
             let guest = field("guest").and_then(Value::as_bool).unwrap_or(false);
             let reason = field("reason").and_then(Value::as_str).unwrap_or("unknown");
-            record.shutdown = Some((guest, quoted(reason)));
+            record.shutdown = Some((guest, escaped(reason)));
         }
         "GUEST_PANICKED" => record.panicked = true,
         "RESET" => record.resets = record.resets.saturating_add(1),
@@ -357,27 +358,14 @@ async fn read_message<R: AsyncRead + Unpin>(
     }
 }
 
-/// QEMU's error object as `class: description`, quoted.
+/// QEMU's error object as `class: description`, cut and escaped.
 fn error_text(error: &Value) -> String {
     let class = error
         .get("class")
         .and_then(Value::as_str)
         .unwrap_or("Error");
     let description = error.get("desc").and_then(Value::as_str).unwrap_or("");
-    quoted(&format!("{class}: {description}"))
-}
-
-/// Text from QEMU as it may be shown: at most 200 characters, control characters escaped.
-fn quoted(text: &str) -> String {
-    let mut shown: String = text
-        .chars()
-        .take(200)
-        .flat_map(char::escape_default)
-        .collect();
-    if text.chars().count() > 200 {
-        shown.push('…');
-    }
-    shown
+    escaped(&format!("{class}: {description}"))
 }
 
 fn poisoned() -> io::Error {

@@ -219,27 +219,16 @@ async fn a_vnc_screenshot_equals_the_qmp_screendump_pixel_for_pixel() {
     assert_eq!(decoded, through_vnc, "the PNG holds the same pixels");
 }
 
-/// QEMU's `screendump`: a binary PPM (`P6`, width, height, 255, then RGB bytes), as RGBA.
+/// QEMU's `screendump` as a screen of RGBA pixels.
 fn screen_of_ppm(ppm: &[u8]) -> engine::screenshot::Screen {
-    let mut fields = Vec::new();
-    let mut at = 0;
-    while fields.len() < 4 {
-        while ppm[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        let start = at;
-        while !ppm[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        fields.push(std::str::from_utf8(&ppm[start..at]).unwrap().to_owned());
-    }
-    assert_eq!((fields[0].as_str(), fields[3].as_str()), ("P6", "255"));
-    let (width, height): (u32, u32) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
-    let rgba = ppm[at + 1..]
+    let ppm = testkit::ppm::read(ppm);
+    let rgba = ppm
+        .rgb
         .chunks_exact(3)
         .flat_map(|rgb| [rgb[0], rgb[1], rgb[2], 0xff])
         .collect();
-    engine::screenshot::Screen::new(width, height, rgba).expect("the PPM's pixels fill it")
+    engine::screenshot::Screen::new(ppm.width as u32, ppm.height as u32, rgba)
+        .expect("the PPM's pixels fill it")
 }
 
 #[tokio::test(flavor = "multi_thread")]

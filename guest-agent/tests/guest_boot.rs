@@ -178,7 +178,11 @@ fn the_display_image_shows_the_agent_banner() {
     let _ = qemu.kill();
     let _ = qemu.wait();
 
-    let (width, height, pixels) = read_ppm(&dump);
+    let testkit::ppm::Ppm {
+        width,
+        height,
+        rgb: pixels,
+    } = testkit::ppm::read(&std::fs::read(&dump).unwrap());
     assert_eq!((width, height), (720, 400), "VGA text mode");
     let at = |x: usize, y: usize| {
         let i = (y * width + x) * 3;
@@ -220,23 +224,4 @@ fn qmp_screendump(socket: &Path, file: &Path) {
             assert!(!line.contains("\"error\""), "QMP: {line}");
         }
     }
-}
-
-fn read_ppm(path: &Path) -> (usize, usize, Vec<u8>) {
-    let data = std::fs::read(path).unwrap();
-    let mut fields = Vec::new();
-    let mut at = 0;
-    while fields.len() < 4 {
-        while data[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        let start = at;
-        while !data[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        fields.push(String::from_utf8_lossy(&data[start..at]).into_owned());
-    }
-    assert_eq!(fields[0], "P6");
-    let (width, height) = (fields[1].parse().unwrap(), fields[2].parse().unwrap());
-    (width, height, data[at + 1..].to_vec())
 }

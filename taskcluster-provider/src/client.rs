@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode, Url};
+use schemas::shown::escaped;
 use serde_json::{json, Value};
 
 /// The largest answer read from a service (a `claimWork` with its task definitions is far
@@ -67,7 +68,7 @@ impl fmt::Debug for Credentials {
 pub struct CallError {
     /// The HTTP status, when the service answered.
     pub status: Option<u16>,
-    /// What went wrong (the service's own words cut to 300 characters and escaped).
+    /// What went wrong (the service's own words cut to 200 characters and escaped).
     pub message: String,
 }
 
@@ -253,7 +254,8 @@ fn authorization(
     Ok(format!("Hawk {header}"))
 }
 
-/// The service's reason for a refusal: its `code` and the first line of its `message`.
+/// The service's reason for a refusal: its `code` and the first line of its `message`, cut
+/// and escaped.
 fn refusal(status: StatusCode, answer: Option<&Value>) -> String {
     let text = |name: &str| answer.and_then(|answer| answer.get(name)?.as_str());
     let reason = match (text("code"), text("message")) {
@@ -264,15 +266,7 @@ fn refusal(status: StatusCode, answer: Option<&Value>) -> String {
         (None, Some(message)) => message.lines().next().unwrap_or_default().to_owned(),
         (None, None) => status.canonical_reason().unwrap_or("refused").to_owned(),
     };
-    let mut shown: String = reason
-        .chars()
-        .take(300)
-        .flat_map(char::escape_default)
-        .collect();
-    if reason.chars().count() > 300 {
-        shown.push('…');
-    }
-    shown
+    escaped(&reason)
 }
 
 /// A path segment with everything but unreserved characters percent-encoded.

@@ -6,6 +6,7 @@
 //!   files made with `qemu-img`.
 //! - [`metadata`]: a scripted peer for the guest agent's protocol.
 //! - [`netns`]: a network namespace with a tap device, for booting a guest in a test.
+//! - [`ppm`]: QEMU's `screendump` files read, the tests' own view of a screen.
 //! - [`guest`]: the QEMU command line that boots a test image by hand (until the engine does).
 //! - [`process`]: a long-running taskvm process under test, its standard error collected.
 //! - [`stats`]: percentiles of timed series, for the benchmarks.
@@ -15,5 +16,6 @@ pub mod http;
 pub mod images;
 pub mod metadata;
 pub mod netns;
+pub mod ppm;
 pub mod process;
 pub mod stats;

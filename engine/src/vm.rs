@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::screenshot::Screen;
 use thiserror::Error;
 
 use crate::cgroup::{CgroupHost, VmCgroup};
@@ -23,7 +22,7 @@ use crate::process::{QemuProcess, RunAs};
 use crate::qmp::Qmp;
 use crate::records::RecordFile;
 use crate::runtime::{RuntimeDir, VncEndpoint};
-use crate::screenshot::ScreenshotError;
+use crate::screenshot::{Screen, ScreenshotError};
 
 /// Most bytes of a log returned by [`VirtualMachine::serial_output`].
 pub(crate) const LOG_LIMIT: u64 = 4 << 20;

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::metadata::{MetadataService, ServiceLimits};
-use engine::session::{GuestSession, SessionConfig};
+use engine::network::metadata::{MetadataService, ServiceLimits};
+use engine::network::session::{GuestSession, SessionConfig};
 use lifecycle::artifacts::{collect, ArtifactError, Budget, Exceeded};
 use schemas::config::ArtifactConfig;
 use schemas::{Artifact, ArtifactKind};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::taskvm_command;
-use engine::screenshot::Screen;
+use engine::qemu::screenshot::Screen;
 
 use serde_json::{json, Value};
 use testkit::guest::{config_allowing_test_images, display_image, minimal_image};

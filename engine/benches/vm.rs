@@ -13,9 +13,9 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use engine::cgroup::CgroupHost;
-use engine::overlay::create_overlay;
-use engine::process::lookup_user;
+use engine::disk::overlay::create_overlay;
+use engine::qemu::process::lookup_user;
+use engine::sandbox::cgroup::CgroupHost;
 use engine::{Accelerator, Netdev, VirtualMachine, VmSettings};
 use image_manager::{Cache, ImageRequest};
 use schemas::config::CacheConfig;
@@ -58,7 +58,7 @@ async fn main() {
         accelerator: Accelerator::Tcg,
         jail: rustix::process::geteuid()
             .is_root()
-            .then(engine::jail::JailSettings::default),
+            .then(engine::sandbox::jail::JailSettings::default),
         run_as: rustix::process::geteuid()
             .is_root()
             .then(|| lookup_user("nobody").expect("nobody")),
@@ -217,7 +217,7 @@ async fn main() {
                 .expect("VNC screenshot");
             vnc_times.push(started.elapsed());
             let started = Instant::now();
-            engine::screenshot::encode_png(&screen).expect("png");
+            engine::qemu::screenshot::encode_png(&screen).expect("png");
             png_times.push(started.elapsed());
             size = screen.dimensions();
         }

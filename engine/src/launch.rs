@@ -3,7 +3,7 @@
 //! descriptor: the root disk's layers and extra drives (`-add-fd`), the serial console
 //! (`/dev/fdset/N`), QEMU's messages (its standard error), the QMP socket (a listening
 //! descriptor), the tap, a saved state. With a jail, QEMU runs as a user of its own in
-//! namespaces whose root is that directory ([`crate::jail`]).
+//! namespaces whose root is that directory ([`crate::sandbox::jail`]).
 
 use std::fs;
 use std::io;
@@ -15,20 +15,20 @@ use image_manager::Lease;
 use rand::Rng;
 use schemas::ResolvedMachine;
 
-use crate::cgroup::{CgroupLimits, VmCgroup};
-use crate::cmdline::{
+use crate::disk::drives::{open_for_qemu, BootSource, HostDisk};
+use crate::disk::overlay::{create_empty_disk, create_overlay};
+use crate::network::netns::namespace_name;
+use crate::network::VmNetwork;
+use crate::qemu::cmdline::{
     qemu_args, Accelerator, BootFiles, DiskLayer, FdSet, LaunchDrive, LaunchSpec, Netdev,
 };
-use crate::drives::{open_for_qemu, BootSource, HostDisk};
-use crate::ids::{IdError, VmIds};
-use crate::jail::{JailPlan, JailSettings};
-use crate::netns::namespace_name;
-use crate::network::VmNetwork;
-use crate::overlay::{create_empty_disk, create_overlay};
-use crate::process::{Confinement, QemuProcess, RunAs, PROCESSES_PER_VM};
-use crate::qmp::Qmp;
-use crate::records::{process_start_ticks, RecordFile, VmRecord};
-use crate::runtime::RuntimeDir;
+use crate::qemu::process::{Confinement, QemuProcess, RunAs, PROCESSES_PER_VM};
+use crate::qemu::qmp::Qmp;
+use crate::sandbox::cgroup::{CgroupLimits, VmCgroup};
+use crate::sandbox::ids::{IdError, VmIds};
+use crate::sandbox::jail::{JailPlan, JailSettings};
+use crate::sandbox::records::{process_start_ticks, RecordFile, VmRecord};
+use crate::sandbox::runtime::RuntimeDir;
 use crate::snapshot::format::{Snapshot, SnapshotFile};
 use crate::vm::{tail, VirtualMachine, VmError, VmSettings, STDERR_TAIL};
 
@@ -92,7 +92,7 @@ pub(crate) async fn launch(
             .network
             .as_ref()
             .map(|_| namespace_name(&settings.name)),
-        owner: crate::records::this_owner(),
+        owner: crate::sandbox::records::this_owner(),
         uid: ids.as_ref().map(VmIds::uid),
     };
     // Recorded before anything else exists, so that a crash in between still gets it swept.
@@ -265,7 +265,12 @@ pub(crate) fn confine(
                 .map_err(|error| io::Error::new(error.kind(), format!("the jail: {error}")))?;
             (program, Some(jail))
         }
-        None => (crate::jail::find_program(qemu)?.display().to_string(), None),
+        None => (
+            crate::sandbox::jail::find_program(qemu)?
+                .display()
+                .to_string(),
+            None,
+        ),
     };
     let extra_groups = match owner {
         Some(_) if kvm => kvm_group().into_iter().collect(),

@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use engine::accel::{decide, probe_boot, Decision, ProbeOutcome, ProbeSpec};
+use engine::host::accel::{decide, probe_boot, Decision, ProbeOutcome, ProbeSpec};
 use engine::Accelerator;
 use image_manager::Lease;
 use schemas::config::Accel;

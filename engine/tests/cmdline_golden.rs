@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
-use engine::cmdline::CmdlineError;
-use engine::cmdline::{DiskLayer, FdSet};
+use engine::qemu::cmdline::CmdlineError;
+use engine::qemu::cmdline::{DiskLayer, FdSet};
 use engine::{qemu_args, Accelerator, BootFiles, LaunchSpec, Netdev};
 use schemas::{migrate_machine_definition, resolve_machine, Machine, MachineLayers, MachineLimits};
 use serde_json::json;
@@ -192,8 +192,8 @@ fn incompatible_devices_are_refused_with_the_reason() {
 /// a virtio-mmio disk and a CD-ROM to boot from is refused.
 #[test]
 fn an_installer_cdrom_and_a_seed_disk_as_inherited_descriptors() {
-    use engine::cmdline::LaunchDrive;
-    use engine::drives::DriveMedia;
+    use engine::disk::drives::DriveMedia;
+    use engine::qemu::cmdline::LaunchDrive;
     let image = machine(json!({
         "version": 1, "chipset": "q35", "network": "virtio-net-pci", "storage": "virtio-blk-pci",
         "graphics": "none"

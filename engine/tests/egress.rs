@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::path::Path;
 
-use engine::session::{GuestSession, SessionConfig};
+use engine::network::session::{GuestSession, SessionConfig};
 use engine::VirtualMachine;
 
 mod common;

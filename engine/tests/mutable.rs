@@ -10,8 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::Fixture;
-use engine::drives::{BootSource, ExtraDrive, HostDisk, HostFiles};
-use engine::mutable::MutableImage;
+use engine::disk::drives::{BootSource, ExtraDrive, HostDisk, HostFiles};
+use engine::vm::mutable::MutableImage;
 use engine::ExitKind;
 use schemas::migrate_machine_definition;
 use testkit::guest::installer_iso;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use engine::network::session::{GuestSession, SessionConfig};
 use engine::network::NetworkSettings;
-use engine::session::{GuestSession, SessionConfig};
 use engine::{ExitKind, VirtualMachine};
 use schemas::protocol::{ActionKind, Execute};
 use tokio::sync::mpsc;
@@ -227,7 +227,7 @@ async fn the_service_enforces_one_report_body_caps_and_header_timeouts() {
     let network = engine::network::VmNetwork::create(
         &vm_name("proto"),
         &NetworkSettings {
-            limits: engine::metadata::ServiceLimits {
+            limits: engine::network::metadata::ServiceLimits {
                 header_timeout: Duration::from_millis(500),
                 ..Default::default()
             },
@@ -380,7 +380,7 @@ async fn namespaces_are_named_recorded_and_swept_after_a_crash() {
     // As if the worker died: nothing of the VM runs its destructor.
     std::mem::forget(vm);
     assert!(namespaces().contains(&namespace));
-    let report = engine::records::sweep(&state).unwrap();
+    let report = engine::sandbox::records::sweep(&state).unwrap();
     assert_eq!(report.removed_namespaces, std::slice::from_ref(&namespace));
     assert!(!namespaces().contains(&namespace));
 }

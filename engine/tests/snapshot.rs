@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use engine::session::{GuestSession, SessionConfig};
+use engine::network::session::{GuestSession, SessionConfig};
 use engine::{VirtualMachine, VmSettings};
 use schemas::protocol::{ActionKind, Execute};
 use testkit::images::sha256_file;

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use engine::cgroup::CgroupLimits;
-use engine::jail::JailSettings;
+use engine::sandbox::cgroup::CgroupLimits;
+use engine::sandbox::jail::JailSettings;
 use engine::{ExitKind, VirtualMachine};
 use testkit::guest::display_image;
 use testkit::images::sha256_file;
@@ -214,20 +214,20 @@ async fn a_vnc_screenshot_equals_the_qmp_screendump_pixel_for_pixel() {
     // Not a blank screen that would match anything: the banner's red bar is there.
     assert_eq!(through_vnc.pixel(360, 8), Some([168, 0, 0, 255]));
 
-    let png = engine::screenshot::encode_png(&through_vnc).unwrap();
-    let decoded = engine::screenshot::Screen::decode_png(&png).unwrap();
+    let png = engine::qemu::screenshot::encode_png(&through_vnc).unwrap();
+    let decoded = engine::qemu::screenshot::Screen::decode_png(&png).unwrap();
     assert_eq!(decoded, through_vnc, "the PNG holds the same pixels");
 }
 
 /// QEMU's `screendump` as a screen of RGBA pixels.
-fn screen_of_ppm(ppm: &[u8]) -> engine::screenshot::Screen {
+fn screen_of_ppm(ppm: &[u8]) -> engine::qemu::screenshot::Screen {
     let ppm = testkit::ppm::read(ppm);
     let rgba = ppm
         .rgb
         .chunks_exact(3)
         .flat_map(|rgb| [rgb[0], rgb[1], rgb[2], 0xff])
         .collect();
-    engine::screenshot::Screen::new(ppm.width as u32, ppm.height as u32, rgba)
+    engine::qemu::screenshot::Screen::new(ppm.width as u32, ppm.height as u32, rgba)
         .expect("the PPM's pixels fill it")
 }
 
@@ -304,7 +304,7 @@ async fn owner_process_for_the_kill_9_test() {
 /// VM has it), locked in the test's own directory.
 fn owned_jail(scratch: &Path) -> JailSettings {
     JailSettings {
-        ids: engine::ids::IdRange::new(1_879_000_000, 1).unwrap(),
+        ids: engine::sandbox::ids::IdRange::new(1_879_000_000, 1).unwrap(),
         id_locks: scratch.join("ids"),
         namespaces: true,
     }
@@ -327,7 +327,7 @@ async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
         .spawn()
         .unwrap();
     let state = scratch.path().join("state");
-    let record_path = engine::records::records_dir(&state).join("owned.record");
+    let record_path = engine::sandbox::records::records_dir(&state).join("owned.record");
     let mut pid = None;
     for _ in 0..600 {
         let text = std::fs::read_to_string(&record_path).unwrap_or_default();
@@ -365,7 +365,7 @@ async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
         "the dead owner left its runtime dir"
     );
 
-    let report = engine::records::sweep(&state).unwrap();
+    let report = engine::sandbox::records::sweep(&state).unwrap();
     assert_eq!(report.records, 1);
     assert_eq!(report.removed_dirs, [scratch.path().join("run/owned")]);
     if rustix::process::geteuid().is_root() {
@@ -390,7 +390,7 @@ async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
     assert!(!scratch.path().join("run/owned").exists());
     if root {
         assert_eq!(report.freed_ids, [1_879_000_000], "the VM's user swept");
-        assert!(engine::ids::processes_of(1_879_000_000).is_empty());
+        assert!(engine::sandbox::ids::processes_of(1_879_000_000).is_empty());
         // The next VM gets the freed id and runs as it.
         let fixture = Fixture::new();
         let lease = fixture.lease();
@@ -404,7 +404,7 @@ async fn kill_9_of_the_owner_then_a_sweep_cleans_up() {
         assert!(status.contains("Uid:\t1879000000\t"), "{status}");
     }
     assert_eq!(
-        std::fs::read_dir(engine::records::records_dir(&state))
+        std::fs::read_dir(engine::sandbox::records::records_dir(&state))
             .unwrap()
             .count(),
         0

@@ -154,7 +154,7 @@ fn network_lists(
     config: &WorkerConfig,
 ) -> Result<
     (
-        Vec<engine::egress_policy::Ipv4Cidr>,
+        Vec<engine::network::egress_policy::Ipv4Cidr>,
         Vec<std::net::SocketAddr>,
     ),
     HostError,

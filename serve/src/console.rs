@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 /// Connects to the VM's VNC server (through the checked socket file QEMU made).
-pub async fn connect(vnc: &engine::runtime::VncEndpoint) -> std::io::Result<UnixStream> {
+pub async fn connect(vnc: &engine::sandbox::runtime::VncEndpoint) -> std::io::Result<UnixStream> {
     vnc.connect()
 }
 

@@ -8,7 +8,7 @@ use schemas::ResolvedMachine;
 
 use super::format::Snapshot;
 use super::AGENT_READY;
-use crate::session::{GuestSession, SessionConfig};
+use crate::network::session::{GuestSession, SessionConfig};
 use crate::vm::{VirtualMachine, VmError, VmSettings};
 use schemas::protocol::marker::CUT_OFF;
 

@@ -12,12 +12,12 @@
 //! command line; the caller keys snapshots by those.
 //!
 //! # Layout
-//! - [`format`]: the files of a snapshot directory ([`Snapshot`]).
-//! - [`save`]: a paused VM saved into one ([`VirtualMachine::snapshot`]).
-//! - [`build`]: an image's snapshot made from a fresh boot ([`build()`]).
+//! - [`format`](mod@format): the files of a snapshot directory ([`Snapshot`]).
+//! - `save`: a paused VM saved into one ([`VirtualMachine::snapshot`]).
+//! - [`build`](mod@build): an image's snapshot made from a fresh boot ([`build()`]).
 //! - [`store`]: one snapshot per key under the state directory, built once and shared.
 //!
-//! Restoring is a start of its own ([`VirtualMachine::restore`], in [`crate::launch`]).
+//! Restoring is a start of its own ([`VirtualMachine::restore`], in `vm::launch`).
 
 pub mod build;
 pub mod format;

@@ -75,7 +75,7 @@ impl SnapshotStore {
     /// `qemu --version`, asked once.
     fn qemu_version(&self) -> &str {
         self.qemu_version
-            .get_or_init(|| crate::process::qemu_version(&self.qemu))
+            .get_or_init(|| crate::qemu::process::qemu_version(&self.qemu))
     }
 
     /// The snapshot of `key`, built with `build` (given the directory to create) when there

@@ -6,11 +6,11 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use engine::accel::ProbeSpec;
-use engine::cgroup::CgroupHost;
-use engine::jail::JailSettings;
+use engine::host::accel::ProbeSpec;
 use engine::network::NetworkSettings;
-use engine::process::lookup_user;
+use engine::qemu::process::lookup_user;
+use engine::sandbox::cgroup::CgroupHost;
+use engine::sandbox::jail::JailSettings;
 use engine::{Accelerator, Netdev, VmSettings};
 use image_manager::{Cache, ImageRequest, Lease};
 use schemas::config::CacheConfig;

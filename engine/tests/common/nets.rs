@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
-use engine::session::GuestSession;
+use engine::network::session::GuestSession;
 use schemas::protocol::{ActionKind, Execute};
 use tokio::sync::mpsc;
 

@@ -12,7 +12,7 @@ use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
-use engine::session::GuestSession;
+use engine::network::session::GuestSession;
 use schemas::protocol::{content_type, ActionKind, ReplyError};
 use schemas::shown::quoted;
 use schemas::{Artifact, ArtifactKind};

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use engine::drives::{HostDisk, HostFiles};
+use engine::disk::drives::{HostDisk, HostFiles};
 use image_manager::ImageRequest;
 
 /// The base of a build, as the command line gave it.

@@ -21,10 +21,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::drives::{BootSource, ExtraDrive};
-use engine::mutable::MutableImage;
-use engine::seed::NoCloudSeed;
-use engine::session::{GuestSession, SessionConfig};
+use engine::disk::drives::{BootSource, ExtraDrive};
+use engine::disk::seed::NoCloudSeed;
+use engine::network::session::{GuestSession, SessionConfig};
+use engine::vm::mutable::MutableImage;
 use engine::ExitKind;
 use schemas::protocol::{ActionKind, Execute, Report};
 

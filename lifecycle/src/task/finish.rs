@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use engine::session::GuestSession;
+use engine::network::session::GuestSession;
 use engine::{ExitKind, VirtualMachine};
 use schemas::machine::GraphicsAdapter;
 use schemas::protocol::ActionKind;
@@ -129,7 +129,7 @@ pub(super) fn has_display(machine: &ResolvedMachine) -> bool {
 pub(super) async fn take_screenshot(vm: &VirtualMachine, dir: &Path, log: &TaskLog) {
     let shot = vm.screenshot(Duration::from_secs(10)).await;
     let png = shot.and_then(|image| {
-        engine::screenshot::encode_png(&image).map(|png| (png, image.dimensions()))
+        engine::qemu::screenshot::encode_png(&image).map(|png| (png, image.dimensions()))
     });
     match png {
         Ok((png, (width, height))) => match std::fs::write(dir.join("screenshot.png"), &png) {

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::session::{GuestSession, SessionConfig};
+use engine::network::session::{GuestSession, SessionConfig};
 use engine::{ExitKind, VirtualMachine, VmError};
 use image_manager::Lease;
 use schemas::protocol::Execute;
@@ -81,7 +81,7 @@ impl TaskRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveVm {
     /// QEMU's VNC server (several clients may share it), reached through checked descriptors.
-    pub vnc: engine::runtime::VncEndpoint,
+    pub vnc: engine::sandbox::runtime::VncEndpoint,
     /// Whether the machine has a display to look at.
     pub has_display: bool,
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::session::GuestSession;
+use engine::network::session::GuestSession;
 use engine::{VirtualMachine, VmError, VmSettings};
 use image_manager::{FetchKind, ImageRequest, Lease, Progress};
 use schemas::config::StartMode;

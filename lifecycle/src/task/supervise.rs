@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use engine::session::GuestSession;
+use engine::network::session::GuestSession;
 use engine::VirtualMachine;
 use schemas::protocol::{ActionKind, Report};
 use schemas::Payload;

@@ -183,7 +183,7 @@ pub async fn screenshot(State(app): Shared, Path(task_id): Path<String>) -> ApiR
                 "the machine has no display (graphics \"none\")",
             ));
         }
-        let image = engine::screenshot::capture(&live.vnc, Duration::from_secs(10))
+        let image = engine::qemu::screenshot::capture(&live.vnc, Duration::from_secs(10))
             .await
             .map_err(|error| {
                 ApiError::new(
@@ -191,7 +191,7 @@ pub async fn screenshot(State(app): Shared, Path(task_id): Path<String>) -> ApiR
                     format!("no screenshot: {error}"),
                 )
             })?;
-        let png = engine::screenshot::encode_png(&image).map_err(|error| {
+        let png = engine::qemu::screenshot::encode_png(&image).map_err(|error| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("no screenshot: {error}"),

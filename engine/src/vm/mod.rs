@@ -1,6 +1,11 @@
 //! A `VirtualMachine` owns everything one VM uses — the image lease, its runtime directory
 //! and overlay, the QEMU process and the QMP connection — and releases all of it when dropped:
 //! QEMU's process group is killed and the directory removed.
+//!
+//! # Layout
+//! - [`mutable`]: [`mutable::MutableImage`], a VM booted to be changed and packaged.
+
+pub mod mutable;
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -10,19 +15,19 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cgroup::{CgroupHost, VmCgroup};
-use crate::cmdline::{Accelerator, CmdlineError, Netdev};
-use crate::drives::{BootSource, ExtraDrive};
-use crate::ids::VmIds;
-use crate::jail::JailSettings;
-use crate::metadata::Handler;
-use crate::netns::NetworkError;
+use crate::disk::drives::{BootSource, ExtraDrive};
+use crate::network::metadata::Handler;
+use crate::network::netns::NetworkError;
 use crate::network::{NetworkSettings, VmNetwork};
-use crate::process::{QemuProcess, RunAs};
-use crate::qmp::Qmp;
-use crate::records::RecordFile;
-use crate::runtime::{RuntimeDir, VncEndpoint};
-use crate::screenshot::{Screen, ScreenshotError};
+use crate::qemu::cmdline::{Accelerator, CmdlineError, Netdev};
+use crate::qemu::process::{QemuProcess, RunAs};
+use crate::qemu::qmp::Qmp;
+use crate::qemu::screenshot::{Screen, ScreenshotError};
+use crate::sandbox::cgroup::{CgroupHost, VmCgroup};
+use crate::sandbox::ids::VmIds;
+use crate::sandbox::jail::JailSettings;
+use crate::sandbox::records::RecordFile;
+use crate::sandbox::runtime::{RuntimeDir, VncEndpoint};
 
 /// Most bytes of a log returned by [`VirtualMachine::serial_output`].
 pub(crate) const LOG_LIMIT: u64 = 4 << 20;
@@ -286,11 +291,11 @@ impl VirtualMachine {
     pub async fn screendump(&self) -> Result<Vec<u8>, VmError> {
         const NAME: &str = "screendump.ppm";
         let filename = if self.jailed {
-            format!("/{}/{NAME}", crate::runtime::SCRATCH)
+            format!("/{}/{NAME}", crate::sandbox::runtime::SCRATCH)
         } else {
             self.runtime
                 .path()
-                .join(crate::runtime::SCRATCH)
+                .join(crate::sandbox::runtime::SCRATCH)
                 .join(NAME)
                 .display()
                 .to_string()
@@ -304,7 +309,7 @@ impl VirtualMachine {
     /// The screen as an RGBA image, read over the VM's VNC socket (the machine needs
     /// graphics). Gives up after `timeout`.
     pub async fn screenshot(&self, timeout: Duration) -> Result<Screen, ScreenshotError> {
-        crate::screenshot::capture(&self.runtime.vnc(), timeout).await
+        crate::qemu::screenshot::capture(&self.runtime.vnc(), timeout).await
     }
 
     /// Ends the VM and removes everything it had, as dropping it does, but with the slow part

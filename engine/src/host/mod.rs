@@ -3,6 +3,13 @@
 //! runs as and the jail (id range, namespaces), control groups, the TSC, the accelerator
 //! verdict (decided on first use) and the snapshot store. Everything else about a VM comes
 //! from [`VmHost::vm_settings`].
+//!
+//! # Layout
+//! - [`accel`]: KVM or TCG; `auto` probes KVM with a boot watchdog and caches the verdict.
+//! - [`tsc`]: the host's TSC frequency for the guest's command line.
+
+pub mod accel;
+pub mod tsc;
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -14,12 +21,12 @@ use schemas::ResolvedMachine;
 use thiserror::Error;
 use tokio::sync::OnceCell;
 
-use crate::accel::{decide, ProbeSpec};
-use crate::cgroup::CgroupHost;
-use crate::egress_policy::Ipv4Cidr;
-use crate::jail::JailSettings;
+use crate::host::accel::{decide, ProbeSpec};
+use crate::network::egress_policy::Ipv4Cidr;
 use crate::network::NetworkSettings;
-use crate::process::{lookup_user, RunAs};
+use crate::qemu::process::{lookup_user, RunAs};
+use crate::sandbox::cgroup::CgroupHost;
+use crate::sandbox::jail::JailSettings;
 use crate::snapshot::store::{Got, SnapshotStore, READY_TIMEOUT};
 use crate::{Accelerator, Netdev, VmError, VmSettings};
 
@@ -36,7 +43,7 @@ pub enum HostError {
     },
     /// VMs need privileges this process lacks.
     #[error(transparent)]
-    Privileges(#[from] crate::netns::NetworkError),
+    Privileges(#[from] crate::network::netns::NetworkError),
     /// The sandbox user does not exist.
     #[error("sandbox user {user:?}: {source}")]
     User {
@@ -126,8 +133,8 @@ impl VmHost {
     /// groups, the snapshot store (swept of snapshots whose image left the cache). `notice`
     /// receives one line per thing worth knowing.
     pub fn prepare(settings: HostSettings, notice: &dyn Fn(&str)) -> Result<VmHost, HostError> {
-        crate::netns::check_privileges()?;
-        if settings.egress && crate::jail::find_program("nft").is_err() {
+        crate::network::netns::check_privileges()?;
+        if settings.egress && crate::sandbox::jail::find_program("nft").is_err() {
             return Err(HostError::Unsupported(
                 "network.egress = true needs nftables (the `nft` program); install it (make deps \
                  does) or turn egress off"
@@ -187,7 +194,7 @@ impl VmHost {
             jail,
             cgroups,
             qemu,
-            tsc_khz: crate::tsc::host_tsc_khz(),
+            tsc_khz: crate::host::tsc::host_tsc_khz(),
             snapshots,
             accel: OnceCell::new(),
         })
@@ -317,7 +324,7 @@ impl VmHost {
 
 /// Removes what VMs of a worker killed with `kill -9` left behind.
 fn sweep(state: &Path, notice: &dyn Fn(&str)) -> Result<(), HostError> {
-    let report = crate::records::sweep(state).map_err(|source| HostError::Sweep {
+    let report = crate::sandbox::records::sweep(state).map_err(|source| HostError::Sweep {
         path: state.to_owned(),
         source,
     })?;
@@ -344,13 +351,13 @@ fn jail_settings(
     notice: &dyn Fn(&str),
 ) -> Result<JailSettings, HostError> {
     let range = &settings.id_range;
-    let ids = crate::ids::IdRange::new(range.first, range.count)
+    let ids = crate::sandbox::ids::IdRange::new(range.first, range.count)
         .map_err(|error| HostError::Unsupported(error.to_string()))?;
     ids.check_host()
         .map_err(|error| HostError::Unsupported(error.to_string()))?;
     let mut jail = JailSettings::new(ids);
     let end = u64::from(ids.first) + u64::from(ids.count);
-    match crate::jail::check_namespaces() {
+    match crate::sandbox::jail::check_namespaces() {
         Ok(()) => notice(&format!(
             "isolation: every QEMU jailed: a user and group of its own (sandbox.idRange {}..{end}), \
              its own mount, network, IPC and UTS namespaces with its runtime directory as root \

@@ -7,7 +7,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::net::UnixStream;
 
-use crate::runtime::VncEndpoint;
+use crate::sandbox::runtime::VncEndpoint;
 use vnc::{PixelFormat, Rect, VncConnector, VncEncoding, VncError, VncEvent};
 
 /// Why a screenshot could not be taken.

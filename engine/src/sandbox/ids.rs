@@ -5,7 +5,7 @@
 //! live VMs, and a lock dies with its process: the ids of a worker killed with `kill -9` are
 //! free again once its processes are gone. An id is handed out only when, besides its lock,
 //! no process runs as it — a QEMU a dead worker left behind keeps its id out of use until the
-//! start-up sweep ([`crate::records::sweep`]) kills it.
+//! start-up sweep ([`crate::sandbox::records::sweep`]) kills it.
 
 use std::fs;
 use std::io;

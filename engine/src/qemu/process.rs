@@ -10,8 +10,8 @@ use std::process::Stdio;
 use rustix::process::{kill_process_group, Gid, Pid, Resource, Rlimit, Signal, Uid};
 use tokio::process::{Child, Command};
 
-use crate::cgroup::VmCgroup;
-use crate::jail::PreparedJail;
+use crate::sandbox::cgroup::VmCgroup;
+use crate::sandbox::jail::PreparedJail;
 
 /// QEMU's open-file limit: its disks, sockets and event descriptors, with room to spare.
 const OPEN_FILES: u64 = 4096;

@@ -18,8 +18,8 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use crate::egress_policy::{host_networks, EgressPolicy, Ipv4Cidr};
-use crate::netns::{run_ip, run_with_input, Namespace, NetworkError};
+use crate::network::egress_policy::{host_networks, EgressPolicy, Ipv4Cidr};
+use crate::network::netns::{run_ip, run_with_input, Namespace, NetworkError};
 
 /// Prefix of the host side of every egress link.
 pub const HOST_LINK_PREFIX: &str = "tve";

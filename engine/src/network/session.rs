@@ -21,7 +21,7 @@ use schemas::protocol::{Action, ActionKind, Execute, Freshness, Report, API_PREF
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::metadata::{text, Handler, Reply, ReplyFuture};
+use crate::network::metadata::{text, Handler, Reply, ReplyFuture};
 
 /// Settings of one session.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use schemas::machine::{
 use schemas::ResolvedMachine;
 use thiserror::Error;
 
-use crate::drives::DriveMedia;
+use crate::disk::drives::DriveMedia;
 
 /// Which accelerator runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 
-use crate::egress_policy::EgressPolicy;
+use crate::network::egress_policy::EgressPolicy;
 
 /// Queries forwarded at once; more are dropped (the guest's resolver retries).
 pub const MAX_IN_FLIGHT: usize = 32;
@@ -178,7 +178,7 @@ fn skip_name(message: &[u8], mut at: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::egress_policy::Ipv4Cidr;
+    use crate::network::egress_policy::Ipv4Cidr;
 
     /// A query for `name` (type A) with id 0x1234.
     pub(crate) fn query(name: &str) -> Vec<u8> {

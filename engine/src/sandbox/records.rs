@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use rustix::process::{kill_process_group, Pid, Signal};
 
-use crate::cgroup::{remove_group, GROUP_PREFIX};
-use crate::netns::{delete_namespace, namespace_path, NAMESPACE_PREFIX};
+use crate::network::netns::{delete_namespace, namespace_path, NAMESPACE_PREFIX};
+use crate::sandbox::cgroup::{remove_group, GROUP_PREFIX};
 
 /// A VM's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,7 +203,7 @@ pub fn sweep(state_dir: &Path) -> io::Result<SweepReport> {
         }
         if let Some(uid) = record.uid.filter(|uid| *uid != 0) {
             // A user of the VM range: nothing but that VM's QEMU ran as it.
-            crate::ids::kill_processes_of(uid);
+            crate::sandbox::ids::kill_processes_of(uid);
             report.freed_ids.push(uid);
         }
         for group in &record.cgroups {
@@ -227,7 +227,7 @@ pub fn sweep(state_dir: &Path) -> io::Result<SweepReport> {
             }
         }
         if !report.removed_namespaces.is_empty() {
-            crate::egress::tidy_host();
+            crate::network::egress::tidy_host();
         }
         if record.runtime_dir.exists() && fs::remove_dir_all(&record.runtime_dir).is_ok() {
             report.removed_dirs.push(record.runtime_dir.clone());

@@ -5,8 +5,25 @@
 //! and IPv6 off, and no route, veth or bridge leads out of it. Whatever the guest sends —
 //! to the host's addresses, to other VMs, to any network — has nowhere to go; the only
 //! sockets in the namespace are the metadata listener and the DHCP responder. With
-//! `egress` (off unless asked for), [`crate::egress`] adds a NATed way out, and a DNS
-//! forwarder ([`crate::dns`]) listens on the metadata address.
+//! `egress` (off unless asked for), [`crate::network::egress`] adds a NATed way out, and a DNS
+//! forwarder ([`crate::network::dns`]) listens on the metadata address.
+//!
+//! # Layout
+//! - [`netns`]: the VM's own network namespace and the tap device in it.
+//! - [`metadata`]: the per-VM HTTP service, its listener inside the VM's namespace.
+//! - [`session`]: the guest protocol (`/engine/v1/`) and cloud-init metadata as a handler.
+//! - [`dhcp`]: a DHCP responder for stock cloud images.
+//! - [`egress`]: opt-in NAT to other networks (never to the host itself), under the
+//!   [`egress_policy`] (internal ranges and the host's own networks denied), with a
+//!   [`dns`] forwarder that refuses answers naming denied addresses.
+
+pub mod dhcp;
+pub mod dns;
+pub mod egress;
+pub mod egress_policy;
+pub mod metadata;
+pub mod netns;
+pub mod session;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -15,12 +32,10 @@ use std::sync::Arc;
 use schemas::protocol::METADATA_ADDRESS;
 use tokio::task::JoinHandle;
 
-use crate::dhcp;
-use crate::dns;
-use crate::egress::Egress;
-use crate::egress_policy::Ipv4Cidr;
-use crate::metadata::{Handler, MetadataService, ServiceLimits};
-use crate::netns::{check_privileges, open_tap, Namespace, NetworkError, TAP_NAME};
+use crate::network::egress::Egress;
+use crate::network::egress_policy::Ipv4Cidr;
+use crate::network::metadata::{Handler, MetadataService, ServiceLimits};
+use crate::network::netns::{check_privileges, open_tap, Namespace, NetworkError, TAP_NAME};
 
 /// The guest address our agent uses when told nothing else.
 pub const DEFAULT_GUEST_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 2);

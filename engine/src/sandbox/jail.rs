@@ -27,8 +27,8 @@ const DEVICES: [&str; 4] = ["null", "zero", "random", "urandom"];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailSettings {
     /// Where each VM's user and group come from.
-    pub ids: crate::ids::IdRange,
-    /// Where held ids are locked ([`crate::ids::LOCK_DIR`] unless a test says otherwise).
+    pub ids: crate::sandbox::ids::IdRange,
+    /// Where held ids are locked ([`crate::sandbox::ids::LOCK_DIR`] unless a test says otherwise).
     pub id_locks: PathBuf,
     /// Whether QEMU gets namespaces of its own with the runtime directory as its root; false
     /// only where the configuration accepts weaker isolation on a host that cannot make them.
@@ -39,7 +39,7 @@ impl Default for JailSettings {
     /// A full jail with the configuration's default range (`sandbox.idRange`).
     fn default() -> Self {
         let range = schemas::config::IdRangeConfig::default();
-        JailSettings::new(crate::ids::IdRange {
+        JailSettings::new(crate::sandbox::ids::IdRange {
             first: range.first,
             count: range.count,
         })
@@ -48,10 +48,10 @@ impl Default for JailSettings {
 
 impl JailSettings {
     /// A full jail with ids from `ids`, locked host-wide.
-    pub fn new(ids: crate::ids::IdRange) -> JailSettings {
+    pub fn new(ids: crate::sandbox::ids::IdRange) -> JailSettings {
         JailSettings {
             ids,
-            id_locks: PathBuf::from(crate::ids::LOCK_DIR),
+            id_locks: PathBuf::from(crate::sandbox::ids::LOCK_DIR),
             namespaces: true,
         }
     }

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use schemas::config::Accel;
 use serde::{Deserialize, Serialize};
 
-use crate::cmdline::Accelerator;
-use crate::jail::{JailPlan, JailSettings};
-use crate::process::{QemuProcess, RunAs};
-use crate::runtime::RuntimeDir;
+use crate::qemu::cmdline::Accelerator;
+use crate::qemu::process::{QemuProcess, RunAs};
+use crate::sandbox::jail::{JailPlan, JailSettings};
+use crate::sandbox::runtime::RuntimeDir;
 
 /// What the probe guest prints once its kernel is fully up (and panics on purpose).
 const BOOTED_MARKER: &str = "Kernel panic";
@@ -76,7 +76,7 @@ pub async fn probe_boot(accelerator: Accelerator, spec: &ProbeSpec) -> ProbeOutc
 struct ProbeVm {
     qemu: QemuProcess,
     runtime: RuntimeDir,
-    _ids: Option<crate::ids::VmIds>,
+    _ids: Option<crate::sandbox::ids::VmIds>,
     started: Instant,
 }
 
@@ -355,7 +355,7 @@ fn host_key(spec: &ProbeSpec) -> io::Result<String> {
         .lines()
         .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
         .map_or(String::new(), |(_, model)| model.trim().to_owned());
-    let qemu_version = crate::process::qemu_version(&spec.qemu)
+    let qemu_version = crate::qemu::process::qemu_version(&spec.qemu)
         .lines()
         .next()
         .unwrap_or_default()

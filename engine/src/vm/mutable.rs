@@ -10,7 +10,7 @@ use image_manager::{pack_with_progress, Digest, PackInputs, PackProgress};
 use schemas::{Machine, ResolvedMachine};
 use thiserror::Error;
 
-use crate::drives::BootSource;
+use crate::disk::drives::BootSource;
 use crate::vm::{VirtualMachine, VmError, VmSettings};
 
 /// Why packaging failed.

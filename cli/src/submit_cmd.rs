@@ -7,7 +7,14 @@ use std::time::{Duration, Instant};
 
 use lifecycle::exit::Outcome;
 use lifecycle::resolution::Resolution;
+use schemas::shown::escaped;
 use serve::wire;
+
+/// Most bytes of one API answer (not the log stream) that `submit` reads: a task with its
+/// payload and runs is far smaller; a server sending more is refused.
+const ANSWER_LIMIT: u64 = 8 << 20;
+/// How long one API request (not the log stream) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Arguments of `taskvm submit`.
 #[derive(Debug, clap::Args)]
@@ -134,11 +141,12 @@ impl Client {
         let response = self
             .request(reqwest::Method::POST, "/api/tasks")
             .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .timeout(REQUEST_TIMEOUT)
             .body(payload)
             .send()
             .map_err(|error| Failure::Other(format!("cannot reach {}: {error}", self.base)))?;
         let status = response.status();
-        let body = response.bytes().unwrap_or_default();
+        let body = read_answer(response)?;
         let unreadable = |error: serde_json::Error| {
             Failure::Other(format!(
                 "the server answered {status} with an unreadable body: {error}"
@@ -152,7 +160,7 @@ impl Client {
             _ => Err(Failure::Other(format!(
                 "the server answered {status}: {}",
                 serde_json::from_slice::<wire::Error>(&body)
-                    .map(|error| error.error)
+                    .map(|error| escaped(&error.error))
                     .unwrap_or_default()
             ))),
         }
@@ -209,14 +217,19 @@ impl Client {
     fn resolution(&self, task_id: &str) -> Result<Resolution, Failure> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let task: wire::Task = self
+            let response = self
                 .request(reqwest::Method::GET, &format!("/api/tasks/{task_id}"))
+                .timeout(REQUEST_TIMEOUT)
                 .send()
                 .and_then(|response| response.error_for_status())
-                .and_then(|response| response.json())
+                .map_err(|error| Failure::Other(format!("the task's state: {error}")))?;
+            let body = read_answer(response)?;
+            let task: wire::Task = serde_json::from_slice(&body)
                 .map_err(|error| Failure::Other(format!("the task's state: {error}")))?;
             if let Some(text) = task.resolution.filter(|_| task.state.is_resolved()) {
-                return text.parse().map_err(Failure::Other);
+                return text
+                    .parse()
+                    .map_err(|error: String| Failure::Other(escaped(&error)));
             }
             if Instant::now() > deadline {
                 return Err(Failure::Other("the task did not resolve".to_owned()));
@@ -224,4 +237,20 @@ impl Client {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// An API answer's body, refused when it is larger than [`ANSWER_LIMIT`].
+fn read_answer(response: reqwest::blocking::Response) -> Result<Vec<u8>, Failure> {
+    let mut body = Vec::new();
+    response
+        .take(ANSWER_LIMIT + 1)
+        .read_to_end(&mut body)
+        .map_err(|error| Failure::Other(format!("reading the server's answer: {error}")))?;
+    if body.len() as u64 > ANSWER_LIMIT {
+        return Err(Failure::Other(format!(
+            "the server's answer is larger than {} MiB; taskvm submit reads no more",
+            ANSWER_LIMIT >> 20
+        )));
+    }
+    Ok(body)
 }

@@ -248,3 +248,44 @@ fn version_and_help_work() {
     let output = taskvm(&["schema", "nonsense"]);
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn submit_refuses_an_answer_larger_than_its_bound() {
+    use std::io::{Read, Write};
+    // A server that answers the submission with 201 and a body that does not end for 64 MiB.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = [0u8; 4096];
+        let _ = stream.read(&mut request);
+        let _ = stream.write_all(
+            b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+        );
+        let chunk = vec![b'['; 1 << 20];
+        let mut sent = 0;
+        for _ in 0..64 {
+            if stream.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let payload = write(dir.path(), "task.json", "{}");
+    let output = taskvm(&[
+        "submit",
+        payload.to_str().unwrap(),
+        "--server",
+        &format!("http://{address}"),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("larger than 8 MiB"), "{stderr}");
+    let sent = server.join().unwrap();
+    assert!(
+        sent < 64,
+        "the client read the whole 64 MiB ({sent} MiB sent)"
+    );
+}

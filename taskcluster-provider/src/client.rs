@@ -173,13 +173,13 @@ impl Service {
         let mut response = request
             .send()
             .await
-            .map_err(|error| CallError::local(format!("{method} {url}: {error}")))?;
+            .map_err(|error| CallError::local(format!("{method} {url}: {}", transport(error))))?;
         let status = response.status();
         let mut bytes = Vec::new();
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|error| CallError::local(format!("{method} {url}: {error}")))?
+            .map_err(|error| CallError::local(format!("{method} {url}: {}", transport(error))))?
         {
             if bytes.len() + chunk.len() > ANSWER_LIMIT {
                 return Err(CallError {
@@ -224,6 +224,20 @@ fn signer(credentials: &Credentials) -> Result<Signer, CallError> {
         },
         ext,
     })
+}
+
+/// A transport error without the URL it would repeat, with the causes it wraps (such as
+/// "Connection refused").
+fn transport(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The `Authorization: Hawk …` value of one request (signed afresh for each attempt: Hawk
@@ -322,6 +336,33 @@ mod tests {
         assert!(
             text.starts_with("\\u{1b}[31m") && text.ends_with('…'),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_connection_error_names_the_url_once_and_its_cause() {
+        // A port nothing listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let root = format!("http://127.0.0.1:{port}");
+        let queue = Service::new(&root, "queue", None, Duration::from_secs(5)).unwrap();
+        let url = queue.base.join("ping").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let error = runtime
+            .block_on(queue.attempt(&Method::GET, &url, None))
+            .unwrap_err();
+        assert_eq!(error.status, None);
+        assert_eq!(error.message.matches(&root).count(), 1, "{}", error.message);
+        assert!(
+            error.message.to_lowercase().contains("refused"),
+            "{}",
+            error.message
         );
     }
 }

@@ -359,6 +359,7 @@ fn extra_drives(
                 media: drive.media,
                 read_only: !drive.writable,
                 boot_first: drive.boot_first,
+                serial: drive.serial.clone(),
             })
         })
         .collect()

@@ -206,6 +206,7 @@ fn an_installer_cdrom_and_a_seed_disk_as_inherited_descriptors() {
             media: DriveMedia::Disk,
             read_only: true,
             boot_first: false,
+            serial: Some("taskvm-slot0".into()),
         },
         LaunchDrive {
             file: "/dev/fdset/4".into(),
@@ -213,6 +214,7 @@ fn an_installer_cdrom_and_a_seed_disk_as_inherited_descriptors() {
             media: DriveMedia::Cdrom,
             read_only: true,
             boot_first: true,
+            serial: None,
         },
     ];
     launch

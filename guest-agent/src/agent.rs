@@ -1,12 +1,13 @@
 //! The agent's life: take the task, run it while serving actions, report, and wait for the
 //! worker to say it is done.
 
-use std::io;
+use std::io::{self, Write};
 use std::sync::atomic::AtomicI32;
 use std::sync::Arc;
 use std::thread::sleep;
 use std::time::Duration;
 
+use protocol::exit_code::MOUNT_FAILED;
 use protocol::Report;
 
 use crate::actions::{handle, Next};
@@ -26,6 +27,10 @@ pub fn serve(url: &str) -> io::Result<()> {
             eprintln!("taskvm-agent: {problem}");
         }
     }
+    let mounted = match crate::mounts::mount_all(&task.mounts) {
+        Ok(mounted) => mounted,
+        Err(reason) => return refuse_to_run(&client, &reason),
+    };
     marker("running");
     let process_group = Arc::new(AtomicI32::new(0));
     let (done_sender, done) = std::sync::mpsc::channel();
@@ -50,13 +55,43 @@ pub fn serve(url: &str) -> io::Result<()> {
             run(&task, &mut io::sink(), &process_group)
         }
     };
-    report_with_retries(&client, Report { exit_code });
+    report_with_retries(
+        &client,
+        &Report {
+            exit_code,
+            not_run: None,
+        },
+    );
     marker(&format!("done exit={exit_code}"));
     let _ = done.recv();
+    for problem in crate::mounts::unmount_all(&mounted) {
+        eprintln!("taskvm-agent: {problem}");
+    }
     Ok(())
 }
 
-fn report_with_retries(client: &Client, report: Report) {
+/// A mount failed: says why in the task's log and on the console, reports
+/// [`MOUNT_FAILED`] without running the command, and waits to be shut down.
+fn refuse_to_run(client: &Arc<Client>, reason: &str) -> io::Result<()> {
+    let line = format!("taskvm-agent: {reason}; the command did not run\n");
+    eprint!("{line}");
+    if let Ok(mut log) = client.log() {
+        let _ = log.write_all(line.as_bytes());
+        let _ = log.finish();
+    }
+    report_with_retries(
+        client,
+        &Report {
+            exit_code: MOUNT_FAILED,
+            not_run: Some(reason.to_owned()),
+        },
+    );
+    marker(&format!("done exit={MOUNT_FAILED}"));
+    serve_actions(client, &AtomicI32::new(0));
+    Ok(())
+}
+
+fn report_with_retries(client: &Client, report: &Report) {
     for attempt in 0..50 {
         match client.report(report) {
             Ok(200..=299) | Ok(409) => return,

@@ -115,7 +115,7 @@ impl Client {
 
     /// Reports how the command ended (`success` for exit code 0, else `failed`); returns the
     /// HTTP status (409 when a report was already made).
-    pub fn report(&self, report: Report) -> io::Result<u16> {
+    pub fn report(&self, report: &Report) -> io::Result<u16> {
         let name = if report.exit_code == 0 {
             "success"
         } else {

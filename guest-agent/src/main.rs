@@ -20,6 +20,7 @@ mod http;
 mod init;
 mod kernel_cmdline;
 mod markers;
+mod mounts;
 mod netlink;
 mod run;
 mod stage1;

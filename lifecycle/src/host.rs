@@ -13,6 +13,7 @@ use schemas::{ResolvedMachine, WorkerConfig};
 use thiserror::Error;
 
 use super::pool::WarmPool;
+use crate::caches::CacheStore;
 
 /// Why the host cannot run tasks.
 #[derive(Debug, Error)]
@@ -36,6 +37,8 @@ pub struct Host {
     pub cache: Cache,
     /// The host as the engine prepared it: jail, control groups, accelerator, snapshots.
     pub vms: VmHost,
+    /// The writable caches payloads mount.
+    pub caches: CacheStore,
     /// Paused VMs ready for the most used image (empty unless `warmPool` is set).
     pub pool: Arc<WarmPool>,
     /// Where payloads' `file://` images may come from: the configuration's `images.fileDirs`
@@ -51,7 +54,9 @@ impl Host {
     pub fn prepare(mut config: WorkerConfig, notice: &dyn Fn(&str)) -> Result<Host, HostError> {
         // QEMU and qemu-img resolve paths from other directories (a backing file is relative
         // to its overlay): every directory is made absolute once, here.
-        for dir in [&mut config.state_dir, &mut config.cache.dir] {
+        let mut dirs = vec![&mut config.state_dir, &mut config.cache.dir];
+        dirs.extend(config.mounts.cache_dir.as_mut());
+        for dir in dirs {
             *dir = std::path::absolute(&*dir).map_err(|source| {
                 engine::host::HostError::Directory {
                     path: dir.clone(),
@@ -62,11 +67,26 @@ impl Host {
         let vms = VmHost::prepare(host_settings(&config)?, notice)?;
         let cache = Cache::open(config.cache.clone())?;
         let pool = Arc::new(WarmPool::new(config.warm_pool, cache.clone()));
+        let caches_dir = config
+            .mounts
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| config.state_dir.join("caches"));
+        let caches = CacheStore::open(
+            &caches_dir,
+            config.mounts.disk_size,
+            config.mounts.cache_copies,
+        )
+        .map_err(|source| engine::host::HostError::Directory {
+            path: caches_dir.clone(),
+            source,
+        })?;
         let file_policy = image_manager::FilePolicy::Within(config.images.file_dirs.clone());
         Ok(Host {
             file_policy,
             config,
             cache,
+            caches,
             pool,
             vms,
         })
@@ -116,6 +136,11 @@ impl Host {
         self.vms
             .snapshot_for(key, lease, builder_lease, machine, settings)
             .await
+    }
+
+    /// Where the shared blank disk of unused mount slots is kept.
+    pub fn slots_dir(&self) -> PathBuf {
+        self.config.state_dir.join("slots")
     }
 
     /// Where VMs' runtime directories go.

@@ -25,6 +25,7 @@
 
 pub mod artifacts;
 pub mod build;
+pub mod caches;
 pub mod capacity;
 pub mod exit;
 pub mod host;

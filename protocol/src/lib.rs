@@ -79,6 +79,34 @@ pub struct Execute {
     /// identity with every other copy; a booted one gets the same, so the two look alike).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fresh: Option<Freshness>,
+    /// File systems the agent mounts before the command runs (and unmounts before the VM
+    /// powers off). When one cannot be mounted the command does not run: the agent logs why
+    /// and reports it ([`Report::not_run`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<GuestMount>,
+}
+
+/// A disk the host attached for the task, and where the guest mounts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestMount {
+    /// The disk's virtio serial number (`/sys/block/*/serial`), e.g. `taskvm-slot0`.
+    pub serial: String,
+    /// The absolute path it is mounted at (made when missing).
+    pub path: String,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// What the mount-slot disks are called: `PREFIX` and the slot's index.
+pub const SLOT_SERIAL_PREFIX: &str = "taskvm-slot";
+
+/// Exit codes the agent reports for itself rather than for the command.
+pub mod exit_code {
+    /// A mount of the task's could not be made; the command did not run (the report's
+    /// `notRun` says why).
+    pub const MOUNT_FAILED: i32 = 125;
 }
 
 /// The host's contribution to a guest's own state.
@@ -95,11 +123,15 @@ pub struct Freshness {
 }
 
 /// How the command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
     /// The exit code, or 128 + the signal number when a signal ended it.
     pub exit_code: i32,
+    /// Why the command did not run at all (a mount could not be made); `exit_code` is then
+    /// [`exit_code::MOUNT_FAILED`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_run: Option<String>,
 }
 
 /// Something the worker asks the guest to do while (or after) the command runs.

@@ -44,6 +44,8 @@ pub struct WorkerConfig {
     pub artifacts: ArtifactConfig,
     /// Where image references may point.
     pub images: ImageSourceConfig,
+    /// Payloads' `mounts`: where caches live and what they may cost.
+    pub mounts: MountsConfig,
     /// Where tasks come from; unset for `taskvm run`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueConfig>,
@@ -64,6 +66,7 @@ impl Default for WorkerConfig {
             network: NetworkConfig::default(),
             artifacts: ArtifactConfig::default(),
             images: ImageSourceConfig::default(),
+            mounts: MountsConfig::default(),
             queue: None,
         }
     }
@@ -146,6 +149,34 @@ impl Default for ArtifactConfig {
             max_entries: 20_000,
             timeout: 600,
             min_rate: 64 * 1024,
+        }
+    }
+}
+
+/// Payloads' `mounts`: the writable caches kept between tasks, and the disks every mount is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct MountsConfig {
+    /// Directory of the caches; unset: `STATE_DIR/caches`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// The size in bytes of every mount's disk as the guest sees it (a cache can hold no
+    /// more); the host stores only what was written. A change discards the caches of the old
+    /// size and the snapshots of VMs with mounts.
+    #[schemars(range(min = 16_777_216u64, max = 1_099_511_627_776u64))]
+    pub disk_size: u64,
+    /// Copies kept of one cache (tasks running at once each need their own); a task finding
+    /// them all busy gets a fresh one that is discarded after it.
+    #[schemars(range(min = 1, max = 64))]
+    pub cache_copies: u32,
+}
+
+impl Default for MountsConfig {
+    fn default() -> Self {
+        MountsConfig {
+            cache_dir: None,
+            disk_size: 8 * GIB,
+            cache_copies: 2,
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::config::WorkerConfig;
 use crate::limits::MachineLimits;
 use crate::machine::Machine;
 use crate::payload::{is_reserved_artifact_name, Payload, RESERVED_ARTIFACT_NAMES};
+use crate::shown::quoted;
 use crate::violations::{escape_token, Violation, Violations};
 
 /// A kind of document with a published JSON Schema.
@@ -188,7 +189,57 @@ pub fn parse_payload(value: &Value) -> Result<Payload, Violations> {
             ));
         }
     }
+    check_mounts(&payload, &mut broken);
     Violations::from_vec(broken).map_or(Ok(payload), Err)
+}
+
+/// The rules of `mounts` a schema cannot express: clean guest paths, none inside another,
+/// each cache named once.
+fn check_mounts(payload: &Payload, broken: &mut Vec<Violation>) {
+    let mut paths: Vec<&str> = Vec::new();
+    let mut caches = BTreeSet::new();
+    for (index, mount) in payload.mounts.iter().enumerate() {
+        let path = mount.path.trim_end_matches('/');
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        let unclean = path.is_empty()
+            || segments
+                .iter()
+                .any(|segment| segment.is_empty() || *segment == "." || *segment == "..")
+            || path.contains('\0');
+        let system = ["proc", "sys", "dev"].contains(&segments.first().copied().unwrap_or(""));
+        let pointer = format!("/mounts/{index}/path");
+        if unclean || system {
+            broken.push(Violation::new(
+                pointer,
+                format!(
+                    "mount path {} must be absolute, not /, without . or .. or empty segments, \
+                     and not below /proc, /sys or /dev",
+                    quoted(&mount.path)
+                ),
+            ));
+        } else if let Some(other) = paths.iter().find(|other| {
+            path == **other
+                || path.starts_with(&format!("{other}/"))
+                || other.starts_with(&format!("{path}/"))
+        }) {
+            broken.push(Violation::new(
+                pointer,
+                format!(
+                    "mount path {} overlaps the mount at {}",
+                    quoted(&mount.path),
+                    quoted(other)
+                ),
+            ));
+        } else {
+            paths.push(path);
+        }
+        if !caches.insert(mount.cache.as_str()) {
+            broken.push(Violation::new(
+                format!("/mounts/{index}/cache"),
+                format!("cache {} is mounted twice", quoted(&mount.cache)),
+            ));
+        }
+    }
 }
 
 /// Parses a worker configuration.

@@ -36,6 +36,43 @@ pub struct Payload {
     /// Whether to capture a screenshot of the VM's display when the command ends.
     #[serde(default = "screenshot_default")]
     pub screenshot: bool,
+    /// Disks mounted in the guest before the command runs (at most [`MAX_MOUNTS`]): writable
+    /// caches kept on the worker between tasks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    pub mounts: Vec<Mount>,
+    /// What follows from the command's exit status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_exit_status: Option<OnExitStatus>,
+}
+
+/// Most mounts of one task: the number of mount slots a VM with mounts has.
+pub const MAX_MOUNTS: usize = 4;
+
+/// A disk mounted in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mount {
+    /// A writable cache of this name, kept on the worker between tasks: the task gets a copy
+    /// no other running task uses (a fresh, empty one when every kept copy is busy), and what
+    /// it writes there is what the next task naming it sees.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"))]
+    pub cache: String,
+    /// Where the guest mounts it: an absolute path without `.` or `..` segments, not `/` and
+    /// not below `/proc`, `/sys` or `/dev` (made when missing).
+    #[schemars(regex(pattern = r"^/"), length(max = 1024))]
+    pub path: String,
+}
+
+/// What follows from the command's exit status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OnExitStatus {
+    /// Exit statuses after which the caches the task mounted are discarded (the next task
+    /// naming them starts with an empty one), e.g. for a cache the command found corrupt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub purge_caches: Vec<u8>,
 }
 
 fn screenshot_default() -> bool {

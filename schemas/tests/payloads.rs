@@ -268,3 +268,71 @@ fn pointers_escape_slashes_and_tildes_in_names() {
     let found = errors(with("a/b~c", json!(1)));
     assert_eq!(found, ["/a~1b~0c: unknown field"]);
 }
+
+#[test]
+fn mounts_parse_and_refuse_unknown_fields_bad_names_and_too_many() {
+    let mut payload = with("mounts", json!([{"cache": "deps", "path": "/deps/"}]));
+    payload["onExitStatus"] = json!({"purgeCaches": [3, 255]});
+    let parsed = parse_payload(&payload).unwrap();
+    assert_eq!(parsed.mounts[0].cache, "deps");
+    assert_eq!(parsed.on_exit_status.unwrap().purge_caches, [3, 255]);
+
+    let mut payload = with(
+        "mounts",
+        json!([{"cache": "deps", "path": "/deps", "size": 1}, {"cache": "../x", "path": "/x"}]),
+    );
+    payload["onExitStatus"] = json!({"purgeCaches": [256], "retry": true});
+    let found = errors(payload);
+    assert_eq!(found.len(), 4, "{found:?}");
+    assert_eq!(found[0], "/mounts/0/size: unknown field");
+    assert!(
+        found[1].starts_with("/mounts/1/cache: \"../x\" does not match"),
+        "{found:?}"
+    );
+    assert!(
+        found[2].starts_with("/onExitStatus/purgeCaches/0: 256"),
+        "{found:?}"
+    );
+    assert_eq!(found[3], "/onExitStatus/retry: unknown field");
+
+    let five: Vec<Value> = (0..5)
+        .map(|n| json!({"cache": format!("c{n}"), "path": format!("/c{n}")}))
+        .collect();
+    let found = errors(with("mounts", json!(five)));
+    assert!(found[0].starts_with("/mounts: "), "{found:?}");
+}
+
+#[test]
+fn mount_paths_are_clean_apart_and_outside_the_kernels_and_caches_named_once() {
+    let found = errors(with(
+        "mounts",
+        json!([
+            {"cache": "a", "path": "/"},
+            {"cache": "b", "path": "/x/../etc"},
+            {"cache": "c", "path": "/proc/x"},
+        ]),
+    ));
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(
+        found[0].starts_with("/mounts/0/path: mount path \"/\" must be absolute"),
+        "{found:?}"
+    );
+    assert!(found[1].starts_with("/mounts/1/path: "), "{found:?}");
+    assert!(
+        found[2].starts_with("/mounts/2/path: ") && found[2].contains("/proc"),
+        "{found:?}"
+    );
+    let found = errors(with(
+        "mounts",
+        json!([{"cache": "d", "path": "/work"}, {"cache": "e", "path": "/work/sub"}]),
+    ));
+    assert_eq!(
+        found,
+        ["/mounts/1/path: mount path \"/work/sub\" overlaps the mount at \"/work\""]
+    );
+    let found = errors(with(
+        "mounts",
+        json!([{"cache": "a", "path": "/one"}, {"cache": "a", "path": "/two"}]),
+    ));
+    assert_eq!(found, ["/mounts/1/cache: cache \"a\" is mounted twice"]);
+}

@@ -6,6 +6,8 @@
 
 use std::process::{Command, Output};
 
+pub mod scene;
+
 /// `taskvm ARGS…`, to add to and run.
 pub fn taskvm_command(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_taskvm"));

@@ -125,6 +125,8 @@ pub struct ExtraDrive {
     pub writable: bool,
     /// Whether the firmware boots from it before the root disk (an installer).
     pub boot_first: bool,
+    /// The virtio serial number the guest finds it by (a task's mount slot).
+    pub serial: Option<String>,
 }
 
 impl ExtraDrive {
@@ -136,6 +138,19 @@ impl ExtraDrive {
             media: DriveMedia::Disk,
             writable: false,
             boot_first: false,
+            serial: None,
+        }
+    }
+
+    /// A disk in a task's mount slot: raw, found by the guest by `serial`.
+    pub fn slot_disk(path: impl Into<PathBuf>, serial: String, writable: bool) -> Self {
+        ExtraDrive {
+            path: path.into(),
+            format: "raw".to_owned(),
+            media: DriveMedia::Disk,
+            writable,
+            boot_first: false,
+            serial: Some(serial),
         }
     }
 
@@ -147,6 +162,7 @@ impl ExtraDrive {
             media: DriveMedia::Cdrom,
             writable: false,
             boot_first: true,
+            serial: None,
         }
     }
 

@@ -6,7 +6,9 @@
 //!   drives besides it, handed to QEMU as open descriptors.
 //! - [`overlay`]: the per-VM qcow2 overlay on the leased image.
 //! - [`seed`]: a cloud-init NoCloud seed (a FAT volume labelled CIDATA).
+//! - [`slots`]: the fixed mount slots of a VM with mounts, so that it can be restored.
 
 pub mod drives;
 pub mod overlay;
 pub mod seed;
+pub mod slots;

@@ -245,6 +245,7 @@ impl VmHost {
             settings.accelerator,
             settings.tsc_khz,
             &network,
+            crate::disk::slots::layout(&settings.drives),
         )
     }
 
@@ -260,12 +261,18 @@ impl VmHost {
         machine: &ResolvedMachine,
         settings: &VmSettings,
     ) -> Result<Got, VmError> {
-        let build_settings = VmSettings {
+        let mut build_settings = VmSettings {
             name: format!("{}-snapshot", settings.name),
             ..settings.clone()
         };
         self.snapshots
             .get_or_build(key, |dir| async move {
+                // The task's own disks stay out of the snapshot: its mount slots get blanks.
+                let blanks = crate::disk::slots::Blanks::create(&dir.with_extension("slots"))
+                    .map_err(VmError::Setup)?;
+                build_settings.drives = blanks
+                    .in_place_of(&build_settings.drives)
+                    .map_err(VmError::Setup)?;
                 let snapshot = crate::snapshot::build(
                     builder_lease,
                     machine,
@@ -274,6 +281,7 @@ impl VmHost {
                     READY_TIMEOUT,
                 )
                 .await?;
+                drop(blanks);
                 SnapshotStore::label(&dir, lease).map_err(VmError::Setup)?;
                 Ok(snapshot)
             })

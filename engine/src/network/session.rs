@@ -155,14 +155,14 @@ impl GuestSession {
 
     /// The guest's report, once it has made one.
     pub fn report(&self) -> Option<Report> {
-        *self.report.borrow()
+        self.report.borrow().clone()
     }
 
     /// Waits for the guest's report.
     pub async fn wait_report(&self) -> Report {
         let mut receiver = self.report.subscribe();
         loop {
-            if let Some(report) = *receiver.borrow_and_update() {
+            if let Some(report) = receiver.borrow_and_update().clone() {
                 return report;
             }
             if receiver.changed().await.is_err() {
@@ -298,6 +298,7 @@ impl GuestSession {
         let report = if body.iter().all(u8::is_ascii_whitespace) {
             Report {
                 exit_code: default_exit,
+                not_run: None,
             }
         } else {
             match serde_json::from_slice::<Report>(&body) {

@@ -86,6 +86,8 @@ pub struct LaunchDrive {
     pub read_only: bool,
     /// Booted by the firmware before the root disk.
     pub boot_first: bool,
+    /// The virtio serial number the guest finds the disk by (virtio disks only).
+    pub serial: Option<String>,
 }
 
 /// A descriptor QEMU inherits, put in fd set `set` (`-add-fd fd=FD,set=SET`).
@@ -302,6 +304,10 @@ fn push_extra_drives(args: &mut Args, spec: &LaunchSpec, bus: &str) {
         );
         if drive.read_only {
             options.push_str(",readonly=on");
+        } else {
+            // Opened read-write at once: QEMU would first open a writable drive read-only,
+            // which an inherited read-write descriptor cannot serve.
+            options.push_str(",auto-read-only=off");
         }
         let cdrom = drive.media == DriveMedia::Cdrom && bus == "pci";
         if cdrom {
@@ -315,6 +321,9 @@ fn push_extra_drives(args: &mut Args, spec: &LaunchSpec, bus: &str) {
         };
         if drive.boot_first {
             device.push_str(",bootindex=0");
+        }
+        if let Some(serial) = drive.serial.as_ref().filter(|_| !cdrom) {
+            device.push_str(&format!(",serial={serial}"));
         }
         args.push(["-device", &device]);
     }

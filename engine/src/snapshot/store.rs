@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::format::Snapshot;
+use crate::disk::slots::SlotLayout;
 use crate::network::NetworkSettings;
 use crate::{Accelerator, VmError};
 use image_manager::Lease;
@@ -57,8 +58,9 @@ impl SnapshotStore {
         accelerator: Accelerator,
         tsc_khz: Option<u64>,
         network: &NetworkSettings,
+        slots: Option<SlotLayout>,
     ) -> String {
-        let parts = serde_json::json!({
+        let mut parts = serde_json::json!({
             // The engine's command-line layout (2: the jail's `-blockdev` chain on descriptors).
             "layout": 2,
             "image": lease.digest().hex(),
@@ -69,6 +71,10 @@ impl SnapshotStore {
             "guestAddress": network.guest_address.to_string(),
             "egress": network.egress,
         });
+        // Only VMs with mount slots have them in their key: the keys of others stay as they were.
+        if let Some(slots) = slots {
+            parts["slots"] = serde_json::json!({ "count": slots.count, "size": slots.size });
+        }
         hex::encode(Sha256::digest(parts.to_string().as_bytes()))
     }
 

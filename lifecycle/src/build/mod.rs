@@ -315,7 +315,7 @@ async fn build_through_agent(
         started.elapsed().as_secs_f64()
     ));
     let script_started = Instant::now();
-    let Report { exit_code } = tokio::select! {
+    let Report { exit_code, .. } = tokio::select! {
         report = session.wait_report() => report,
         kind = image.vm_mut().wait() => return Err(format!("the VM ended during the build ({kind:?})")),
         () = tokio::time::sleep_until(deadline) => return Err("the build timed out".into()),

@@ -141,12 +141,13 @@ pub(super) async fn take_screenshot(vm: &VirtualMachine, dir: &Path, log: &TaskL
 }
 
 /// Asks the agent to power the guest off; kills the VM when it does not in time.
+/// Returns whether the guest powered off by itself.
 pub(super) async fn shut_down(
     vm: &mut VirtualMachine,
     session: &GuestSession,
     grace: Duration,
     log: &TaskLog,
-) {
+) -> bool {
     let asked = tokio::time::timeout(
         Duration::from_secs(5),
         session.perform(ActionKind::Shutdown),
@@ -157,11 +158,12 @@ pub(super) async fn shut_down(
             if kind != ExitKind::PoweredOff {
                 log.note(&format!("at shutdown: {}", describe_exit(&kind)));
             }
-            return;
+            return kind == ExitKind::PoweredOff;
         }
     }
     log.note("the guest did not power off in time; the VM was killed");
     vm.kill().await;
+    false
 }
 
 /// Keeps the serial console and QEMU's messages with the artifacts.

@@ -5,17 +5,20 @@
 //! 2. **fetch**: the image fetched into the cache and leased ([`start`]);
 //! 3. the machine resolved: payload over image over worker defaults, under the limits;
 //! 4. **capacity**: waiting until the host can hold the VM beside the others;
+//!    **caches**: a copy of each cache the payload mounts checked out ([`mounts`]);
 //! 5. **start**: the VM restored from a pooled VM or the image's snapshot, or booted, with the
 //!    task handed to the guest session;
 //! 6. **boot/restore/resume**, then **run**: the guest takes its task, the command runs to its
 //!    report or `maxRunTime` ([`supervise`]);
 //! 7. **artifacts**, **screenshot**, **shutdown**: collected, taken, powered off ([`finish`]);
-//! 8. the consoles kept with the artifacts, and the resolution logged.
+//! 8. the consoles kept with the artifacts, the caches given back (purged when the exit
+//!    status says so), and the resolution logged.
 //!
 //! Every ending is an [`Ending`]; [`exits`] says what a VM's exit means at each step.
 
 mod exits;
 mod finish;
+mod mounts;
 pub mod outcome;
 mod start;
 mod supervise;
@@ -205,12 +208,13 @@ impl Run {
             Some(capacity) => Some(self.reserve(capacity, &machine).await?),
             None => None,
         };
+        let mounts = self.check_out_caches(&host, payload).await?;
         let Started {
             mut vm,
             session,
             forward,
             deadline,
-        } = self.start(&host, request, lease, &machine).await?;
+        } = self.start(&host, request, lease, &machine, &mounts).await?;
         let _watched = request.live.as_ref().map(|live| {
             LiveGuard::publish(
                 live,
@@ -226,6 +230,7 @@ impl Run {
         // The agent closes its log before it reports; let the last bytes land.
         let _ = tokio::time::timeout(Duration::from_secs(2), forward).await;
         let mut collected = Vec::new();
+        let mut powered_off = false;
         if supervised.guest_alive {
             let dir = &request.artifacts_dir;
             collected = self
@@ -244,7 +249,7 @@ impl Run {
             if stopped {
                 vm.kill().await;
             } else {
-                shut_down(&mut vm, &session, SHUTDOWN_GRACE, &self.log).await;
+                powered_off = shut_down(&mut vm, &session, SHUTDOWN_GRACE, &self.log).await;
             }
             self.stage_done("shutdown");
         } else {
@@ -252,6 +257,9 @@ impl Run {
         }
         save_consoles(&vm, &request.artifacts_dir, &self.log);
         vm.release().await;
+        for note in mounts.release(payload, ending.exit_code, powered_off) {
+            self.log.note(&note);
+        }
         Ok((ending, collected))
     }
 
@@ -262,10 +270,12 @@ impl Run {
         request: &TaskRequest,
         lease: Lease,
         machine: &ResolvedMachine,
+        mounts: &mounts::TaskMounts,
     ) -> Result<Started, Ending> {
         let log = self.log.clone();
         let accelerator = host.accelerator(&|line| log.note(line)).await;
-        let settings = host.vm_settings(&request.name, accelerator);
+        let mut settings = host.vm_settings(&request.name, accelerator);
+        settings.drives.extend(mounts.drives());
         // The start (a snapshot made first included) has its own bound; maxRunTime is the
         // command's, counted from when the guest takes it.
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
@@ -273,6 +283,7 @@ impl Run {
         session.set_task(Execute {
             command: request.payload.command.clone(),
             env: request.payload.env.clone(),
+            mounts: mounts.for_guest(),
             ..Execute::default()
         });
         let vm = match self

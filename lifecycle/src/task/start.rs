@@ -129,7 +129,9 @@ impl Run {
             return VirtualMachine::start(lease, machine, settings).await;
         }
         let key = host.snapshot_key(&lease, machine, settings);
-        if host.pool.enabled() {
+        // A pooled VM has its disks already: a task with mounts restores its own VM.
+        let with_mounts = !settings.drives.is_empty();
+        if host.pool.enabled() && !with_mounts {
             if let Some(vm) = host.pool.take(&key) {
                 // The task is there before the guest runs again: no retry spent on it.
                 vm.set_http_handler(session.handler());
@@ -168,7 +170,7 @@ impl Run {
             ));
             self.stage_done("snapshot");
         }
-        if host.pool.enabled() {
+        if host.pool.enabled() && !with_mounts {
             let recipe = pool::Recipe {
                 image: lease.digest().clone(),
                 snapshot: got.snapshot.clone(),

@@ -66,7 +66,16 @@ impl Run {
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(max));
         match self.race(vm, deadline, session.wait_report()).await {
-            Raced::Done(Report { exit_code }) => {
+            Raced::Done(Report {
+                not_run: Some(why), ..
+            }) => {
+                self.stage_done("run");
+                Supervised::ran(Ending::failed(format!(
+                    "the command did not run: {}; the task failed",
+                    schemas::shown::escaped(&why)
+                )))
+            }
+            Raced::Done(Report { exit_code, .. }) => {
                 self.stage_done("run");
                 Supervised::ran(Ending::exited(exit_code))
             }

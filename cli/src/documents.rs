@@ -49,6 +49,10 @@ pub struct HostArgs {
     /// `serve`, the runs of `worker`).
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
+    /// Directory of the writable caches payloads mount (default: the configuration's
+    /// mounts.cacheDir, else STATE/caches; `worker`: STATE/caches/taskcluster/QUEUE).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Accelerator (default: the configuration's accel, `auto` unless set).
     #[arg(long, value_enum)]
     pub accel: Option<crate::args::AccelArg>,
@@ -70,6 +74,9 @@ pub fn load_host_config(
     }
     if let Some(state) = &host.state {
         config.state_dir = state.clone();
+    }
+    if let Some(dir) = &host.cache_dir {
+        config.mounts.cache_dir = Some(dir.clone());
     }
     if let Some(accel) = host.accel {
         config.accel = accel.into();

@@ -12,6 +12,8 @@ use schemas::config::CacheConfig;
 
 use lifecycle::exit::Outcome;
 
+use crate::sizes::{human_duration, human_size};
+
 /// Subcommands of `taskvm image`.
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
@@ -316,29 +318,5 @@ impl ProgressReporter {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
-    }
-}
-
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-fn human_duration(seconds: u64) -> String {
-    match seconds {
-        0..=119 => format!("{seconds}s"),
-        120..=7199 => format!("{}m", seconds / 60),
-        7200..=172_799 => format!("{}h", seconds / 3600),
-        _ => format!("{}d", seconds / 86400),
     }
 }

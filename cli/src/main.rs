@@ -7,6 +7,7 @@
 
 mod args;
 mod build_cmd;
+mod cache_cmd;
 mod documents;
 mod image_cmd;
 mod logging;
@@ -52,6 +53,11 @@ enum Command {
     Image {
         #[command(subcommand)]
         command: image_cmd::ImageCommand,
+    },
+    /// List, remove and collect the writable caches payloads mount (`mounts`).
+    Cache {
+        #[command(subcommand)]
+        command: cache_cmd::CacheCommand,
     },
     /// Run one task in a fresh VM: its output on stdout, its resolution as the exit status.
     ///
@@ -120,6 +126,7 @@ fn main() -> ExitCode {
             Outcome::Success
         }
         Command::Image { command } => image_cmd::run(command),
+        Command::Cache { command } => cache_cmd::run(command),
         Command::Run(args) => run_cmd::run(args),
         Command::Serve(args) => serve_cmd::run(args),
         Command::Submit(args) => submit_cmd::run(args),

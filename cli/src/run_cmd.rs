@@ -90,6 +90,7 @@ pub fn run(args: RunArgs) -> Outcome {
             capacity: None,
             live: None,
             on_log: None,
+            scopes: None,
         };
         let outcome = run_payload(host, run, stop_signal).await;
         outcome.ending.resolution.outcome()

@@ -45,7 +45,7 @@ pub struct WorkerArgs {
 
 /// Runs `taskvm worker`.
 pub fn run(args: WorkerArgs) -> Outcome {
-    let config = match crate::documents::load_host_config(&args.host, None) {
+    let mut config = match crate::documents::load_host_config(&args.host, None) {
         Ok(config) => config,
         Err(outcome) => return outcome,
     };
@@ -66,6 +66,16 @@ pub fn run(args: WorkerArgs) -> Outcome {
         }
     };
     let (endpoint, task_queue_id, worker_group, worker_id) = options;
+    // Caches are the worker pool's: two pools on one host never share cache NAME.
+    if config.mounts.cache_dir.is_none() {
+        config.mounts.cache_dir = Some(
+            config
+                .state_dir
+                .join("caches")
+                .join("taskcluster")
+                .join(&task_queue_id),
+        );
+    }
     let capacity = args
         .capacity
         .or(section.as_ref().map(|section| section.capacity))

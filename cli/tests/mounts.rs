@@ -126,6 +126,36 @@ fn a_cache_outlives_its_task_across_snapshot_starts_and_is_purged_on_request() {
         slots.is_empty(),
         "the build's blank disks are removed: {slots:?}"
     );
+
+    // What an operator sees and does.
+    let state = scene.state();
+    let cache = |args: &[&str]| {
+        let output = common::taskvm_command(&["cache"])
+            .args(args)
+            .arg("--state")
+            .arg(&state)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.code(), text)
+    };
+    let (code, listed) = cache(&["ls"]);
+    assert_eq!(code, Some(0), "{listed}");
+    let row = listed
+        .lines()
+        .find(|line| line.starts_with("deps "))
+        .expect(&listed);
+    assert!(row.contains(" no ") && row.contains(" ago"), "{listed}");
+    let (code, said) = cache(&["rm", "nothing-here"]);
+    assert_eq!(
+        (code, said.trim()),
+        (Some(1), "taskvm: no cache \"nothing-here\"")
+    );
+    let (code, said) = cache(&["gc", "--max-size", "0"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("removed deps copy 0"), "{said}");
+    assert!(copies(&scene).is_empty());
 }
 
 #[test]
@@ -235,4 +265,163 @@ fn a_worker_killed_mid_write_leaves_a_cache_that_is_checked_before_its_next_use(
     let [copy] = copies(&scene).try_into().unwrap();
     let (ok, said) = consistent(&scene.state().join("caches/deps").join(copy));
     assert!(ok, "{said}");
+}
+
+/// A tar.zst of a small source tree of this run's own: a file, an executable script, an empty
+/// directory and a symbolic link (which content leaves out); its sha256.
+fn source_tree(path: &Path) -> String {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8], mode: u32, kind: tar::EntryType, link: Option<&str>| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_size(data.len() as u64);
+        header.set_mode(mode);
+        if let Some(link) = link {
+            header.set_link_name(link).unwrap();
+        }
+        header.set_cksum();
+        builder.append_data(&mut header, name, data).unwrap();
+    };
+    add("src/", b"", 0o755, tar::EntryType::Directory, None);
+    add(
+        "src/main.c",
+        b"int main(void) { return 0; }\n",
+        0o644,
+        tar::EntryType::Regular,
+        None,
+    );
+    add(
+        "bin/run.sh",
+        b"#!/bin/sh\necho RUN-OK\n",
+        0o755,
+        tar::EntryType::Regular,
+        None,
+    );
+    add("empty/", b"", 0o755, tar::EntryType::Directory, None);
+    add(
+        "link",
+        b"",
+        0o777,
+        tar::EntryType::Symlink,
+        Some("/etc/passwd"),
+    );
+    // Content of its own, so that this run unpacks it even when the shared cache has another's.
+    let nonce = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
+    add(
+        "nonce",
+        nonce.as_bytes(),
+        0o644,
+        tar::EntryType::Regular,
+        None,
+    );
+    let compressed = testkit::images::zstd_bytes(&builder.into_inner().unwrap());
+    std::fs::write(path, &compressed).unwrap();
+    testkit::images::sha256_file(path)
+}
+
+fn content_task(scene: &Scene, name: &str, archive: &Path, sha256: &str, script: &str) -> PathBuf {
+    let command = serde_json::to_string(&["sh", "-c", script]).unwrap();
+    scene.payload(
+        name,
+        &with_test_images(&format!(
+            r#"{{"image": "file:///usr/share/taskvm/images/minimal.tar.zst",
+                "command": {command}, "maxRunTime": 300, "screenshot": false,
+                "mounts": [
+                  {{"content": {{"url": "file://{}", "sha256": "{sha256}"}}, "format": "tar.zst",
+                    "path": "/src"}},
+                  {{"cache": "deps", "path": "/deps"}}
+                ]}}"#,
+            archive.display()
+        )),
+    )
+}
+
+#[test]
+fn content_is_mounted_read_only_shared_and_hostile_archives_are_malformed() {
+    let scene = Scene::new();
+    let archive = scene.scratch.path().join("src.tar.zst");
+    let sha256 = source_tree(&archive);
+    let script = "cat /src/src/main.c; /src/bin/run.sh; test -e /src/link || echo NO-LINK; \
+                  test -d /src/empty && echo EMPTY-DIR; touch /src/x 2>/dev/null || echo READ-ONLY; \
+                  echo cached > /deps/marker && echo WROTE-CACHE";
+    let runs: Vec<Running> = ["first", "second"]
+        .iter()
+        .map(|name| {
+            let payload = content_task(&scene, name, &archive, &sha256, script);
+            Running(
+                scene
+                    .command(&payload, name, &shared_cache())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let mut unpacked = 0;
+    for (mut run, name) in runs.into_iter().zip(["first", "second"]) {
+        let mut stdout = String::new();
+        run.0
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        let status = run.0.wait().unwrap();
+        let log =
+            std::fs::read_to_string(scene.artifacts(name).join("live.log")).unwrap_or_default();
+        assert_eq!(status.code(), Some(0), "{name}: {log}");
+        for expected in [
+            "int main(void)",
+            "RUN-OK",
+            "NO-LINK",
+            "EMPTY-DIR",
+            "READ-ONLY",
+            "WROTE-CACHE",
+        ] {
+            assert!(
+                stdout.contains(expected),
+                "{name}: no {expected} in {stdout}\n{log}"
+            );
+        }
+        assert!(
+            log.contains(&format!("content sha256:{sha256} at /src (read-only")),
+            "{log}"
+        );
+        if log.contains("unpacked now; 1 links or special files left out") {
+            unpacked += 1;
+        }
+    }
+    assert_eq!(unpacked, 1, "unpacked once for both tasks");
+
+    // Hostile archives: a name leaving the tree, a digest that does not match.
+    let hostile = scene.scratch.path().join("hostile.tar.zst");
+    let entries = [testkit::images::Entry::file("../escape", "x")];
+    std::fs::write(&hostile, testkit::images::image(&entries)).unwrap();
+    let hostile_sha = testkit::images::sha256_file(&hostile);
+    for (name, sha, expected) in [
+        ("escape", hostile_sha.as_str(), "forbidden name"),
+        (
+            "mismatch",
+            "0000000000000000000000000000000000000000000000000000000000000000",
+            "sha256 mismatch",
+        ),
+    ] {
+        let payload = content_task(&scene, name, &hostile, sha, "echo SHOULD-NOT-RUN");
+        let run = scene.run(&payload, name);
+        assert_eq!(run.code(), Some(2), "{}", run.explain());
+        assert!(run.log.contains(expected), "{name}: {}", run.log);
+        assert!(!run.stdout().contains("SHOULD-NOT-RUN"));
+    }
+    let content_dir = shared_cache().join("content");
+    assert!(!content_dir.join("escape").exists());
+    let building: Vec<_> = std::fs::read_dir(&content_dir)
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".building"))
+        .collect();
+    assert!(
+        building.is_empty(),
+        "no work directory is left: {building:?}"
+    );
 }

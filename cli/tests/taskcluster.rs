@@ -78,6 +78,15 @@ fn slug() -> String {
 }
 
 fn create_task(deployment: &Deployment, task_queue_id: &str, payload: Value) -> String {
+    create_task_with_scopes(deployment, task_queue_id, payload, &[])
+}
+
+fn create_task_with_scopes(
+    deployment: &Deployment,
+    task_queue_id: &str,
+    payload: Value,
+    scopes: &[&str],
+) -> String {
     let task_id = slug();
     let now = chrono::Utc::now();
     let definition = json!({
@@ -89,6 +98,7 @@ fn create_task(deployment: &Deployment, task_queue_id: &str, payload: Value) -> 
         "expires": (now + chrono::Duration::days(1)).to_rfc3339(),
         "retries": 2,
         "payload": payload,
+        "scopes": scopes,
         "metadata": {
             "name": "taskvm test", "description": "a worker test", "owner": "taskvm@example.com",
             "source": "http://localhost/taskvm"
@@ -500,4 +510,61 @@ fn sigterm_lets_the_running_task_finish_or_resolves_it_worker_shutdown_after_the
         "{status:#}"
     );
     assert_eq!(qemu_processes_under(&dir.path().join("s2")), 0);
+}
+
+#[test]
+fn a_cache_needs_its_scope_and_outlives_its_task_on_the_worker() {
+    let deployment = Deployment::get();
+    let dir = scratch();
+    let queue_id = own_queue("caches");
+    let cached = |text: &str| {
+        let mut payload = script(text, 60);
+        payload["mounts"] = json!([{ "cache": "deps", "path": "/deps" }]);
+        payload
+    };
+    let unscoped = create_task(&deployment, &queue_id, cached("echo RAN"));
+    let writer = create_task_with_scopes(
+        &deployment,
+        &queue_id,
+        cached("echo from-the-first > /deps/marker"),
+        &["taskvm:cache:deps"],
+    );
+    let mut worker = Worker::start(&deployment, &queue_id, &dir.path().join("w"), &[]);
+    let status = wait_resolved(&deployment, &unscoped, Duration::from_secs(240));
+    assert_eq!(
+        status["runs"][0]["reasonResolved"], "malformed-payload",
+        "{status:#}"
+    );
+    let (_, log) = artifact(&deployment, &unscoped, 0, "public/logs/live_backing.log");
+    let log = String::from_utf8_lossy(&log);
+    assert!(
+        log.contains("the task's scopes do not include taskvm:cache:deps") && !log.contains("RAN"),
+        "{log}"
+    );
+    let status = wait_resolved(&deployment, &writer, Duration::from_secs(240));
+    assert_eq!(status["state"], "completed", "{status:#}");
+    let reader = create_task_with_scopes(
+        &deployment,
+        &queue_id,
+        cached("cat /deps/marker"),
+        &["taskvm:cache:*"],
+    );
+    let status = wait_resolved(&deployment, &reader, Duration::from_secs(240));
+    assert_eq!(status["state"], "completed", "{status:#}");
+    let (_, log) = artifact(&deployment, &reader, 0, "public/logs/live_backing.log");
+    assert!(
+        String::from_utf8_lossy(&log).contains("from-the-first"),
+        "{}",
+        String::from_utf8_lossy(&log)
+    );
+    assert!(
+        dir.path()
+            .join("w/caches/taskcluster")
+            .join(&queue_id)
+            .join("deps/0.raw")
+            .is_file(),
+        "the pool's own caches"
+    );
+    worker.signal(rustix::process::Signal::TERM);
+    assert!(worker.wait_exit(Duration::from_secs(60)).success());
 }

@@ -183,6 +183,18 @@ pub enum ArchiveError {
         /// The cap.
         limit: u64,
     },
+    /// A content archive has more entries than content may.
+    #[error("the content archive has more than {limit} entries (fixed)")]
+    TooManyContentEntries {
+        /// The bound.
+        limit: u64,
+    },
+    /// A content archive does not fit a mount's disk.
+    #[error("the content does not fit a mount's disk of {limit} bytes (mounts.diskSize)")]
+    ContentTooLarge {
+        /// The bound.
+        limit: u64,
+    },
     /// The stream is not valid zstd or tar, or ends early.
     #[error("corrupt or truncated archive: {message}")]
     Corrupt {

@@ -17,6 +17,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod cache;
+pub mod content;
 pub mod disk_check;
 pub mod error;
 pub mod layout;

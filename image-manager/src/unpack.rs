@@ -175,7 +175,7 @@ fn corrupt(error: io::Error) -> ImageError {
 }
 
 /// A tar reader's error as the image's: a bound its headers broke, or a corrupt stream.
-fn refused(error: TarError) -> ImageError {
+pub(crate) fn refused(error: TarError) -> ImageError {
     match error {
         TarError::Io(error) => corrupt(error),
         bound @ (TarError::MetadataTooLarge { .. }

@@ -39,6 +39,8 @@ pub struct Host {
     pub vms: VmHost,
     /// The writable caches payloads mount.
     pub caches: CacheStore,
+    /// The read-only content payloads mount (beside the image cache: `cache.dir/content`).
+    pub contents: image_manager::content::ContentStore,
     /// Paused VMs ready for the most used image (empty unless `warmPool` is set).
     pub pool: Arc<WarmPool>,
     /// Where payloads' `file://` images may come from: the configuration's `images.fileDirs`
@@ -72,10 +74,21 @@ impl Host {
             .cache_dir
             .clone()
             .unwrap_or_else(|| config.state_dir.join("caches"));
+        let contents_dir = config.cache.dir.join("content");
+        let contents = image_manager::content::ContentStore::open(
+            &contents_dir,
+            config.cache.clone(),
+            config.mounts.cache_budget,
+        )
+        .map_err(|source| engine::host::HostError::Directory {
+            path: contents_dir.clone(),
+            source,
+        })?;
         let caches = CacheStore::open(
             &caches_dir,
             config.mounts.disk_size,
             config.mounts.cache_copies,
+            config.mounts.cache_budget,
         )
         .map_err(|source| engine::host::HostError::Directory {
             path: caches_dir.clone(),
@@ -87,6 +100,7 @@ impl Host {
             config,
             cache,
             caches,
+            contents,
             pool,
             vms,
         })

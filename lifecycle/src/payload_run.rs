@@ -41,6 +41,24 @@ pub struct PayloadRun {
     pub live: Option<watch::Sender<Option<LiveVm>>>,
     /// Told of every write to the run's log (a provider that streams it).
     pub on_log: Option<LogListener>,
+    /// The task's scopes, when its queue has them (Taskcluster): a cache NAME it mounts then
+    /// needs `taskvm:cache:NAME`. None: no scope is asked for (a local run, the embedded
+    /// queue).
+    pub scopes: Option<Vec<String>>,
+}
+
+/// The scope a task needs to mount cache `name`, on queues with scopes.
+pub fn cache_scope(name: &str) -> String {
+    format!("taskvm:cache:{name}")
+}
+
+/// Whether `scopes` grant `wanted`: one equals it, or ends in `*` and `wanted` starts with what
+/// comes before (Taskcluster's rule).
+pub fn scopes_satisfy(scopes: &[String], wanted: &str) -> bool {
+    scopes.iter().any(|scope| match scope.strip_suffix('*') {
+        Some(prefix) => wanted.starts_with(prefix),
+        None => scope == wanted,
+    })
 }
 
 /// Runs `run` on `host` to its outcome; see the module documentation. `stop` turning `Some`
@@ -69,6 +87,21 @@ pub async fn run_payload(host: Arc<Host>, run: PayloadRun, stop: StopSignal) -> 
         // Accepted by an older version, or sent by a queue: refused by this one.
         Err(violations) => return TaskOutcome::malformed_payload(&log, &violations),
     };
+    if let Some(scopes) = &run.scopes {
+        let missing: Vec<String> = payload
+            .mounts
+            .iter()
+            .filter_map(|mount| mount.cache.as_deref().map(cache_scope))
+            .filter(|wanted| !scopes_satisfy(scopes, wanted))
+            .collect();
+        if !missing.is_empty() {
+            let lines: Vec<String> = missing
+                .iter()
+                .map(|scope| format!("/mounts: the task's scopes do not include {scope}"))
+                .collect();
+            return TaskOutcome::malformed_payload(&log, &lines.join("\n"));
+        }
+    }
     let mut request = TaskRequest::new(
         payload,
         format!("task-{:08x}", rand::random::<u32>()),
@@ -86,4 +119,23 @@ pub async fn run_payload(host: Arc<Host>, run: PayloadRun, stop: StopSignal) -> 
 /// The outcome of a run that could not begin because the host failed (no log to write).
 fn internal_error(reason: String) -> TaskOutcome {
     TaskOutcome::before_start(Ending::internal(reason))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_star_grants_what_starts_with_its_prefix_and_nothing_else_does() {
+        let scopes = [
+            "taskvm:cache:deps".to_owned(),
+            "taskvm:cache:tool-*".to_owned(),
+        ];
+        assert!(scopes_satisfy(&scopes, "taskvm:cache:deps"));
+        assert!(scopes_satisfy(&scopes, "taskvm:cache:tool-rust"));
+        assert!(!scopes_satisfy(&scopes, "taskvm:cache:deps2"));
+        assert!(!scopes_satisfy(&scopes, "taskvm:cache:tool"));
+        assert!(scopes_satisfy(&["*".to_owned()], "taskvm:cache:x"));
+        assert!(!scopes_satisfy(&[], "taskvm:cache:x"));
+    }
 }

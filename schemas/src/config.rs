@@ -169,6 +169,10 @@ pub struct MountsConfig {
     /// them all busy gets a fresh one that is discarded after it.
     #[schemars(range(min = 1, max = 64))]
     pub cache_copies: u32,
+    /// Bytes the kept copies of all caches may take on the host's disk (what was written to
+    /// them); past it, the least recently used copies no task holds are removed before a
+    /// task checks one out (`taskvm cache gc` does the same).
+    pub cache_budget: u64,
 }
 
 impl Default for MountsConfig {
@@ -177,6 +181,7 @@ impl Default for MountsConfig {
             cache_dir: None,
             disk_size: 8 * GIB,
             cache_copies: 2,
+            cache_budget: 32 * GIB,
         }
     }
 }

@@ -193,12 +193,32 @@ pub fn parse_payload(value: &Value) -> Result<Payload, Violations> {
     Violations::from_vec(broken).map_or(Ok(payload), Err)
 }
 
-/// The rules of `mounts` a schema cannot express: clean guest paths, none inside another,
-/// each cache named once.
+/// The rules of `mounts` a schema cannot express: each a cache or content (with its format),
+/// clean guest paths, none inside another, each cache named once.
 fn check_mounts(payload: &Payload, broken: &mut Vec<Violation>) {
     let mut paths: Vec<&str> = Vec::new();
     let mut caches = BTreeSet::new();
     for (index, mount) in payload.mounts.iter().enumerate() {
+        let at = |field: &str| format!("/mounts/{index}{field}");
+        match (&mount.cache, &mount.content, mount.format) {
+            (Some(_), Some(_), _) => broken.push(Violation::new(
+                at(""),
+                "a mount is a cache or content, not both".to_owned(),
+            )),
+            (None, None, _) => broken.push(Violation::new(
+                at(""),
+                "a mount needs \"cache\" (a writable cache) or \"content\" (read-only)".to_owned(),
+            )),
+            (Some(_), None, Some(_)) => broken.push(Violation::new(
+                at("/format"),
+                "\"format\" belongs to content, not to a cache".to_owned(),
+            )),
+            (None, Some(_), None) => broken.push(Violation::new(
+                at("/format"),
+                "content needs its \"format\" (tar.zst or tar.gz)".to_owned(),
+            )),
+            _ => {}
+        }
         let path = mount.path.trim_end_matches('/');
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         let unclean = path.is_empty()
@@ -207,10 +227,9 @@ fn check_mounts(payload: &Payload, broken: &mut Vec<Violation>) {
                 .any(|segment| segment.is_empty() || *segment == "." || *segment == "..")
             || path.contains('\0');
         let system = ["proc", "sys", "dev"].contains(&segments.first().copied().unwrap_or(""));
-        let pointer = format!("/mounts/{index}/path");
         if unclean || system {
             broken.push(Violation::new(
-                pointer,
+                at("/path"),
                 format!(
                     "mount path {} must be absolute, not /, without . or .. or empty segments, \
                      and not below /proc, /sys or /dev",
@@ -223,7 +242,7 @@ fn check_mounts(payload: &Payload, broken: &mut Vec<Violation>) {
                 || other.starts_with(&format!("{path}/"))
         }) {
             broken.push(Violation::new(
-                pointer,
+                at("/path"),
                 format!(
                     "mount path {} overlaps the mount at {}",
                     quoted(&mount.path),
@@ -233,11 +252,13 @@ fn check_mounts(payload: &Payload, broken: &mut Vec<Violation>) {
         } else {
             paths.push(path);
         }
-        if !caches.insert(mount.cache.as_str()) {
-            broken.push(Violation::new(
-                format!("/mounts/{index}/cache"),
-                format!("cache {} is mounted twice", quoted(&mount.cache)),
-            ));
+        if let Some(cache) = &mount.cache {
+            if !caches.insert(cache.as_str()) {
+                broken.push(Violation::new(
+                    at("/cache"),
+                    format!("cache {} is mounted twice", quoted(cache)),
+                ));
+            }
         }
     }
 }

@@ -37,7 +37,8 @@ pub struct Payload {
     #[serde(default = "screenshot_default")]
     pub screenshot: bool,
     /// Disks mounted in the guest before the command runs (at most [`MAX_MOUNTS`]): writable
-    /// caches kept on the worker between tasks.
+    /// caches kept on the worker between tasks, and read-only content unpacked from an
+    /// archive.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 4))]
     pub mounts: Vec<Mount>,
@@ -49,19 +50,41 @@ pub struct Payload {
 /// Most mounts of one task: the number of mount slots a VM with mounts has.
 pub const MAX_MOUNTS: usize = 4;
 
-/// A disk mounted in the guest.
+/// A disk mounted in the guest: either a writable `cache`, or read-only `content` with its
+/// `format`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Mount {
     /// A writable cache of this name, kept on the worker between tasks: the task gets a copy
     /// no other running task uses (a fresh, empty one when every kept copy is busy), and what
     /// it writes there is what the next task naming it sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"))]
-    pub cache: String,
+    pub cache: Option<String>,
+    /// Read-only content: an archive (by URL, pinned by the sha256 of its bytes) fetched once
+    /// and unpacked into a file system every task naming it shares. Only directories and
+    /// regular files are unpacked (links and special files are left out); files keep their
+    /// executable bit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<PinnedImage>,
+    /// How `content` is packed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ContentFormat>,
     /// Where the guest mounts it: an absolute path without `.` or `..` segments, not `/` and
     /// not below `/proc`, `/sys` or `/dev` (made when missing).
     #[schemars(regex(pattern = r"^/"), length(max = 1024))]
     pub path: String,
+}
+
+/// How a content archive is packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ContentFormat {
+    /// A tar stream compressed with zstd.
+    #[serde(rename = "tar.zst")]
+    TarZst,
+    /// A tar stream compressed with gzip.
+    #[serde(rename = "tar.gz")]
+    TarGz,
 }
 
 /// What follows from the command's exit status.

@@ -274,7 +274,7 @@ fn mounts_parse_and_refuse_unknown_fields_bad_names_and_too_many() {
     let mut payload = with("mounts", json!([{"cache": "deps", "path": "/deps/"}]));
     payload["onExitStatus"] = json!({"purgeCaches": [3, 255]});
     let parsed = parse_payload(&payload).unwrap();
-    assert_eq!(parsed.mounts[0].cache, "deps");
+    assert_eq!(parsed.mounts[0].cache.as_deref(), Some("deps"));
     assert_eq!(parsed.on_exit_status.unwrap().purge_caches, [3, 255]);
 
     let mut payload = with(
@@ -335,4 +335,44 @@ fn mount_paths_are_clean_apart_and_outside_the_kernels_and_caches_named_once() {
         json!([{"cache": "a", "path": "/one"}, {"cache": "a", "path": "/two"}]),
     ));
     assert_eq!(found, ["/mounts/1/cache: cache \"a\" is mounted twice"]);
+}
+
+#[test]
+fn a_mount_is_a_cache_or_content_with_its_format() {
+    let content = json!({"url": "https://example.com/src.tar.zst", "sha256": "a".repeat(64)});
+    let good = with(
+        "mounts",
+        json!([{"content": content, "format": "tar.zst", "path": "/src"}]),
+    );
+    let parsed = parse_payload(&good).unwrap();
+    assert_eq!(
+        parsed.mounts[0].format,
+        Some(schemas::payload::ContentFormat::TarZst)
+    );
+    let found = errors(with(
+        "mounts",
+        json!([{"content": content, "format": "zip", "path": "/five"}]),
+    ));
+    assert_eq!(
+        found,
+        ["/mounts/0/format: \"zip\" is not one of \"tar.zst\", \"tar.gz\""]
+    );
+    let found = errors(with(
+        "mounts",
+        json!([
+            {"cache": "a", "content": content, "format": "tar.gz", "path": "/one"},
+            {"path": "/two"},
+            {"cache": "b", "format": "tar.gz", "path": "/three"},
+            {"content": content, "path": "/four"},
+        ]),
+    ));
+    assert_eq!(
+        found,
+        [
+            "/mounts/0: a mount is a cache or content, not both",
+            "/mounts/1: a mount needs \"cache\" (a writable cache) or \"content\" (read-only)",
+            "/mounts/2/format: \"format\" belongs to content, not to a cache",
+            "/mounts/3/format: content needs its \"format\" (tar.zst or tar.gz)",
+        ]
+    );
 }

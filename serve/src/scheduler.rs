@@ -264,6 +264,7 @@ impl Scheduler {
                 let activity = self.activity.clone();
                 Arc::new(move || activity.send_modify(|count| *count = count.wrapping_add(1)))
             }),
+            scopes: None,
         };
         let outcome = run_payload(self.host.clone(), run, stop).await;
         self.count_stages(&outcome);

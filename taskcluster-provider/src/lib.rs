@@ -252,6 +252,7 @@ impl ClaimedRun {
             capacity: Some(self.capacity.clone()),
             live: None,
             on_log: None,
+            scopes: Some(task_scopes(&claim.task)),
         };
         run_payload(self.host.clone(), run, stop).await
     }
@@ -354,4 +355,17 @@ fn artifacts_to_publish(claim: &Claim, dir: &Path, outcome: &TaskOutcome) -> Vec
         }
     }
     artifacts
+}
+
+/// The scopes of a task definition (none when it has no list of strings).
+fn task_scopes(task: &serde_json::Value) -> Vec<String> {
+    task.get("scopes")
+        .and_then(serde_json::Value::as_array)
+        .map(|scopes| {
+            scopes
+                .iter()
+                .filter_map(|scope| scope.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -70,6 +70,8 @@ pub struct EntryHeader {
     pub size: u64,
     /// Whether the data has holes (a GNU sparse entry).
     pub sparse: bool,
+    /// The permission bits (0 when the field is not a number).
+    pub mode: u32,
 }
 
 /// A tar archive read from a stream, entry by entry.
@@ -235,6 +237,7 @@ impl<R: Read> Archive<R> {
             kind: Kind::from_flag(flag),
             size,
             sparse,
+            mode: fields::number(&block[100..108]).map_or(0, |mode| (mode & 0o7777) as u32),
         })
     }
 

@@ -25,6 +25,23 @@ pub mod fields;
 pub use archive::{Archive, Entry, EntryHeader, Kind};
 pub use error::TarError;
 
+/// A tar entry's name as a relative path of plain components (`.` dropped); None for
+/// absolute names, `..`, or anything else that could leave the directory it is unpacked in.
+pub fn plain_relative(raw: &[u8]) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::{Component, Path, PathBuf};
+    let path = Path::new(std::ffi::OsStr::from_bytes(raw));
+    let mut relative = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => relative.push(part),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    Some(relative)
+}
+
 /// The bounds on what an archive's metadata may make us hold in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -45,5 +62,21 @@ impl Default for Limits {
             max_sparse_blocks: 1 << 18,
             max_metadata_headers: 8,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::plain_relative;
+
+    #[test]
+    fn only_plain_relative_names_are_accepted() {
+        assert_eq!(plain_relative(b"./a/b.txt"), Some(PathBuf::from("a/b.txt")));
+        assert_eq!(plain_relative(b"."), Some(PathBuf::new()));
+        assert_eq!(plain_relative(b"../etc/passwd"), None);
+        assert_eq!(plain_relative(b"a/../../x"), None);
+        assert_eq!(plain_relative(b"/etc/passwd"), None);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::Read;
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 
 use schemas::payload::is_reserved_artifact_name;
 use schemas::shown::quoted_bytes;
@@ -31,7 +31,7 @@ pub(super) fn unpack(
     };
     while let Some(mut entry) = archive.next_entry()? {
         let header = entry.header();
-        let relative = safe_relative(&header.name)
+        let relative = untar::plain_relative(&header.name)
             .ok_or_else(|| Failure::Unsafe(quoted_bytes(&header.name)))?;
         if relative.as_os_str().is_empty() {
             continue; // the directory itself
@@ -59,22 +59,6 @@ pub(super) fn unpack(
     Ok(collected)
 }
 
-/// A tar entry's name as a relative path of plain components (`.` dropped); None for
-/// absolute names, `..`, or anything else that could leave the directory.
-fn safe_relative(raw: &[u8]) -> Option<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = Path::new(std::ffi::OsStr::from_bytes(raw));
-    let mut relative = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => relative.push(part),
-            Component::CurDir => {}
-            _ => return None,
-        }
-    }
-    Some(relative)
-}
-
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
@@ -82,16 +66,13 @@ mod tests {
 
     use schemas::config::ArtifactConfig;
 
+    use std::path::PathBuf;
+
     use super::*;
     use crate::artifacts::{destination, Budget, Exceeded};
 
     #[test]
-    fn only_plain_relative_names_are_accepted() {
-        assert_eq!(safe_relative(b"./a/b.txt"), Some(PathBuf::from("a/b.txt")));
-        assert_eq!(safe_relative(b"."), Some(PathBuf::new()));
-        assert_eq!(safe_relative(b"../etc/passwd"), None);
-        assert_eq!(safe_relative(b"a/../../x"), None);
-        assert_eq!(safe_relative(b"/etc/passwd"), None);
+    fn artifact_destinations_stay_inside_the_artifacts_directory() {
         let dir = Path::new("/artifacts");
         assert_eq!(
             destination(dir, "public/out"),

@@ -5,7 +5,8 @@
 //! 2. **fetch**: the image fetched into the cache and leased ([`start`]);
 //! 3. the machine resolved: payload over image over worker defaults, under the limits;
 //! 4. **capacity**: waiting until the host can hold the VM beside the others;
-//!    **caches**: a copy of each cache the payload mounts checked out ([`mounts`]);
+//!    **mounts**: a copy of each cache the payload mounts checked out, its content made
+//!    ([`mounts`]);
 //! 5. **start**: the VM restored from a pooled VM or the image's snapshot, or booted, with the
 //!    task handed to the guest session;
 //! 6. **boot/restore/resume**, then **run**: the guest takes its task, the command runs to its
@@ -208,7 +209,7 @@ impl Run {
             Some(capacity) => Some(self.reserve(capacity, &machine).await?),
             None => None,
         };
-        let mounts = self.check_out_caches(&host, payload).await?;
+        let mounts = self.prepare_mounts(&host, payload).await?;
         let Started {
             mut vm,
             session,

@@ -1,7 +1,8 @@
-//! The task's `mounts`: its caches checked out before the VM starts, put in the VM's mount
-//! slots (every slot filled, so the VM can be restored from a snapshot of VMs with mounts),
-//! named to the guest, and given back once the VM is gone — purged when the exit status says
-//! so, marked for a check when the guest did not power off cleanly.
+//! The task's `mounts`: its caches checked out and its content made (fetched and unpacked
+//! once, shared read-only) before the VM starts, put in the VM's mount slots (every slot
+//! filled, so the VM can be restored from a snapshot of VMs with mounts), named to the guest,
+//! and the caches given back once the VM is gone — purged when the exit status says so,
+//! marked for a check when the guest did not power off cleanly.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,61 +16,104 @@ use schemas::Payload;
 use super::Run;
 use crate::caches::CheckedOut;
 use crate::host::Host;
+use crate::images::image_error_is_the_payloads;
 use crate::resolution::Ending;
 
-/// The caches one task holds, in the order of its payload's `mounts`.
+/// What one task mounts, in the order of its payload's `mounts`.
 pub(super) struct TaskMounts {
-    copies: Vec<(CheckedOut, String)>,
+    slots: Vec<(Slot, String)>,
     placeholder: Option<PathBuf>,
 }
 
+/// What fills one mount slot.
+enum Slot {
+    /// A copy of a writable cache, held until released.
+    Cache(CheckedOut),
+    /// A content image, attached read-only (held until the task ends).
+    Content(image_manager::content::ContentImage),
+}
+
 impl Run {
-    /// Checks out a copy of each cache the payload mounts (none: no slots at all).
-    pub(super) async fn check_out_caches(
+    /// Checks out a copy of each cache the payload mounts and makes its content (none: no
+    /// slots at all).
+    pub(super) async fn prepare_mounts(
         &mut self,
         host: &Arc<Host>,
         payload: &Payload,
     ) -> Result<TaskMounts, Ending> {
         if payload.mounts.is_empty() {
             return Ok(TaskMounts {
-                copies: Vec::new(),
+                slots: Vec::new(),
                 placeholder: None,
             });
         }
-        let wanted: Vec<(String, String)> = payload
-            .mounts
-            .iter()
-            .map(|mount| (mount.cache.clone(), mount.path.clone()))
-            .collect();
-        let host = host.clone();
-        let checked = tokio::task::spawn_blocking(move || {
+        let mounts = payload.mounts.clone();
+        let (host, log) = (host.clone(), self.log.clone());
+        let prepared = tokio::task::spawn_blocking(move || {
             let size = host.config.mounts.disk_size;
-            let placeholder = slots::placeholder(&host.slots_dir(), size)
-                .map_err(|error| format!("the mount slots' blank disk: {error}"))?;
-            let mut copies = Vec::new();
-            for (name, path) in wanted {
-                let copy = host
-                    .caches
-                    .check_out(&name)
-                    .map_err(|error| error.to_string())?;
-                copies.push((copy, path));
+            let placeholder = slots::placeholder(&host.slots_dir(), size).map_err(|error| {
+                Ending::internal(format!("the mount slots' blank disk: {error}"))
+            })?;
+            let mut slots = Vec::new();
+            for mount in mounts {
+                let slot = match (&mount.cache, &mount.content, mount.format) {
+                    (Some(name), _, _) => {
+                        let copy = host
+                            .caches
+                            .check_out(name)
+                            .map_err(|error| Ending::internal(error.to_string()))?;
+                        for note in &copy.notes {
+                            log.note(note);
+                        }
+                        log.note(&format!("cache {name} at {}", mount.path));
+                        Slot::Cache(copy)
+                    }
+                    (None, Some(content), Some(format)) => {
+                        let made = host
+                            .contents
+                            .get(
+                                &content.url,
+                                &content.sha256,
+                                format,
+                                &host.file_policy,
+                                size,
+                            )
+                            .map_err(|error| {
+                                let reason = format!(
+                                    "content {}: {error}",
+                                    schemas::shown::quoted(&content.url)
+                                );
+                                if image_error_is_the_payloads(&error) {
+                                    Ending::malformed(reason)
+                                } else {
+                                    Ending::internal(reason)
+                                }
+                            })?;
+                        log.note(&format!(
+                            "content sha256:{} at {} (read-only{}{})",
+                            content.sha256,
+                            mount.path,
+                            if made.made { ", unpacked now" } else { "" },
+                            match made.left_out {
+                                0 => String::new(),
+                                n => format!("; {n} links or special files left out"),
+                            }
+                        ));
+                        Slot::Content(made)
+                    }
+                    _ => return Err(Ending::malformed("a mount is neither cache nor content")),
+                };
+                slots.push((slot, mount.path));
             }
-            Ok::<_, String>(TaskMounts {
-                copies,
+            Ok(TaskMounts {
+                slots,
                 placeholder: Some(placeholder),
             })
         })
         .await
-        .map_err(|error| Ending::internal(format!("checking out caches: {error}")))?
-        .map_err(Ending::internal)?;
-        for (copy, path) in &checked.copies {
-            for note in &copy.notes {
-                self.log.note(note);
-            }
-            self.log.note(&format!("cache {} at {path}", copy.name()));
-        }
-        self.stage_done("caches");
-        Ok(checked)
+        .map_err(|error| Ending::internal(format!("preparing the mounts: {error}")))??;
+        self.stage_done("mounts");
+        Ok(prepared)
     }
 }
 
@@ -80,22 +124,30 @@ impl TaskMounts {
             return Vec::new();
         };
         (0..MAX_MOUNTS)
-            .map(|slot| match self.copies.get(slot) {
-                Some((copy, _)) => ExtraDrive::slot_disk(copy.disk(), slots::serial(slot), true),
-                None => ExtraDrive::slot_disk(placeholder, slots::serial(slot), false),
+            .map(|index| {
+                let serial = slots::serial(index);
+                match self.slots.get(index) {
+                    Some((Slot::Cache(copy), _)) => {
+                        ExtraDrive::slot_disk(copy.disk(), serial, true)
+                    }
+                    Some((Slot::Content(image), _)) => {
+                        ExtraDrive::slot_disk(&image.path, serial, false)
+                    }
+                    None => ExtraDrive::slot_disk(placeholder, serial, false),
+                }
             })
             .collect()
     }
 
     /// What the guest mounts where.
     pub(super) fn for_guest(&self) -> Vec<GuestMount> {
-        self.copies
+        self.slots
             .iter()
             .enumerate()
-            .map(|(slot, (_, path))| GuestMount {
-                serial: slots::serial(slot),
+            .map(|(index, (slot, path))| GuestMount {
+                serial: slots::serial(index),
                 path: path.clone(),
-                read_only: false,
+                read_only: matches!(slot, Slot::Content(_)),
             })
             .collect()
     }
@@ -116,7 +168,8 @@ impl TaskMounts {
             })
         });
         let mut notes = Vec::new();
-        for (copy, _) in self.copies {
+        for (slot, _) in self.slots {
+            let Slot::Cache(copy) = slot else { continue };
             if purge {
                 notes.push(format!(
                     "cache {} purged (exit status {} is in onExitStatus.purgeCaches)",

@@ -78,7 +78,7 @@ fn main() {
         dir,
         "read-cache",
         &image,
-        "echo first output; cat /deps/big | wc -c",
+        "echo first output; dd if=/deps/big of=/dev/null bs=1M 2>&1 | tail -n 1",
         r#", "mounts": [{"cache": "deps", "path": "/deps"}]"#,
     );
     let server = Server::start();
@@ -96,7 +96,7 @@ fn main() {
             dir,
             "download",
             &image,
-            "echo first output; cat /src/big | wc -c",
+            "echo first output; dd if=/src/big of=/dev/null bs=1M 2>&1 | tail -n 1",
             &format!(
                 r#", "mounts": [{{"content": {{"url": "{}", "sha256": "{sha256}"}}, "format": "tar.zst", "path": "/src"}}]"#,
                 server.url(&route)

@@ -56,6 +56,39 @@ fn copies(scene: &Scene) -> Vec<String> {
     names
 }
 
+/// Runs `payloads` (name, payload) at once; each one's exit code, stdout and log.
+fn run_at_once(scene: &Scene, payloads: &[(&str, PathBuf)]) -> Vec<(Option<i32>, String, String)> {
+    let runs: Vec<Running> = payloads
+        .iter()
+        .map(|(name, payload)| {
+            Running(
+                scene
+                    .command(payload, name, &shared_cache())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    runs.into_iter()
+        .zip(payloads)
+        .map(|(mut run, (name, _))| {
+            let mut stdout = String::new();
+            run.0
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut stdout)
+                .unwrap();
+            let code = run.0.wait().unwrap().code();
+            let log =
+                std::fs::read_to_string(scene.artifacts(name).join("live.log")).unwrap_or_default();
+            (code, stdout, log)
+        })
+        .collect()
+}
+
 #[test]
 fn a_cache_outlives_its_task_across_snapshot_starts_and_is_purged_on_request() {
     let scene = Scene::new();
@@ -162,40 +195,18 @@ fn a_cache_outlives_its_task_across_snapshot_starts_and_is_purged_on_request() {
 fn concurrent_tasks_naming_one_cache_each_get_their_own_copy() {
     let scene = Scene::new();
     let names = ["left", "right"];
-    let runs: Vec<Running> = names
+    let payloads: Vec<(&str, PathBuf)> = names
         .iter()
         .map(|name| {
-            let payload = cache_task(
-                &scene,
-                name,
-                &format!(
-                    "test -e /deps/owner && echo FOUND-$(cat /deps/owner); echo {name} > \
-                     /deps/owner; sleep 4; echo OWNER-$(cat /deps/owner)"
-                ),
-                "",
+            let script = format!(
+                "test -e /deps/owner && echo FOUND-$(cat /deps/owner); echo {name} > \
+                 /deps/owner; sleep 4; echo OWNER-$(cat /deps/owner)"
             );
-            Running(
-                scene
-                    .command(&payload, name, &shared_cache())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            )
+            (*name, cache_task(&scene, name, &script, ""))
         })
         .collect();
-    for (mut run, name) in runs.into_iter().zip(names) {
-        let mut stdout = String::new();
-        run.0
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut stdout)
-            .unwrap();
-        let status = run.0.wait().unwrap();
-        let log =
-            std::fs::read_to_string(scene.artifacts(name).join("live.log")).unwrap_or_default();
-        assert_eq!(status.code(), Some(0), "{name}: {log}");
+    for ((code, stdout, log), name) in run_at_once(&scene, &payloads).into_iter().zip(names) {
+        assert_eq!(code, Some(0), "{name}: {log}");
         assert!(
             stdout.contains(&format!("OWNER-{name}")),
             "{name}: {stdout}\n{log}"
@@ -344,33 +355,14 @@ fn content_is_mounted_read_only_shared_and_hostile_archives_are_malformed() {
     let script = "cat /src/src/main.c; /src/bin/run.sh; test -e /src/link || echo NO-LINK; \
                   test -d /src/empty && echo EMPTY-DIR; touch /src/x 2>/dev/null || echo READ-ONLY; \
                   echo cached > /deps/marker && echo WROTE-CACHE";
-    let runs: Vec<Running> = ["first", "second"]
+    let names = ["first", "second"];
+    let payloads: Vec<(&str, PathBuf)> = names
         .iter()
-        .map(|name| {
-            let payload = content_task(&scene, name, &archive, &sha256, script);
-            Running(
-                scene
-                    .command(&payload, name, &shared_cache())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            )
-        })
+        .map(|name| (*name, content_task(&scene, name, &archive, &sha256, script)))
         .collect();
     let mut unpacked = 0;
-    for (mut run, name) in runs.into_iter().zip(["first", "second"]) {
-        let mut stdout = String::new();
-        run.0
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut stdout)
-            .unwrap();
-        let status = run.0.wait().unwrap();
-        let log =
-            std::fs::read_to_string(scene.artifacts(name).join("live.log")).unwrap_or_default();
-        assert_eq!(status.code(), Some(0), "{name}: {log}");
+    for ((code, stdout, log), name) in run_at_once(&scene, &payloads).into_iter().zip(names) {
+        assert_eq!(code, Some(0), "{name}: {log}");
         for expected in [
             "int main(void)",
             "RUN-OK",
@@ -394,20 +386,23 @@ fn content_is_mounted_read_only_shared_and_hostile_archives_are_malformed() {
     }
     assert_eq!(unpacked, 1, "unpacked once for both tasks");
 
-    // Hostile archives: a name leaving the tree, a digest that does not match.
+    // Hostile archives: a name leaving the tree, a digest that does not match, a metadata
+    // bomb.
     let hostile = scene.scratch.path().join("hostile.tar.zst");
     let entries = [testkit::images::Entry::file("../escape", "x")];
     std::fs::write(&hostile, testkit::images::image(&entries)).unwrap();
     let hostile_sha = testkit::images::sha256_file(&hostile);
-    for (name, sha, expected) in [
-        ("escape", hostile_sha.as_str(), "forbidden name"),
-        (
-            "mismatch",
-            "0000000000000000000000000000000000000000000000000000000000000000",
-            "sha256 mismatch",
-        ),
+    // A GNU long name declaring 3 GiB (about 100 KB compressed): refused before it is read.
+    let bomb = scene.scratch.path().join("bomb.tar.zst");
+    testkit::images::metadata_bomb_image(b'L', 3 << 30, &bomb);
+    let bomb_sha = testkit::images::sha256_file(&bomb);
+    let zeros = "0".repeat(64);
+    for (name, archive, sha, expected) in [
+        ("escape", &hostile, hostile_sha.as_str(), "forbidden name"),
+        ("mismatch", &hostile, zeros.as_str(), "sha256 mismatch"),
+        ("bomb", &bomb, bomb_sha.as_str(), "refused tar header"),
     ] {
-        let payload = content_task(&scene, name, &hostile, sha, "echo SHOULD-NOT-RUN");
+        let payload = content_task(&scene, name, archive, sha, "echo SHOULD-NOT-RUN");
         let run = scene.run(&payload, name);
         assert_eq!(run.code(), Some(2), "{}", run.explain());
         assert!(run.log.contains(expected), "{name}: {}", run.log);

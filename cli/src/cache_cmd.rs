@@ -52,29 +52,22 @@ pub struct CachePlace {
 
 impl CachePlace {
     fn open(&self) -> Result<(CacheStore, u64), Outcome> {
-        let config =
+        let mut config =
             crate::documents::load_config(self.config.as_deref()).map_err(|violations| {
                 eprintln!("taskvm: invalid configuration:\n{violations}");
                 Outcome::Malformed
             })?;
-        let state = self.state.clone().unwrap_or(config.state_dir);
-        let dir = self
-            .cache_dir
-            .clone()
-            .or(config.mounts.cache_dir.clone())
-            .unwrap_or_else(|| state.join("caches"));
-        let mounts = config.mounts;
-        let store = CacheStore::open(
-            &dir,
-            mounts.disk_size,
-            mounts.cache_copies,
-            mounts.cache_budget,
-        )
-        .map_err(|error| {
-            eprintln!("taskvm: the caches in {}: {error}", dir.display());
+        if let Some(state) = &self.state {
+            config.state_dir = state.clone();
+        }
+        if let Some(dir) = &self.cache_dir {
+            config.mounts.cache_dir = Some(dir.clone());
+        }
+        let store = CacheStore::for_config(&config).map_err(|error| {
+            eprintln!("taskvm: the caches: {error}");
             Outcome::Internal
         })?;
-        Ok((store, mounts.cache_budget))
+        Ok((store, config.mounts.cache_budget))
     }
 }
 

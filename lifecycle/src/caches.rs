@@ -107,6 +107,21 @@ impl CacheStore {
         Ok(store)
     }
 
+    /// The store `config` names: `mounts.cacheDir`, else `STATE_DIR/caches`.
+    pub fn for_config(config: &schemas::WorkerConfig) -> io::Result<CacheStore> {
+        let mounts = &config.mounts;
+        let root = mounts
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| config.state_dir.join("caches"));
+        CacheStore::open(
+            &root,
+            mounts.disk_size,
+            mounts.cache_copies,
+            mounts.cache_budget,
+        )
+    }
+
     /// The cache directory.
     pub fn root(&self) -> &Path {
         &self.root

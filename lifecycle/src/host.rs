@@ -69,11 +69,6 @@ impl Host {
         let vms = VmHost::prepare(host_settings(&config)?, notice)?;
         let cache = Cache::open(config.cache.clone())?;
         let pool = Arc::new(WarmPool::new(config.warm_pool, cache.clone()));
-        let caches_dir = config
-            .mounts
-            .cache_dir
-            .clone()
-            .unwrap_or_else(|| config.state_dir.join("caches"));
         let contents_dir = config.cache.dir.join("content");
         let contents = image_manager::content::ContentStore::open(
             &contents_dir,
@@ -84,15 +79,12 @@ impl Host {
             path: contents_dir.clone(),
             source,
         })?;
-        let caches = CacheStore::open(
-            &caches_dir,
-            config.mounts.disk_size,
-            config.mounts.cache_copies,
-            config.mounts.cache_budget,
-        )
-        .map_err(|source| engine::host::HostError::Directory {
-            path: caches_dir.clone(),
-            source,
+        let caches = CacheStore::for_config(&config).map_err(|source| {
+            engine::host::HostError::Directory {
+                path: (config.mounts.cache_dir.clone())
+                    .unwrap_or_else(|| config.state_dir.join("caches")),
+                source,
+            }
         })?;
         let file_policy = image_manager::FilePolicy::Within(config.images.file_dirs.clone());
         Ok(Host {

@@ -215,7 +215,7 @@ fn check_mounts(payload: &Payload, broken: &mut Vec<Violation>) {
             )),
             (None, Some(_), None) => broken.push(Violation::new(
                 at("/format"),
-                "content needs its \"format\" (tar.zst or tar.gz)".to_owned(),
+                "content needs its \"format\" (tar.zst, tar.gz or zip)".to_owned(),
             )),
             _ => {}
         }

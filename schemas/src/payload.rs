@@ -85,6 +85,9 @@ pub enum ContentFormat {
     /// A tar stream compressed with gzip.
     #[serde(rename = "tar.gz")]
     TarGz,
+    /// A zip file (stored or deflated entries).
+    #[serde(rename = "zip")]
+    Zip,
 }
 
 /// What follows from the command's exit status.

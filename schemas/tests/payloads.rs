@@ -351,11 +351,11 @@ fn a_mount_is_a_cache_or_content_with_its_format() {
     );
     let found = errors(with(
         "mounts",
-        json!([{"content": content, "format": "zip", "path": "/five"}]),
+        json!([{"content": content, "format": "rar", "path": "/five"}]),
     ));
     assert_eq!(
         found,
-        ["/mounts/0/format: \"zip\" is not one of \"tar.zst\", \"tar.gz\""]
+        ["/mounts/0/format: \"rar\" is not one of \"tar.zst\", \"tar.gz\", \"zip\""]
     );
     let found = errors(with(
         "mounts",
@@ -372,7 +372,7 @@ fn a_mount_is_a_cache_or_content_with_its_format() {
             "/mounts/0: a mount is a cache or content, not both",
             "/mounts/1: a mount needs \"cache\" (a writable cache) or \"content\" (read-only)",
             "/mounts/2/format: \"format\" belongs to content, not to a cache",
-            "/mounts/3/format: content needs its \"format\" (tar.zst or tar.gz)",
+            "/mounts/3/format: content needs its \"format\" (tar.zst, tar.gz or zip)",
         ]
     );
 }

@@ -10,11 +10,13 @@
 //!   submit` reads them).
 //! - [`ui`]: the pages; [`console`]: the websocket to a VM's VNC server.
 //! - [`access`]: loopback or token.
+//! - [`client`]: a client of the API typed with [`wire`] (what `taskvm submit` uses).
 
 #![warn(clippy::unwrap_used)]
 
 pub mod access;
 pub mod api;
+pub mod client;
 pub mod console;
 pub mod metrics;
 pub mod openapi;

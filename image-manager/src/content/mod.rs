@@ -5,11 +5,12 @@
 //! The archive is as hostile as an image tarball and is read under the same rules: the source
 //! opened as images are (file policy, stall and download timeouts), the compressed bytes
 //! bounded by `cache.maxCompressedSize` and checked against the pin before a byte is
-//! unpacked, the tar read by `untar` (bounded metadata). Only plain relative names, regular
-//! files and directories are unpacked (links and special files are left out and counted), into
-//! a fresh directory of root's; files keep only their executable bit. Entries and bytes are
-//! bounded ([`MAX_ENTRIES`], the mount's disk size). `mkfs.ext4 -d` then copies the tree into
-//! the image, which is padded (sparse) to the mount's disk size.
+//! unpacked, then read entry by entry ([`tree`]: a tar by `untar`, with bounded metadata; a
+//! zip by the `zip` crate once its end records show a central directory of bounded size and entries). Only plain
+//! relative names, regular files and directories are unpacked (links and special files are left
+//! out and counted), into a fresh directory of root's; files keep only their executable bit.
+//! Entries and bytes are bounded ([`MAX_ENTRIES`], the mount's disk size). `mkfs.ext4 -d` then
+//! copies the tree into the image, which is padded (sparse) to the mount's disk size.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -20,14 +21,14 @@ use std::time::{Duration, Instant};
 
 use schemas::config::CacheConfig;
 pub use schemas::payload::ContentFormat;
-use schemas::shown::quoted_bytes;
 use sha2::{Digest as _, Sha256};
-use untar::{Archive, Kind, Limits};
 
+use self::tree::{Tree, Unpacked};
 use crate::error::{ArchiveError, ImageError};
 use crate::reference::{FilePolicy, ImageRequest};
 use crate::source::{open, read_error, Opened};
-use crate::unpack::refused;
+
+mod tree;
 
 /// Most entries one content archive may unpack to.
 pub const MAX_ENTRIES: u64 = 262_144;
@@ -37,6 +38,7 @@ pub fn format_name(format: ContentFormat) -> &'static str {
     match format {
         ContentFormat::TarZst => "tar.zst",
         ContentFormat::TarGz => "tar.gz",
+        ContentFormat::Zip => "zip",
     }
 }
 
@@ -191,20 +193,22 @@ impl ContentStore {
     ) -> Result<(bool, u64), ImageError> {
         let archive = work.join("archive");
         self.download(request, expected, &archive)?;
-        let tree = work.join("tree");
         let file = File::open(&archive).map_err(|error| ImageError::io("the archive", error))?;
-        let reader: Box<dyn Read> = match format {
+        let mut tree = Tree::create(&work.join("tree"), disk_size)?;
+        match format {
             ContentFormat::TarZst => {
                 let mut decoder = zstd::stream::read::Decoder::new(file)
                     .map_err(|error| ImageError::io("zstd", error))?;
                 decoder
                     .window_log_max(27)
                     .map_err(|error| ImageError::io("zstd", error))?;
-                Box::new(decoder)
+                tree.unpack_tar(decoder)?;
             }
-            ContentFormat::TarGz => Box::new(flate2::read::GzDecoder::new(file)),
-        };
-        let unpacked = unpack_tree(reader, &tree, disk_size)?;
+            ContentFormat::TarGz => tree.unpack_tar(flate2::read::GzDecoder::new(file))?,
+            ContentFormat::Zip => tree.unpack_zip(file)?,
+        }
+        let unpacked = tree.finish();
+        let tree = work.join("tree");
         let image = work.join("image.ext4");
         make_file_system(&tree, &unpacked, &image, disk_size)?;
         fs::rename(&image, path).map_err(|error| ImageError::io("keeping the content", error))?;
@@ -272,93 +276,6 @@ fn held(image: ContentImage) -> Result<ContentImage, ImageError> {
         .map_err(|error| ImageError::io("locking the content", error.into()))?;
     let _ = image._held.set_modified(std::time::SystemTime::now());
     Ok(image)
-}
-
-/// What an archive unpacked to.
-#[derive(Debug, Default)]
-struct Unpacked {
-    files: u64,
-    directories: u64,
-    /// Bytes of the files, each rounded up to a 4 KiB block.
-    blocks_bytes: u64,
-    left_out: u64,
-}
-
-/// Unpacks the tar stream `reader` into the new directory `tree`: plain relative names,
-/// regular files and directories only, at most [`MAX_ENTRIES`] entries and `max_bytes`.
-fn unpack_tree(reader: impl Read, tree: &Path, max_bytes: u64) -> Result<Unpacked, ImageError> {
-    let io_error = |error: io::Error| ImageError::io("unpacking the content", error);
-    fs::DirBuilder::new()
-        .mode(0o755)
-        .create(tree)
-        .map_err(io_error)?;
-    let mut archive = Archive::new(reader, Limits::default());
-    let mut unpacked = Unpacked::default();
-    let mut entries = 0u64;
-    while let Some(mut entry) = archive.next_entry().map_err(refused)? {
-        let header = entry.header().clone();
-        entries += 1;
-        if entries > MAX_ENTRIES {
-            return Err(ArchiveError::TooManyContentEntries { limit: MAX_ENTRIES }.into());
-        }
-        let relative =
-            untar::plain_relative(&header.name).ok_or_else(|| ArchiveError::BadName {
-                name: String::from_utf8_lossy(&header.name).into_owned(),
-            })?;
-        if relative.as_os_str().is_empty() {
-            continue;
-        }
-        let destination = tree.join(&relative);
-        match header.kind {
-            Kind::Directory => {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(&destination)
-                    .map_err(io_error)?;
-                unpacked.directories += 1;
-            }
-            Kind::Regular => {
-                if let Some(parent) = destination.parent() {
-                    fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o755)
-                        .create(parent)
-                        .map_err(io_error)?;
-                }
-                unpacked.blocks_bytes += header.size.div_ceil(4096) * 4096;
-                if unpacked.blocks_bytes > max_bytes {
-                    return Err(ArchiveError::ContentTooLarge { limit: max_bytes }.into());
-                }
-                let mode = if header.mode & 0o111 != 0 {
-                    0o755
-                } else {
-                    0o644
-                };
-                // A later entry of the same name replaces the earlier file, as tar does; never
-                // through a link, since none is ever made.
-                let _ = fs::remove_file(&destination);
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(mode)
-                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                    .open(&destination)
-                    .map_err(io_error)?;
-                let copied =
-                    io::copy(&mut (&mut entry).take(header.size), &mut file).map_err(io_error)?;
-                if copied != header.size {
-                    return Err(ArchiveError::Corrupt {
-                        message: format!("entry {} ends early", quoted_bytes(&header.name)),
-                    }
-                    .into());
-                }
-                unpacked.files += 1;
-            }
-            _ => unpacked.left_out += 1,
-        }
-    }
-    Ok(unpacked)
 }
 
 /// `mkfs.ext4 -d tree` into `image`, sized for what was unpacked, then padded to `disk_size`.

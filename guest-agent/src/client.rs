@@ -80,7 +80,11 @@ impl Client {
         let Ok(stream) = self.endpoint.start(
             "GET",
             &Self::path("execute"),
-            &[("Content-Type", "text/plain"), ("Content-Length", "0")],
+            &[
+                ("Content-Type", "text/plain"),
+                ("Content-Length", "0"),
+                (protocol::FEATURES_HEADER, protocol::feature::MOUNTS),
+            ],
         ) else {
             return Asked::Unreachable;
         };

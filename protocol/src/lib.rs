@@ -99,6 +99,17 @@ pub struct GuestMount {
     pub read_only: bool,
 }
 
+/// The header of the agent's `GET execute` listing what it can do beyond the first protocol
+/// (comma-separated [`feature`]s): a task that needs a feature is never handed to an agent
+/// that does not list it.
+pub const FEATURES_HEADER: &str = "taskvm-agent-features";
+
+/// What an agent can do beyond the first protocol.
+pub mod feature {
+    /// It mounts [`super::Execute::mounts`] before the command runs.
+    pub const MOUNTS: &str = "mounts";
+}
+
 /// What the mount-slot disks are called: `PREFIX` and the slot's index.
 pub const SLOT_SERIAL_PREFIX: &str = "taskvm-slot";
 

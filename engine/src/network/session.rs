@@ -17,6 +17,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use rand::Rng;
+use schemas::protocol::feature::MOUNTS;
 use schemas::protocol::{Action, ActionKind, Execute, Freshness, Report, API_PREFIX};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -101,7 +102,8 @@ struct LogSink {
 pub struct GuestSession {
     config: SessionConfig,
     task: watch::Sender<Option<Execute>>,
-    taken: watch::Sender<bool>,
+    /// Whether the guest took its task; `Some(Err)` when its agent cannot run it.
+    taken: watch::Sender<Option<Result<(), String>>>,
     report: watch::Sender<Option<Report>>,
     log: tokio::sync::Mutex<LogSink>,
     actions_in: mpsc::Sender<Action>,
@@ -121,7 +123,7 @@ impl GuestSession {
         let session = GuestSession {
             config,
             task: watch::channel(None).0,
-            taken: watch::channel(false).0,
+            taken: watch::channel(None).0,
             report: watch::channel(None).0,
             log: tokio::sync::Mutex::new(LogSink {
                 sender: Some(log_tx),
@@ -145,11 +147,17 @@ impl GuestSession {
         self.task.send_replace(Some(task));
     }
 
-    /// Waits until the guest has been handed its task (the command starts right after).
-    pub async fn wait_taken(&self) {
+    /// Waits until the guest has been handed its task (the command starts right after), or
+    /// its agent asked for it without a feature the task needs: why, then.
+    pub async fn wait_taken(&self) -> Result<(), String> {
         let mut receiver = self.taken.subscribe();
-        if receiver.wait_for(|taken| *taken).await.is_err() {
-            std::future::pending::<()>().await;
+        let taken = receiver
+            .wait_for(Option::is_some)
+            .await
+            .map(|taken| taken.clone().unwrap_or(Ok(())));
+        match taken {
+            Ok(taken) => taken,
+            Err(_) => std::future::pending().await,
         }
     }
 
@@ -200,7 +208,17 @@ impl GuestSession {
         if let Some(name) = path.strip_prefix(API_PREFIX) {
             return match (name, &method) {
                 ("/ping", &Method::GET) => text(StatusCode::OK, "pong\n"),
-                ("/execute", &Method::GET) => self.execute().await,
+                ("/execute", &Method::GET) => {
+                    let features = request
+                        .headers()
+                        .get(schemas::protocol::FEATURES_HEADER)
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or_default()
+                        .split(',')
+                        .map(|feature| feature.trim().to_owned())
+                        .collect();
+                    self.execute(features).await
+                }
                 ("/log", &Method::POST) => self.receive_log(request.into_body()).await,
                 ("/success", &Method::PUT) => self.receive_report(request, 0).await,
                 ("/failed", &Method::PUT) => self.receive_report(request, 1).await,
@@ -240,7 +258,7 @@ impl GuestSession {
         }
     }
 
-    async fn execute(&self) -> Reply {
+    async fn execute(&self, features: Vec<String>) -> Reply {
         let mut receiver = self.task.subscribe();
         let task = tokio::time::timeout(self.config.long_poll, async {
             receiver
@@ -251,11 +269,19 @@ impl GuestSession {
         })
         .await;
         match task {
+            Ok(Some(task)) if !task.mounts.is_empty() && !has(&features, MOUNTS) => {
+                let reason = "the image's taskvm-agent cannot mount disks (it predates mounts); \
+                              the command was not handed over: rebuild the image with a current \
+                              agent"
+                    .to_owned();
+                self.taken.send_replace(Some(Err(reason.clone())));
+                text(StatusCode::CONFLICT, reason)
+            }
             Ok(Some(mut task)) => {
                 task.fresh = Some(freshness());
                 match serde_json::to_vec(&task) {
                     Ok(json) => {
-                        self.taken.send_replace(true);
+                        self.taken.send_replace(Some(Ok(())));
                         json_reply(json)
                     }
                     Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
@@ -475,6 +501,70 @@ async fn read_small(mut body: Incoming, cap: usize, idle: Duration) -> Result<Ve
             }
             Ok(Some(Err(_))) => return Err(text(StatusCode::BAD_REQUEST, "body broken\n")),
             Err(_) => return Err(text(StatusCode::REQUEST_TIMEOUT, "body stalled\n")),
+        }
+    }
+}
+
+/// Whether the agent's `features` include `feature`.
+fn has(features: &[String], feature: &str) -> bool {
+    features.iter().any(|listed| listed == feature)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use schemas::protocol::{GuestMount, FEATURES_HEADER};
+
+    use super::*;
+    use crate::network::metadata::{MetadataService, ServiceLimits};
+
+    /// `GET execute` with `headers`, raw, on a blocking thread: the status line's code.
+    async fn ask(address: std::net::SocketAddr, headers: &'static str) -> u16 {
+        tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(address).unwrap();
+            write!(
+                stream,
+                "GET /engine/v1/execute HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
+            )
+            .unwrap();
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer);
+            answer[9..12].parse().unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_task_with_mounts_is_never_handed_to_an_agent_that_cannot_mount() {
+        let task = Execute {
+            command: vec!["true".into()],
+            mounts: vec![GuestMount {
+                serial: "taskvm-slot0".into(),
+                path: "/deps".into(),
+                read_only: false,
+            }],
+            ..Execute::default()
+        };
+        for (headers, status) in [
+            (String::new(), 409),
+            (format!("{FEATURES_HEADER}: other, mounts\r\n"), 200),
+        ] {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let address = listener.local_addr().unwrap();
+            let service = MetadataService::start(listener, ServiceLimits::default()).unwrap();
+            let (session, _log) = GuestSession::new(SessionConfig::new("test"));
+            service.set_handler(session.handler());
+            session.set_task(task.clone());
+            let headers: &'static str = Box::leak(headers.into_boxed_str());
+            assert_eq!(ask(address, headers).await, status, "{headers:?}");
+            let taken = session.wait_taken().await;
+            match status {
+                200 => assert_eq!(taken, Ok(())),
+                _ => assert!(taken.unwrap_err().contains("predates mounts")),
+            }
+            service.stop().await;
         }
     }
 }

@@ -305,7 +305,7 @@ async fn build_through_agent(
     say: &(dyn Fn(&str) + Sync),
 ) -> Result<(), String> {
     tokio::select! {
-        () = session.wait_taken() => {}
+        taken = session.wait_taken() => taken?,
         kind = image.vm_mut().wait() => return Err(format!("the VM ended before the agent took the build ({kind:?})")),
         () = tokio::time::sleep_until(deadline) => return Err("the timeout passed while booting (does the image start the taskvm agent?)".into()),
         never = progress::tick(say, "still booting", QUIET_TICK) => match never {},

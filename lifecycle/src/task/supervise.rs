@@ -49,7 +49,8 @@ impl Run {
     ) -> Supervised {
         let max = payload.max_run_time;
         match self.race(vm, start_deadline, session.wait_taken()).await {
-            Raced::Done(()) => self.stage_done(match self.timings.start {
+            Raced::Done(Err(reason)) => return Supervised::over(Ending::malformed(reason)),
+            Raced::Done(Ok(())) => self.stage_done(match self.timings.start {
                 "snapshot" => "restore",
                 "pool" => "resume",
                 _ => "boot",

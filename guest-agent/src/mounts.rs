@@ -65,7 +65,11 @@ fn mount_one(wanted: &GuestMount) -> io::Result<PathBuf> {
     };
     // No background zeroing of inode tables (mkfs left them to the kernel): on one vCPU it
     // would compete with the command.
-    let data = if wanted.read_only { None } else { Some(c"noinit_itable") };
+    let data = if wanted.read_only {
+        None
+    } else {
+        Some(c"noinit_itable")
+    };
     mount(&device, path, FILE_SYSTEM, flags, data)?;
     Ok(path.to_owned())
 }

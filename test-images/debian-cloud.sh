@@ -17,6 +17,15 @@ work="$out/debian-cloud.work"
 cache="$out/debootstrap-cache"
 step() { printf 'test-images: %s\n' "$*" >&2; }
 
+# debootstrap mounts the kernel's file systems (proc, sys) inside the root it builds; a run
+# that was killed leaves them mounted, and removing the work directory would then walk into
+# them. Unmount whatever is below it, deepest first, before removing it and when leaving.
+release_mounts() {
+  awk -v root="$work/" 'index($2, root) == 1 { print $2 }' /proc/mounts | sort -r |
+    while read -r point; do umount -l "$point" 2>/dev/null || true; done
+}
+trap release_mounts EXIT
+release_mounts
 rm -rf "$work"
 mkdir -p "$work/root" "$cache"
 # python3-cffi-backend: debootstrap does not resolve the virtual package cloud-init's

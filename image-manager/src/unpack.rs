@@ -161,7 +161,9 @@ fn missing(name: &str) -> ImageError {
     .into()
 }
 
-fn corrupt(error: io::Error) -> ImageError {
+/// A read error of the archive's stream as the archive's fault: the archive error it carries,
+/// or a corrupt stream.
+pub(crate) fn corrupt(error: io::Error) -> ImageError {
     match error
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<ArchiveError>())

@@ -209,6 +209,18 @@ fn hostile_archives_are_refused_and_leave_nothing() {
         )),
         ArchiveError::TooManyContentEntries { .. }
     ));
+    // A zip entry whose data was changed after it was written: its checksum no longer matches,
+    // which the zip reader says while the entry is being copied.
+    let mut damaged = python_zip(
+        dir.path(),
+        &[("f.txt", &"alpha beta ".repeat(4096), 0o100_644)],
+    );
+    let data_at = 30 + "f.txt".len();
+    damaged[data_at + 8] ^= 0x55;
+    assert!(matches!(
+        archive_error(get("damaged.zip", &damaged, ContentFormat::Zip)),
+        ArchiveError::Corrupt { .. }
+    ));
     let (url, _) = write(dir.path(), "mismatch.tar.zst", &escape);
     assert!(matches!(
         store.get(

@@ -12,9 +12,9 @@
 //! Entries and bytes are bounded ([`MAX_ENTRIES`], the mount's disk size). `mkfs.ext4 -d` then
 //! copies the tree into the image, which is padded (sparse) to the mount's disk size.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,6 +25,8 @@ use sha2::{Digest as _, Sha256};
 
 use self::tree::{Tree, Unpacked};
 use crate::error::{ArchiveError, ImageError};
+use crate::lock::FileLock;
+use crate::reference::Digest;
 use crate::reference::{FilePolicy, ImageRequest};
 use crate::source::{open, read_error, Opened};
 
@@ -60,7 +62,7 @@ pub struct ContentImage {
     pub made: bool,
     /// Entries left out (links, special files).
     pub left_out: u64,
-    _held: File,
+    _held: FileLock,
 }
 
 impl ContentStore {
@@ -102,48 +104,56 @@ impl ContentStore {
         let name = format!("{}.{}.ext4", pinned.hex(), format_name(format));
         let path = self.root.join(&name);
         let lock_path = self.root.join(format!("{name}.lock"));
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|error| ImageError::io(lock_path.display().to_string(), error))?;
-        let lock_as = |operation| {
-            rustix::fs::flock(&lock, operation)
-                .map_err(|error| ImageError::io("locking the content", error.into()))
-        };
-        // Shared while it is used (tasks share it); exclusive only to make it.
-        lock_as(rustix::fs::FlockOperation::LockShared)?;
         let ready = || fs::metadata(&path).is_ok_and(|meta| meta.len() == disk_size);
-        if !ready() {
-            lock_as(rustix::fs::FlockOperation::LockExclusive)?;
+        // Shared while it is used (tasks share it), exclusive only to make it. Between the two
+        // a collection may remove it: then it is made again, a few times at most.
+        let mut made = None;
+        for _ in 0..3 {
+            let shared = FileLock::shared(&lock_path)?;
+            if ready() {
+                let _ = shared.file().set_modified(std::time::SystemTime::now());
+                let (made, left_out) = made.unwrap_or((false, 0));
+                if made {
+                    self.gc();
+                }
+                return Ok(ContentImage {
+                    path,
+                    made,
+                    left_out,
+                    _held: shared,
+                });
+            }
+            drop(shared);
+            let _making = FileLock::exclusive(&lock_path)?;
+            if !ready() {
+                made = Some(self.make_in_work_dir(&request, format, disk_size, &name, &path)?);
+            }
         }
-        if ready() {
-            return held(ContentImage {
-                path,
-                made: false,
-                left_out: 0,
-                _held: lock,
-            });
-        }
+        Err(ImageError::io(
+            "the content",
+            io::Error::other("it was removed as soon as it was made, three times"),
+        ))
+    }
+
+    /// [`ContentStore::make`] in a fresh work directory of its own, removed afterwards.
+    fn make_in_work_dir(
+        &self,
+        request: &ImageRequest,
+        format: ContentFormat,
+        disk_size: u64,
+        name: &str,
+        path: &Path,
+    ) -> Result<(bool, u64), ImageError> {
+        let expected = request.pinned.as_ref().map(Digest::hex).unwrap_or_default();
         let work = self.root.join(format!("{name}.building"));
         let _ = fs::remove_dir_all(&work);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&work)
             .map_err(|error| ImageError::io(work.display().to_string(), error))?;
-        let made = self.make(&request, pinned.hex(), format, disk_size, &work, &path);
+        let made = self.make(request, expected, format, disk_size, &work, path);
         let _ = fs::remove_dir_all(&work);
-        let (made, left_out) = made?;
-        let image = held(ContentImage {
-            path: path.clone(),
-            made,
-            left_out,
-            _held: lock,
-        })?;
-        self.gc();
-        Ok(image)
+        made
     }
 
     /// Removes the least recently used images no task holds while they take more than the
@@ -171,11 +181,8 @@ impl ContentStore {
                 break;
             }
             let lock = PathBuf::from(format!("{}.lock", path.display()));
-            let free = File::options().write(true).open(&lock).is_ok_and(|file| {
-                rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-                    .is_ok()
-                    && fs::remove_file(&path).is_ok()
-            });
+            let free = matches!(FileLock::try_exclusive(&lock), Ok(Some(_held)))
+                && fs::remove_file(&path).is_ok();
             if free {
                 total = total.saturating_sub(bytes);
             }
@@ -268,14 +275,6 @@ impl ContentStore {
         }
         Ok(())
     }
-}
-
-/// `image` with its lock turned shared (other tasks may hold it too) and its use recorded.
-fn held(image: ContentImage) -> Result<ContentImage, ImageError> {
-    rustix::fs::flock(&image._held, rustix::fs::FlockOperation::LockShared)
-        .map_err(|error| ImageError::io("locking the content", error.into()))?;
-    let _ = image._held.set_modified(std::time::SystemTime::now());
-    Ok(image)
 }
 
 /// `mkfs.ext4 -d tree` into `image`, sized for what was unpacked, then padded to `disk_size`.

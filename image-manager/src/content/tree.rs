@@ -4,7 +4,7 @@
 //! ever made, so nothing written can land outside the tree.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -13,7 +13,7 @@ use untar::{Archive, Kind, Limits};
 
 use super::MAX_ENTRIES;
 use crate::error::{ArchiveError, ImageError};
-use crate::unpack::refused;
+use crate::unpack::{corrupt, refused};
 
 /// Largest zip central directory read (it is held in memory whole).
 const MAX_ZIP_DIRECTORY: u64 = 64 << 20;
@@ -160,7 +160,7 @@ impl Tree {
                     .open(&destination)
                     .map_err(written)?;
                 // One byte more than declared tells a lying size from an honest one.
-                let copied = io::copy(&mut data.take(size + 1), &mut file).map_err(written)?;
+                let copied = copy_entry(&mut data.take(size + 1), &mut file, raw_name)?;
                 if copied != size {
                     return Err(ArchiveError::Corrupt {
                         message: format!(
@@ -192,6 +192,25 @@ fn make_dirs(path: &Path) -> io::Result<()> {
         .create(path)
 }
 
+/// Copies an entry's data into its file: what the archive fails to yield (a corrupt stream,
+/// a zip entry whose checksum does not match) is the archive's fault, what cannot be written
+/// the host's. Returns the bytes copied.
+fn copy_entry(data: &mut impl Read, file: &mut File, raw_name: &[u8]) -> Result<u64, ImageError> {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut copied = 0u64;
+    loop {
+        let read = match data.read(&mut buffer) {
+            Ok(0) => return Ok(copied),
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(corrupt(error)),
+        };
+        file.write_all(&buffer[..read])
+            .map_err(|error| entry_error(raw_name, error))?;
+        copied += read as u64;
+    }
+}
+
 /// An error writing entry `raw_name`: the archive's fault when entries conflict (a file where
 /// a directory is, or the reverse), else the host's.
 fn entry_error(raw_name: &[u8], error: io::Error) -> ImageError {
@@ -204,16 +223,7 @@ fn entry_error(raw_name: &[u8], error: io::Error) -> ImageError {
             ),
         }
         .into(),
-        _ => match error
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<zip::result::ZipError>())
-        {
-            Some(zip) => ArchiveError::Corrupt {
-                message: zip.to_string(),
-            }
-            .into(),
-            None => ImageError::io("unpacking the content", error),
-        },
+        _ => ImageError::io("unpacking the content", error),
     }
 }
 

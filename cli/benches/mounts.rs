@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use testkit::guest::minimal_image;
 use testkit::http::{Behaviour, Server};
+use testkit::images::{sha256_file, tar_bytes, zstd_bytes, Entry};
 use testkit::stats::percentile;
 
 /// Bytes the cache and content series read.
@@ -133,20 +134,13 @@ fn payload(dir: &Path, name: &str, image: &Path, script: &str, extra: &str) -> P
 
 /// A tar.zst of `files` under `dir`, and its sha256.
 fn archive(dir: &Path, name: &str, files: &[(&str, Vec<u8>)]) -> (PathBuf, String) {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (file, data) in files {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        builder
-            .append_data(&mut header, file, &data[..])
-            .expect("tar");
-    }
-    let bytes = testkit::images::zstd_bytes(&builder.into_inner().expect("tar"));
+    let entries: Vec<Entry> = files
+        .iter()
+        .map(|(file, data)| Entry::file(file, data.clone()))
+        .collect();
     let path = dir.join(format!("{name}.tar.zst"));
-    std::fs::write(&path, bytes).expect("archive");
-    let sha256 = testkit::images::sha256_file(&path);
+    std::fs::write(&path, zstd_bytes(&tar_bytes(&entries))).expect("archive");
+    let sha256 = sha256_file(&path);
     (path, sha256)
 }
 

@@ -281,52 +281,18 @@ fn a_worker_killed_mid_write_leaves_a_cache_that_is_checked_before_its_next_use(
 /// A tar.zst of a small source tree of this run's own: a file, an executable script, an empty
 /// directory and a symbolic link (which content leaves out); its sha256.
 fn source_tree(path: &Path) -> String {
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut add = |name: &str, data: &[u8], mode: u32, kind: tar::EntryType, link: Option<&str>| {
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(kind);
-        header.set_size(data.len() as u64);
-        header.set_mode(mode);
-        if let Some(link) = link {
-            header.set_link_name(link).unwrap();
-        }
-        header.set_cksum();
-        builder.append_data(&mut header, name, data).unwrap();
-    };
-    add("src/", b"", 0o755, tar::EntryType::Directory, None);
-    add(
-        "src/main.c",
-        b"int main(void) { return 0; }\n",
-        0o644,
-        tar::EntryType::Regular,
-        None,
-    );
-    add(
-        "bin/run.sh",
-        b"#!/bin/sh\necho RUN-OK\n",
-        0o755,
-        tar::EntryType::Regular,
-        None,
-    );
-    add("empty/", b"", 0o755, tar::EntryType::Directory, None);
-    add(
-        "link",
-        b"",
-        0o777,
-        tar::EntryType::Symlink,
-        Some("/etc/passwd"),
-    );
+    use testkit::images::Entry;
     // Content of its own, so that this run unpacks it even when the shared cache has another's.
     let nonce = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
-    add(
-        "nonce",
-        nonce.as_bytes(),
-        0o644,
-        tar::EntryType::Regular,
-        None,
-    );
-    let compressed = testkit::images::zstd_bytes(&builder.into_inner().unwrap());
-    std::fs::write(path, &compressed).unwrap();
+    let tar = testkit::images::tar_bytes(&[
+        Entry::special("src/", tar::EntryType::Directory, None).with_mode(0o755),
+        Entry::file("src/main.c", "int main(void) { return 0; }\n"),
+        Entry::file("bin/run.sh", "#!/bin/sh\necho RUN-OK\n").with_mode(0o755),
+        Entry::special("empty/", tar::EntryType::Directory, None).with_mode(0o755),
+        Entry::special("link", tar::EntryType::Symlink, Some("/etc/passwd")),
+        Entry::file("nonce", nonce),
+    ]);
+    std::fs::write(path, testkit::images::zstd_bytes(&tar)).unwrap();
     testkit::images::sha256_file(path)
 }
 

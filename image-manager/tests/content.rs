@@ -35,41 +35,12 @@ fn debugfs(image: &Path, request: &str) -> String {
 
 /// A tar of a small tree: a file, an executable, a directory and a symbolic link.
 fn tree_tar() -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut add = |name: &str, data: &[u8], mode: u32, kind: tar::EntryType, link: Option<&str>| {
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(kind);
-        header.set_size(data.len() as u64);
-        header.set_mode(mode);
-        if let Some(link) = link {
-            header.set_link_name(link).unwrap();
-        }
-        header.set_cksum();
-        builder.append_data(&mut header, name, data).unwrap();
-    };
-    add("docs/", b"", 0o755, tar::EntryType::Directory, None);
-    add(
-        "docs/a.txt",
-        b"alpha\n",
-        0o644,
-        tar::EntryType::Regular,
-        None,
-    );
-    add(
-        "bin/run",
-        b"#!/bin/sh\n",
-        0o755,
-        tar::EntryType::Regular,
-        None,
-    );
-    add(
-        "link",
-        b"",
-        0o777,
-        tar::EntryType::Symlink,
-        Some("/etc/shadow"),
-    );
-    builder.into_inner().unwrap()
+    testkit::images::tar_bytes(&[
+        Entry::special("docs/", tar::EntryType::Directory, None).with_mode(0o755),
+        Entry::file("docs/a.txt", "alpha\n"),
+        Entry::file("bin/run", "#!/bin/sh\n").with_mode(0o755),
+        Entry::special("link", tar::EntryType::Symlink, Some("/etc/shadow")),
+    ])
 }
 
 /// A zip made by Python's zipfile from (name, data, unix mode) entries.

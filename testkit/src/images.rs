@@ -14,6 +14,8 @@ pub struct Entry {
     pub data: Vec<u8>,
     /// Link target (links).
     pub link: Option<Vec<u8>>,
+    /// Permission bits (0o644 unless [`Entry::with_mode`] says otherwise).
+    pub mode: u32,
 }
 
 impl Entry {
@@ -24,6 +26,7 @@ impl Entry {
             kind: tar::EntryType::Regular,
             data: data.into(),
             link: None,
+            mode: 0o644,
         }
     }
 
@@ -34,7 +37,13 @@ impl Entry {
             kind,
             data: Vec::new(),
             link: link.map(|l| l.as_bytes().to_vec()),
+            mode: 0o644,
         }
+    }
+
+    /// This entry with permission bits `mode` (e.g. 0o755 for an executable).
+    pub fn with_mode(self, mode: u32) -> Entry {
+        Entry { mode, ..self }
     }
 }
 
@@ -54,7 +63,7 @@ pub fn tar_bytes(entries: &[Entry]) -> Vec<u8> {
         }
         header.set_entry_type(entry.kind);
         header.set_size(entry.data.len() as u64);
-        header.set_mode(0o644);
+        header.set_mode(entry.mode);
         header.set_mtime(0);
         header.set_cksum();
         out.extend_from_slice(header.as_bytes());

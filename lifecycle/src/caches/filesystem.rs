@@ -3,16 +3,21 @@
 //! root.
 
 use std::fs::{self, OpenOptions};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use super::CacheError;
 
 /// The user and group `e2fsck` runs as (`nobody`).
 const CHECKER_ID: u32 = 65_534;
+/// How long `e2fsck` may take on one copy (a guest wrote what it reads); past it the copy is
+/// made afresh.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(120);
 /// Exit statuses of `e2fsck -p` below this mean the file system is usable.
 const E2FSCK_UNCORRECTED: i32 = 4;
 
@@ -95,28 +100,119 @@ pub(super) fn check(disk: &Path) -> Result<(), String> {
             Ok(())
         });
     }
-    let output = command.output();
+    let ran = run_bounded(&mut command, CHECK_TIMEOUT);
     let _ = rustix::fs::fchown(
         &file,
         Some(rustix::fs::Uid::ROOT),
         Some(rustix::fs::Gid::ROOT),
     );
-    let output = output.map_err(|error| format!("cannot run e2fsck: {error}"))?;
-    match output.status.code() {
+    let ran = ran.map_err(|error| format!("cannot run e2fsck: {error}"))?;
+    let last = schemas::shown::escaped(&ran.last_line);
+    match ran.status.and_then(|status| status.code()) {
         Some(code) if code < E2FSCK_UNCORRECTED => Ok(()),
-        code => {
-            let said = String::from_utf8_lossy(&output.stdout);
-            let last = said.lines().last().unwrap_or_default();
-            Err(format!(
-                "e2fsck exit {}: {}",
-                code.map_or("by a signal".to_owned(), |code| code.to_string()),
-                schemas::shown::escaped(last)
-            ))
-        }
+        Some(code) => Err(format!("e2fsck exit {code}: {last}")),
+        None if ran.timed_out => Err(format!(
+            "e2fsck did not finish within {} s (fixed)",
+            CHECK_TIMEOUT.as_secs()
+        )),
+        None => Err(format!("e2fsck ended by a signal: {last}")),
     }
+}
+
+/// How a bounded run ended.
+struct Ran {
+    /// The exit status; None when it was killed at the deadline.
+    status: Option<std::process::ExitStatus>,
+    /// Whether the deadline killed it.
+    timed_out: bool,
+    /// The last line of its standard output (at most [`TAIL`] bytes of it are ever held).
+    last_line: String,
+}
+
+/// Bytes of a checker's output held at a time: the rest is read and dropped.
+const TAIL: usize = 4096;
+
+/// Runs `command` (its standard output read, its standard error dropped) for at most
+/// `timeout`, then kills it; holds only the tail of what it prints.
+fn run_bounded(command: &mut Command, timeout: Duration) -> std::io::Result<Ran> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take();
+    let reader = std::thread::spawn(move || {
+        let mut tail: Vec<u8> = Vec::new();
+        let Some(mut stdout) = stdout else {
+            return tail;
+        };
+        let mut buffer = [0u8; TAIL];
+        while let Ok(read) = stdout.read(&mut buffer) {
+            if read == 0 {
+                break;
+            }
+            tail.extend_from_slice(&buffer[..read]);
+            if tail.len() > TAIL {
+                tail.drain(..tail.len() - TAIL);
+            }
+        }
+        tail
+    });
+    let deadline = Instant::now() + timeout;
+    let (status, timed_out) = loop {
+        if let Some(status) = child.try_wait()? {
+            break (Some(status), false);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break (None, true);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let tail = reader.join().unwrap_or_default();
+    let text = String::from_utf8_lossy(&tail);
+    let last_line = text.lines().last().unwrap_or_default().to_owned();
+    Ok(Ran {
+        status,
+        timed_out,
+        last_line,
+    })
 }
 
 /// The file system label of cache `name` (ext4 labels hold 16 bytes).
 fn label(name: &str) -> String {
     name.chars().take(16).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bounded_run_is_killed_at_its_deadline_and_holds_only_the_tail_of_its_output() {
+        let started = Instant::now();
+        let ran = run_bounded(
+            Command::new("sh").args(["-c", "echo early; exec sleep 30"]),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert!(ran.timed_out && ran.status.is_none());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(ran.last_line, "early");
+        // 64 MiB of output, of which only the last line is kept.
+        let ran = run_bounded(
+            Command::new("sh").args([
+                "-c",
+                "head -c 67108864 /dev/zero | tr '\\0' x; echo; echo last",
+            ]),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert_eq!(ran.status.and_then(|status| status.code()), Some(0));
+        assert_eq!(ran.last_line, "last");
+    }
 }

@@ -69,27 +69,19 @@ impl Scene {
     /// Runs `payload` with the configuration file `config` (JSON text).
     pub fn run_configured(&self, payload: &Path, artifacts: &str, config: &str) -> Run {
         let config = self.payload(&format!("{artifacts}-config"), config);
-        let started = Instant::now();
-        let output = self
-            .command(payload, artifacts, &shared_cache())
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .expect("run taskvm");
-        Run {
-            output,
-            took: started.elapsed(),
-            log: std::fs::read_to_string(self.artifacts(artifacts).join("live.log"))
-                .unwrap_or_default(),
-        }
+        let mut command = self.command(payload, artifacts, &shared_cache());
+        command.arg("--config").arg(&config);
+        self.run_to_end(command, artifacts)
     }
 
     pub fn run_with_cache(&self, payload: &Path, artifacts: &str, cache: &Path) -> Run {
+        self.run_to_end(self.command(payload, artifacts, cache), artifacts)
+    }
+
+    /// Runs `command` to its end: its output, how long it took and the task's log.
+    fn run_to_end(&self, mut command: Command, artifacts: &str) -> Run {
         let started = Instant::now();
-        let output = self
-            .command(payload, artifacts, cache)
-            .output()
-            .expect("run taskvm");
+        let output = command.output().expect("run taskvm");
         Run {
             output,
             took: started.elapsed(),

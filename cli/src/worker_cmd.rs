@@ -8,6 +8,7 @@ use lifecycle::exit::Outcome;
 use lifecycle::host::Host;
 use schemas::config::{QueueConfig, TaskclusterQueueConfig};
 use taskcluster_provider::client::Credentials;
+use taskcluster_provider::livelog::{LiveLogOptions, LiveLogServer};
 use taskcluster_provider::queue::QueueEndpoint;
 use taskcluster_provider::{run_worker, WorkerOptions};
 
@@ -41,6 +42,15 @@ pub struct WorkerArgs {
     /// vCPUs all running VMs may hold together (default: the host's CPU count).
     #[arg(long, value_name = "N")]
     cpus: Option<u64>,
+    /// Serve each running task's log on this address (`IP:PORT`), as
+    /// `public/logs/live.log` (default: the configuration's `queue.liveLogListen`; none: the
+    /// log is published when the task ends).
+    #[arg(long, value_name = "ADDR:PORT")]
+    livelog_listen: Option<std::net::SocketAddr>,
+    /// The base URL clients reach that address by (default: the configuration's
+    /// `queue.liveLogUrl`, else `http://ADDR:PORT`).
+    #[arg(long, value_name = "URL")]
+    livelog_url: Option<String>,
 }
 
 /// Runs `taskvm worker`.
@@ -95,6 +105,14 @@ pub fn run(args: WorkerArgs) -> Outcome {
             }),
         },
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        live_log: None,
+    };
+    let live_log = match live_log_options(&args, section.as_ref()) {
+        Ok(options) => options,
+        Err(message) => {
+            say(&message);
+            return Outcome::Malformed;
+        }
     };
     let runtime = match crate::documents::vm_runtime() {
         Ok(runtime) => runtime,
@@ -108,6 +126,22 @@ pub fn run(args: WorkerArgs) -> Outcome {
                 return Outcome::Internal;
             }
         };
+        let mut options = options;
+        if let Some(live_log) = live_log {
+            match LiveLogServer::start(live_log).await {
+                Ok(server) => {
+                    say(&format!(
+                        "live logs are served at {}/log/…",
+                        server.base_url()
+                    ));
+                    options.live_log = Some(Arc::new(server));
+                }
+                Err(error) => {
+                    say(&error.to_string());
+                    return Outcome::Internal;
+                }
+            }
+        }
         match run_worker(host, options, crate::signals::wait_for_signal_quietly()).await {
             Ok(()) => {
                 say("stopped");
@@ -121,6 +155,39 @@ pub fn run(args: WorkerArgs) -> Outcome {
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     outcome
+}
+
+/// The live log's address and URL: flags over the configuration; none when neither names an
+/// address.
+fn live_log_options(
+    args: &WorkerArgs,
+    section: Option<&TaskclusterQueueConfig>,
+) -> Result<Option<LiveLogOptions>, String> {
+    let configured = section.and_then(|section| section.live_log_listen.as_deref());
+    let listen = match (args.livelog_listen, configured) {
+        (Some(listen), _) => listen,
+        (None, Some(text)) => text.parse().map_err(|error| {
+            format!("queue.liveLogListen {text:?} is not an IP:PORT address: {error}")
+        })?,
+        (None, None) if args.livelog_url.is_some() => {
+            return Err("--livelog-url needs an address to serve on: pass --livelog-listen".into())
+        }
+        (None, None) => return Ok(None),
+    };
+    let url = args
+        .livelog_url
+        .clone()
+        .or_else(|| section.and_then(|section| section.live_log_url.clone()));
+    if let Some(url) = &url {
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|error| format!("the live log URL {url:?}: {error}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.query().is_some() {
+            return Err(format!(
+                "the live log URL {url:?} must be http(s) without a query"
+            ));
+        }
+    }
+    Ok(Some(LiveLogOptions::new(listen, url)))
 }
 
 type Identity = (QueueEndpoint, String, String, String);

@@ -387,6 +387,16 @@ pub struct TaskclusterQueueConfig {
     /// Certificate of temporary credentials, unless `TASKCLUSTER_CERTIFICATE` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<String>,
+    /// Address (`IP:PORT`) the live log is served on while tasks run; none: the log is
+    /// published when the task ends only. `--livelog-listen` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub live_log_listen: Option<String>,
+    /// The base URL clients reach the live log address by (a proxy in front of it, a public
+    /// host name); default `http://` and the listen address. `--livelog-url` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"), length(max = 1024))]
+    pub live_log_url: Option<String>,
 }
 
 fn default_capacity() -> u32 {

@@ -123,6 +123,15 @@ impl Service {
         Ok(Service { http, base, signer })
     }
 
+    /// The URL of the path made of `segments` (each percent-encoded, so an artifact name
+    /// keeps its slashes inside one segment).
+    pub fn url(&self, segments: &[&str]) -> Result<Url, CallError> {
+        let path: Vec<String> = segments.iter().map(|segment| encode(segment)).collect();
+        self.base
+            .join(&path.join("/"))
+            .map_err(|error| CallError::local(error.to_string()))
+    }
+
     /// `method` on the path made of `segments` (each percent-encoded, so an artifact name
     /// keeps its slashes inside one segment), with `body` as JSON; the answer's JSON.
     pub async fn call(
@@ -131,11 +140,7 @@ impl Service {
         segments: &[&str],
         body: Option<&Value>,
     ) -> Result<Value, CallError> {
-        let path: Vec<String> = segments.iter().map(|segment| encode(segment)).collect();
-        let url = self
-            .base
-            .join(&path.join("/"))
-            .map_err(|error| CallError::local(error.to_string()))?;
+        let url = self.url(segments)?;
         let body = body.map(Value::to_string);
         let mut delay = FIRST_DELAY;
         let mut attempt = 0;

@@ -7,12 +7,14 @@
 //! - [`client`]: a Taskcluster service client (Hawk, retries, bounded answers).
 //! - [`queue`]: the queue calls, with our errors.
 //! - [`claim`]: one claim and the reclaim loop.
-//! - [`uploads`]: artifacts as `s3` and `error` artifacts.
+//! - [`uploads`]: artifacts as `s3`, `error` and `reference` artifacts.
+//! - [`livelog`]: the log of each running task over HTTP, while it runs.
 
 #![warn(clippy::unwrap_used)]
 
 pub mod claim;
 pub mod client;
+pub mod livelog;
 pub mod queue;
 pub mod uploads;
 
@@ -27,8 +29,9 @@ use tokio::task::JoinSet;
 
 use self::claim::{keep_claimed, Claim};
 use self::client::Credentials;
+use self::livelog::{LiveLog, LiveLogServer};
 use self::queue::{claim_work, report, QueueEndpoint, QueueError, Report};
-use self::uploads::{publish, Publish};
+use self::uploads::{publish, publish_reference, Publish};
 use lifecycle::capacity::{Capacity, Resources};
 use lifecycle::host::Host;
 use lifecycle::resolution::{ExceptionReason, Resolution};
@@ -52,7 +55,15 @@ pub struct WorkerOptions {
     /// How long running tasks may go on after SIGTERM before they are resolved
     /// `exception/worker-shutdown`.
     pub shutdown_grace: Duration,
+    /// Where running tasks' logs are served, when the operator gave an address.
+    pub live_log: Option<Arc<LiveLogServer>>,
 }
+
+/// The log artifact clients read: a reference to the live log while the task runs, then to
+/// [`BACKING_LOG`].
+pub const LIVE_LOG: &str = "public/logs/live.log";
+/// The task's whole log, uploaded when it ends.
+pub const BACKING_LOG: &str = "public/logs/live_backing.log";
 
 /// Claims and runs tasks until `shutdown` completes; then stops claiming, lets running tasks
 /// finish within the grace and resolves the rest `exception/worker-shutdown`. An error means
@@ -215,7 +226,9 @@ impl ClaimedRun {
             }
             std::future::pending::<()>().await;
         });
-        let outcome = self.run(&claim, &dir, stop_signal.clone()).await;
+        let live_log = self.announce_live_log(&claim, &dir, &credentials);
+        let listener = live_log.as_ref().map(|(live, _)| live.listener());
+        let outcome = self.run(&claim, &dir, stop_signal.clone(), listener).await;
         let _ = done.send(true);
         let _ = keeper.await;
         relay.abort();
@@ -226,7 +239,8 @@ impl ClaimedRun {
                  was killed and the task is left alone"
             );
         } else {
-            self.resolve(&claim, &dir, &outcome, &credentials).await;
+            self.resolve(&claim, &dir, &outcome, &credentials, live_log)
+                .await;
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -235,11 +249,44 @@ impl ClaimedRun {
         runs_dir(&self.host, &self.options).join(format!("{task_id}-{run_id}"))
     }
 
+    /// Starts serving the run's log and, in the background, points `public/logs/live.log` at
+    /// it; the task does not wait for the queue. The handle says whether the queue took it.
+    fn announce_live_log(
+        &self,
+        claim: &Claim,
+        dir: &Path,
+        credentials: &Arc<Mutex<Credentials>>,
+    ) -> Option<(LiveLog, tokio::task::JoinHandle<bool>)> {
+        let server = self.options.live_log.as_ref()?;
+        let expires = claim.expires()?;
+        let live = server.serve(dir.join("live.log"));
+        let (endpoint, url) = (self.options.endpoint.clone(), live.url().to_owned());
+        let (task_id, run_id) = (claim.task_id.clone(), claim.run_id);
+        let current = lock(credentials).clone();
+        let announced = tokio::spawn(async move {
+            let queue = match endpoint.client(&current, Duration::from_secs(60)) {
+                Ok(queue) => queue,
+                Err(error) => {
+                    tracing::info!("task {task_id} run {run_id}: the live log: {error}");
+                    return false;
+                }
+            };
+            let created =
+                publish_reference(&queue, &task_id, run_id, &expires, LIVE_LOG, &url).await;
+            if let Err(error) = &created {
+                tracing::info!("task {task_id} run {run_id}: the live log: {error}");
+            }
+            created.is_ok()
+        });
+        Some((live, announced))
+    }
+
     async fn run(
         &self,
         claim: &Claim,
         dir: &Path,
         stop: watch::Receiver<Option<ExceptionReason>>,
+        on_log: Option<lifecycle::log::LogListener>,
     ) -> TaskOutcome {
         let run = PayloadRun {
             payload: PayloadDocument::Json(claim.task.get("payload").cloned().unwrap_or_default()),
@@ -251,25 +298,24 @@ impl ClaimedRun {
             echo: lifecycle::log::Echo::Quiet,
             capacity: Some(self.capacity.clone()),
             live: None,
-            on_log: None,
+            on_log,
             scopes: Some(task_scopes(&claim.task)),
         };
         run_payload(self.host.clone(), run, stop).await
     }
 
-    /// Publishes the artifacts and reports the resolution with the claim's credentials.
+    /// Publishes the artifacts, points the live log at the uploaded log (and stops serving
+    /// it), and reports the resolution with the claim's credentials.
     async fn resolve(
         &self,
         claim: &Claim,
         dir: &Path,
         outcome: &TaskOutcome,
         credentials: &Arc<Mutex<Credentials>>,
+        live_log: Option<(LiveLog, tokio::task::JoinHandle<bool>)>,
     ) {
         let (task_id, run_id) = (claim.task_id.as_str(), claim.run_id);
-        let current = credentials
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
+        let current = lock(credentials).clone();
         let queue = match self
             .options
             .endpoint
@@ -287,6 +333,38 @@ impl ClaimedRun {
             let uploaded = publish(&queue, task_id, run_id, &expires, &artifacts).await;
             for (name, error) in &uploaded.failed {
                 tracing::info!("task {task_id} run {run_id}: artifact {name}: {error}");
+            }
+            if let Some((live, announced)) = live_log {
+                let backing_uploaded = uploaded.created.iter().any(|name| name == BACKING_LOG);
+                if announced.await.unwrap_or(false) && backing_uploaded {
+                    let backing = queue.url(&[
+                        "task",
+                        task_id,
+                        "runs",
+                        &run_id.to_string(),
+                        "artifacts",
+                        BACKING_LOG,
+                    ]);
+                    let pointed = match backing {
+                        Ok(url) => {
+                            publish_reference(
+                                &queue,
+                                task_id,
+                                run_id,
+                                &expires,
+                                LIVE_LOG,
+                                url.as_str(),
+                            )
+                            .await
+                        }
+                        Err(error) => Err(error.to_string()),
+                    };
+                    if let Err(error) = pointed {
+                        tracing::info!("task {task_id} run {run_id}: {LIVE_LOG}: {error}");
+                    }
+                }
+                // The queue no longer sends readers here: streams send what is left and end.
+                drop(live);
             }
         }
         let reported = report(&queue, task_id, run_id, report_for(resolution)).await;
@@ -316,7 +394,7 @@ fn report_for(resolution: Resolution) -> Report {
 fn artifacts_to_publish(claim: &Claim, dir: &Path, outcome: &TaskOutcome) -> Vec<Publish> {
     let mut artifacts = Vec::new();
     let standard = [
-        ("public/logs/live_backing.log", "live.log"),
+        (BACKING_LOG, "live.log"),
         ("public/logs/serial.log", "serial.log"),
         ("public/screenshot.png", "screenshot.png"),
     ];
@@ -350,7 +428,7 @@ fn artifacts_to_publish(claim: &Claim, dir: &Path, outcome: &TaskOutcome) -> Vec
         if !outcome.artifacts.iter().any(|done| done.name == name) {
             artifacts.push(Publish::Missing {
                 name: name.to_owned(),
-                message: "the task did not produce it (see public/logs/live_backing.log)".into(),
+                message: format!("the task did not produce it (see {BACKING_LOG})"),
             });
         }
     }
@@ -368,4 +446,10 @@ fn task_scopes(task: &serde_json::Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+fn lock(credentials: &Mutex<Credentials>) -> std::sync::MutexGuard<'_, Credentials> {
+    credentials
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

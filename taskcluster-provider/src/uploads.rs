@@ -128,3 +128,25 @@ async fn upload_file(
     }
     Err("the upload failed".to_owned())
 }
+
+/// Creates (or points elsewhere: the queue lets a `reference` artifact be replaced by
+/// another) the reference artifact `name` to `url`.
+pub async fn publish_reference(
+    queue: &Queue,
+    task_id: &str,
+    run_id: u32,
+    expires: &str,
+    name: &str,
+    url: &str,
+) -> Result<(), String> {
+    let request = json!({
+        "storageType": "reference",
+        "expires": expires,
+        "contentType": lifecycle::artifacts::content_type(name),
+        "url": url,
+    });
+    create_artifact(queue, task_id, run_id, name, &request)
+        .await
+        .map(drop)
+        .map_err(|error| error.to_string())
+}

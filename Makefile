@@ -11,9 +11,11 @@ TEST_RUNNER := $(if $(NEXTEST),nextest run,test)
 
 all: build
 
-## Install the system packages taskvm needs (apt, as root; skipped when present).
+## Install the system packages taskvm needs (apt, as root; skipped when present), and the
+## web UI's terminal, xterm.js (npm, pinned, into the checkout).
 deps:
 	@bash scripts/deps.sh
+	@bash scripts/ui-assets.sh
 
 ## Build the taskvm binary (release).
 build:

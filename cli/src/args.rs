@@ -1,5 +1,6 @@
 //! Arguments several commands share: `--start` and `--accel` (flattened into
-//! [`crate::documents::HostArgs`] or taken directly).
+//! [`crate::documents::HostArgs`] or taken directly), and the `taskvm serve` a client command
+//! talks to ([`ServerArgs`]).
 
 use schemas::config::{Accel, StartMode};
 
@@ -43,4 +44,25 @@ impl From<AccelArg> for Accel {
             AccelArg::Tcg => Accel::Tcg,
         }
     }
+}
+
+/// `--server` and `--token`: the `taskvm serve` that `submit` and `shell` talk to.
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// The server's URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "TASKVM_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+    /// The server's access token (needed when it listens off loopback).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TASKVM_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
 }

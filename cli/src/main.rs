@@ -13,6 +13,7 @@ mod image_cmd;
 mod logging;
 mod run_cmd;
 mod serve_cmd;
+mod shell_cmd;
 mod signals;
 mod sizes;
 mod submit_cmd;
@@ -69,6 +70,11 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Queue a task on a `taskvm serve`; with --follow, print its log and exit as `taskvm run`.
     Submit(submit_cmd::SubmitArgs),
+    /// Open a login shell in a running task's VM on this terminal: a task on a `taskvm serve`,
+    /// or an interactive Taskcluster task's shell by its URL.
+    ///
+    /// Exit status: 0 when the shell ends, 3 when none could be opened.
+    Shell(shell_cmd::ShellArgs),
     /// Claim and run tasks from a Taskcluster queue (credentials from TASKCLUSTER_ROOT_URL,
     /// TASKCLUSTER_CLIENT_ID, TASKCLUSTER_ACCESS_TOKEN and TASKCLUSTER_CERTIFICATE, or the
     /// configuration); SIGTERM stops claiming and lets running tasks finish.
@@ -130,6 +136,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_cmd::run(args),
         Command::Serve(args) => serve_cmd::run(args),
         Command::Submit(args) => submit_cmd::run(args),
+        Command::Shell(args) => shell_cmd::run(args),
         Command::Worker(args) => worker_cmd::run(args),
         Command::Validate { file, kind, config } => run_validate(&file, kind, config.as_deref()),
     };

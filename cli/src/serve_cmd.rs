@@ -15,6 +15,13 @@ use crate::args::StartArg;
 
 /// Where Debian's `novnc` package puts noVNC.
 const DEBIAN_NOVNC: &str = "/usr/share/novnc";
+/// Where `make deps` puts xterm.js in the checkout this binary was built from.
+const CHECKOUT_XTERM: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../serve/ui/terminal/node_modules/@xterm/xterm"
+);
+/// A file every xterm.js package directory has.
+const XTERM_MODULE: &str = "lib/xterm.mjs";
 
 /// Arguments of `taskvm serve`.
 #[derive(Debug, clap::Args)]
@@ -51,6 +58,10 @@ pub struct ServeArgs {
     /// noVNC's directory, for the console (default: /usr/share/novnc when present).
     #[arg(long, value_name = "DIR", env = "TASKVM_NOVNC_DIR")]
     novnc: Option<PathBuf>,
+    /// xterm.js's package directory (npm's `@xterm/xterm`), for the shell's terminal in the
+    /// UI (default: the one `make deps` put in the checkout taskvm was built from).
+    #[arg(long, value_name = "DIR", env = "TASKVM_XTERM_DIR")]
+    xterm: Option<PathBuf>,
 }
 
 /// Runs `taskvm serve`.
@@ -98,6 +109,28 @@ pub fn run(args: ServeArgs) -> Outcome {
             }
         }
     };
+    let xterm_dir = match args.xterm {
+        Some(dir) if dir.join(XTERM_MODULE).is_file() => Some(dir),
+        Some(dir) => {
+            say(&format!(
+                "{} holds no xterm.js ({XTERM_MODULE} is missing)",
+                dir.display()
+            ));
+            return Outcome::Malformed;
+        }
+        None => {
+            let checkout = PathBuf::from(CHECKOUT_XTERM);
+            if checkout.join(XTERM_MODULE).is_file() {
+                Some(checkout)
+            } else {
+                say(
+                    "xterm.js is not installed; the UI has no terminal for shells (make deps \
+                     installs it; or pass --xterm DIR); `taskvm shell` works without it",
+                );
+                None
+            }
+        }
+    };
     let options = ServeOptions {
         listen,
         concurrency: args.concurrency.unwrap_or(config.concurrency) as usize,
@@ -110,6 +143,7 @@ pub fn run(args: ServeArgs) -> Outcome {
         paused: args.paused,
         require_token: args.require_token,
         novnc_dir,
+        xterm_dir,
         max_runs: args.max_runs,
     };
     let runtime = match crate::documents::vm_runtime() {

@@ -15,22 +15,9 @@ use serve::wire;
 pub struct SubmitArgs {
     /// The task payload (JSON).
     task: PathBuf,
-    /// The server's URL.
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "TASKVM_SERVER",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    server: String,
-    /// The server's access token (needed when it listens off loopback).
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        env = "TASKVM_TOKEN",
-        hide_env_values = true
-    )]
-    token: Option<String>,
+    /// Which server.
+    #[command(flatten)]
+    server: crate::args::ServerArgs,
     /// Print the task's log until it is resolved, and exit as `taskvm run` does: 0 completed,
     /// 1 failed, 2 malformed payload, 3 anything else.
     #[arg(long)]
@@ -49,7 +36,7 @@ pub fn run(args: SubmitArgs) -> Outcome {
             return Outcome::Malformed;
         }
     };
-    let client = ApiClient::new(&args.server, args.token.clone());
+    let client = ApiClient::new(&args.server.server, args.server.token.clone());
     let created = match client.submit(payload) {
         Ok(created) => created,
         Err(failure) => return report(failure),

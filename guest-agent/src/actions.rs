@@ -43,6 +43,12 @@ pub fn handle(client: &Client, action: &Action, process_group: &AtomicI32) -> io
             }
             Ok(Next::Continue)
         }
+        ActionKind::Shell { rows, cols } => {
+            // The shell runs on; a failure to connect is the worker's to notice (it waits
+            // for the connection with a timeout).
+            crate::shell::start(client, id, *rows, *cols)?;
+            Ok(Next::Continue)
+        }
         ActionKind::Shutdown => {
             reply_json(client, id, &serde_json::json!({}))?;
             Ok(Next::Shutdown)

@@ -1,6 +1,7 @@
 //! The protocol client: the agent's side of `protocol`.
 
-use std::io::{self, Read};
+use std::io::{self, BufReader, Read};
+use std::net::TcpStream;
 use std::thread::sleep;
 use std::time::Duration;
 
@@ -151,6 +152,17 @@ impl Client {
         let mut stream = ChunkedBody::start(&self.endpoint, "POST", &path, content_type)?;
         io::copy(&mut body, &mut stream)?;
         Ok(stream.finish()?.status)
+    }
+
+    /// Answers shell action `id` by opening its connection: what the worker sends (frames)
+    /// and where the terminal's output goes.
+    pub fn open_shell(&self, id: &str) -> io::Result<(BufReader<TcpStream>, TcpStream)> {
+        let path = format!("{}?id={}", Self::path("shell"), url_escape(id));
+        let input = self.endpoint.upgrade(&path, protocol::shell::UPGRADE)?;
+        // Reads block until the worker types: no timeout on a shell.
+        input.get_ref().set_read_timeout(None)?;
+        let output = input.get_ref().try_clone()?;
+        Ok((input, output))
     }
 
     /// Starts a streamed answer to action `id` (for tar streams written as they are made).

@@ -44,12 +44,49 @@ impl Endpoint {
         path: &str,
         headers: &[(&str, &str)],
     ) -> io::Result<TcpStream> {
+        self.start_with(method, path, "close", headers)
+    }
+
+    /// Opens a connection that asks to become a `protocol` byte stream; returns the stream
+    /// once the service agreed (101), with whatever it already sent after its answer.
+    pub fn upgrade(&self, path: &str, protocol: &str) -> io::Result<BufReader<TcpStream>> {
+        let stream = self.start_with("GET", path, "upgrade", &[("Upgrade", protocol)])?;
+        let mut reader = BufReader::new(stream);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line)?;
+        if status_line.split_whitespace().nth(1) != Some("101") {
+            return Err(invalid(format!(
+                "the service did not switch protocols: {:?}",
+                status_line.trim_end()
+            )));
+        }
+        let mut head = status_line.len();
+        loop {
+            let mut line = String::new();
+            let read = reader.read_line(&mut line)?;
+            head += read;
+            if read == 0 || line == "\r\n" || line == "\n" {
+                return Ok(reader);
+            }
+            if head > 16 * 1024 {
+                return Err(invalid("the answer's head is over 16 KiB".to_owned()));
+            }
+        }
+    }
+
+    fn start_with(
+        &self,
+        method: &str,
+        path: &str,
+        connection: &str,
+        headers: &[(&str, &str)],
+    ) -> io::Result<TcpStream> {
         // Short: the service is on the guest's own link. A VM restored from a snapshot taken
         // during a connection attempt retries after this instead of the kernel's 1 s SYN timer.
         let mut stream = TcpStream::connect_timeout(&self.address, Duration::from_millis(250))?;
         stream.set_nodelay(true)?;
         let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: {connection}\r\n",
             self.host
         );
         for (name, value) in headers {

@@ -23,6 +23,7 @@ mod markers;
 mod mounts;
 mod netlink;
 mod run;
+mod shell;
 mod stage1;
 
 use std::process::ExitCode;

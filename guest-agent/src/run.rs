@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use protocol::Execute;
 
-/// Base environment of every command; the task's `env` is added on top.
-const BASE_ENV: &[(&str, &str)] = &[
+/// Base environment of every command (and shell); the task's `env` is added on top.
+pub const BASE_ENV: &[(&str, &str)] = &[
     (
         "PATH",
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -70,8 +70,14 @@ fn spawn_with_pipes(task: &Execute) -> io::Result<(Child, OwnedFd)> {
     Ok((child, reader))
 }
 
-#[allow(unsafe_code)]
 fn spawn_on_pty(task: &Execute) -> io::Result<(Child, OwnedFd)> {
+    spawn_on_terminal(command(task)?)
+}
+
+/// Starts `command` as the leader of a new session whose controlling terminal is a new
+/// pseudo-terminal; returns the child and the terminal's controlling side.
+#[allow(unsafe_code)]
+pub fn spawn_on_terminal(mut command: Command) -> io::Result<(Child, OwnedFd)> {
     use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
     let controller = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY)?;
     grantpt(&controller)?;
@@ -82,7 +88,6 @@ fn spawn_on_pty(task: &Execute) -> io::Result<(Child, OwnedFd)> {
         .write(true)
         .open(name.to_string_lossy().as_ref())?
         .into();
-    let mut command = command(task)?;
     command
         .stdin(Stdio::from(terminal.try_clone()?))
         .stdout(Stdio::from(terminal.try_clone()?))

@@ -16,6 +16,7 @@
 //!   sized for the commands outside a task.
 //! - [`log`]: the task log.
 //! - [`artifacts`]: copying files and directories out of the guest.
+//! - [`shell_bridge`]: a shell in a running VM carried to a client, for the providers.
 //! - [`pool`]: paused restored VMs kept ready for the most used image.
 //! - [`capacity`]: the host's memory and CPUs, shared out among running tasks.
 //! - [`build`]: `taskvm image build`, a VM whose disk becomes a new image; [`warm`]: an image's
@@ -34,10 +35,12 @@ pub mod log;
 pub mod payload_run;
 pub mod pool;
 pub mod resolution;
+pub mod shell_bridge;
 pub mod task;
 pub mod warm;
 
 pub use self::images::image_error_is_the_payloads;
 pub use self::payload_run::{run_payload, PayloadDocument, PayloadRun};
 pub use self::task::outcome::{TaskOutcome, Timings};
-pub use self::task::{run_task, LiveVm, StopSignal, TaskRequest, START_TIMEOUT};
+pub use self::task::{run_task, LiveVm, Shells, StopSignal, TaskRequest, START_TIMEOUT};
+pub use engine::network::shell::{ShellError, ShellStream};

@@ -178,6 +178,67 @@ pub enum ActionKind {
     },
     /// Flush file systems and power the VM off.
     Shutdown,
+    /// Start a login shell on a new terminal of this size and connect it to the worker:
+    /// the agent answers with `GET shell?id=ID`, upgraded to [`shell::UPGRADE`], and from
+    /// then on that connection carries the terminal (see [`shell`]).
+    Shell {
+        /// Terminal rows.
+        rows: u16,
+        /// Terminal columns.
+        cols: u16,
+    },
+}
+
+/// An interactive shell's connection, once upgraded. The guest sends the terminal's output
+/// as plain bytes; the worker sends frames: one byte of kind, a big-endian `u32` length, and
+/// that many bytes of payload. Either side ends the shell by closing the connection.
+pub mod shell {
+    /// The `Upgrade` header's protocol name.
+    pub const UPGRADE: &str = "taskvm-shell";
+    /// A frame of keyboard input: the bytes typed.
+    pub const FRAME_INPUT: u8 = 0;
+    /// A frame saying the terminal's new size: rows and columns, each a big-endian `u16`.
+    pub const FRAME_RESIZE: u8 = 1;
+    /// The largest payload of one frame.
+    pub const MAX_FRAME: usize = 64 * 1024;
+    /// The header before each frame's payload.
+    pub const FRAME_HEADER: usize = 5;
+
+    /// A frame of `kind` with `payload` (at most [`MAX_FRAME`] bytes: longer input is cut
+    /// into several frames by the caller).
+    pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(FRAME_HEADER + payload.len());
+        frame.push(kind);
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// `keys` as input frames (cut at [`MAX_FRAME`]).
+    pub fn input(keys: &[u8]) -> Vec<u8> {
+        keys.chunks(MAX_FRAME)
+            .flat_map(|chunk| frame(FRAME_INPUT, chunk))
+            .collect()
+    }
+
+    /// A terminal's size as a client of a shell's websocket says it: the text message
+    /// `{"rows": R, "cols": C}` (keys are binary messages).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct TerminalSize {
+        /// Rows.
+        pub rows: u16,
+        /// Columns.
+        pub cols: u16,
+    }
+
+    /// A resize frame.
+    pub fn resize(rows: u16, cols: u16) -> Vec<u8> {
+        let mut size = [0u8; 4];
+        size[..2].copy_from_slice(&rows.to_be_bytes());
+        size[2..].copy_from_slice(&cols.to_be_bytes());
+        frame(FRAME_RESIZE, &size)
+    }
 }
 
 fn default_signal() -> i32 {

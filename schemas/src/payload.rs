@@ -45,6 +45,12 @@ pub struct Payload {
     /// What follows from the command's exit status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_exit_status: Option<OnExitStatus>,
+    /// Offer login shells into the running VM. On Taskcluster the worker then publishes the
+    /// private artifact `private/taskvm/shell.json` with the shell's websocket URL, valid
+    /// while the task runs (`taskvm shell --url URL`); `taskvm serve` offers shells into every
+    /// running task to those with access to it, so this changes nothing there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interactive: bool,
 }
 
 /// Most mounts of one task: the number of mount slots a VM with mounts has.

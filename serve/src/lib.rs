@@ -8,7 +8,8 @@
 //! - [`api`]: the JSON API and `/metrics` (written by [`metrics`]); [`openapi`]: its document.
 //! - [`wire`]: every JSON body as a type (the OpenAPI schemas derive from them; `taskvm
 //!   submit` reads them).
-//! - [`ui`]: the pages; [`console`]: the websocket to a VM's VNC server.
+//! - [`ui`]: the pages; [`console`]: the websocket to a VM's VNC server; [`shell`]: the
+//!   websocket to a login shell in a VM; [`shell_client`]: its client, for `taskvm shell`.
 //! - [`access`]: loopback or token.
 //! - [`client`]: a client of the API typed with [`wire`] (what `taskvm submit` uses).
 
@@ -21,6 +22,8 @@ pub mod console;
 pub mod metrics;
 pub mod openapi;
 pub mod scheduler;
+pub mod shell;
+pub mod shell_client;
 pub mod store;
 pub mod ui;
 pub mod wire;
@@ -78,6 +81,8 @@ pub struct ServeOptions {
     pub require_token: bool,
     /// noVNC's files (None: no console in the UI).
     pub novnc_dir: Option<PathBuf>,
+    /// xterm.js's package directory (None: no terminal in the UI).
+    pub xterm_dir: Option<PathBuf>,
     /// Runs a task gets at most when worker shutdowns interrupt it.
     pub max_runs: u32,
 }
@@ -128,6 +133,7 @@ pub async fn serve(
     let app = Arc::new(App {
         scheduler: scheduler.clone(),
         novnc_dir: options.novnc_dir.clone(),
+        xterm_dir: options.xterm_dir.clone(),
     });
     let router = router(app, access.clone());
     match access.token() {
@@ -173,6 +179,7 @@ fn router(app: Arc<App>, access: Access) -> Router {
         .route("/api/tasks/{task_id}/artifacts/{*name}", get(api::artifact))
         .route("/api/tasks/{task_id}/screenshot", get(api::screenshot))
         .route("/api/tasks/{task_id}/console", get(api::console))
+        .route("/api/tasks/{task_id}/shell", get(api::shell))
         .route("/api/health", get(api::health))
         .route("/api/openapi.json", get(api::openapi))
         .route("/api", get(api::no_route))

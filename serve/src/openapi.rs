@@ -148,6 +148,24 @@ pub fn document() -> Value {
                     }
                 }
             },
+            "/api/tasks/{taskId}/shell": {
+                "get": {
+                    "operationId": "openShell",
+                    "summary": "A websocket to a new login shell in the running VM: binary messages are keys (client to server) and the terminal's output (server to client); a text message {\"rows\": R, \"cols\": C} resizes the terminal",
+                    "parameters": [
+                        task_id,
+                        { "name": "rows", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 1, "maximum": 65535, "default": 24 } },
+                        { "name": "cols", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 1, "maximum": 65535, "default": 80 } }
+                    ],
+                    "responses": {
+                        "101": { "description": "Switching to the websocket" },
+                        "400": error_response("Not a websocket request"),
+                        "404": error_response("No such task"),
+                        "409": error_response("No running VM"),
+                        "503": error_response("The guest's agent opened no shell (too many open, or an agent without shells)")
+                    }
+                }
+            },
             "/api/health": {
                 "get": {
                     "operationId": "health",

@@ -1,6 +1,7 @@
 //! The web UI: two plain pages (the task list with a submit form, and a task's page with its
-//! live log, screenshot, artifacts, cancel button and console) built into the binary, and
-//! noVNC's own files served from its directory for the console.
+//! live log, screenshot, artifacts, cancel button, console and shell) built into the binary,
+//! and the files of noVNC (the console) and xterm.js (the shell's terminal) served from their
+//! directories.
 
 use std::path::{Component, Path as FsPath};
 use std::sync::Arc;
@@ -17,9 +18,10 @@ use super::api::{ApiError, App};
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
         .route("/", get(|| async { page(INDEX) }))
-        .route("/tasks/{task_id}", get(|| async { page(TASK) }))
+        .route("/tasks/{task_id}", get(|| async { task_page() }))
         .route("/ui/{file}", get(asset))
         .route("/novnc/{*path}", get(novnc))
+        .route("/xterm/{*path}", get(xterm))
 }
 
 const INDEX: &str = include_str!("../ui/index.html");
@@ -39,6 +41,20 @@ fn page(html: &'static str) -> Response {
         html,
     )
         .into_response()
+}
+
+/// The task page's policy: xterm.js sets its terminal's styles in a `<style>` element of its
+/// own, so styles (never scripts) may be inline there.
+fn task_page() -> Response {
+    let mut response = page(TASK);
+    response.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; \
+             style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    response
 }
 
 async fn asset(Path(file): Path<String>) -> Response {
@@ -61,16 +77,34 @@ async fn asset(Path(file): Path<String>) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-/// A file of noVNC: plain relative names only (no `..`, no hidden files), below its directory.
+/// A file of noVNC.
 async fn novnc(State(app): State<Arc<App>>, Path(path): Path<String>) -> Response {
-    let Some(dir) = &app.novnc_dir else {
-        return ApiError::new(
+    match &app.novnc_dir {
+        Some(dir) => library_file(dir, &path).await,
+        None => ApiError::new(
             StatusCode::NOT_FOUND,
             "noVNC is not installed (make deps installs Debian's novnc; or pass --novnc DIR)",
         )
-        .into_response();
-    };
-    let relative = FsPath::new(&path);
+        .into_response(),
+    }
+}
+
+/// A file of xterm.js's package.
+async fn xterm(State(app): State<Arc<App>>, Path(path): Path<String>) -> Response {
+    match &app.xterm_dir {
+        Some(dir) => library_file(dir, &path).await,
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "xterm.js is not installed (make deps installs it; or pass --xterm DIR)",
+        )
+        .into_response(),
+    }
+}
+
+/// A file of a library's directory: plain relative names only (no `..`, no hidden files) of
+/// the kinds a page loads.
+async fn library_file(dir: &FsPath, path: &str) -> Response {
+    let relative = FsPath::new(path);
     let plain = relative.components().all(|component| match component {
         Component::Normal(name) => !name.to_string_lossy().starts_with('.'),
         _ => false,
@@ -79,7 +113,7 @@ async fn novnc(State(app): State<Arc<App>>, Path(path): Path<String>) -> Respons
         .extension()
         .and_then(|extension| extension.to_str())
     {
-        Some("js") => "text/javascript; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript; charset=utf-8",
         Some("css") => "text/css; charset=utf-8",
         Some("svg") => "image/svg+xml",
         Some("png") => "image/png",

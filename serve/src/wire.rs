@@ -107,6 +107,9 @@ pub struct Task {
     pub resolution: Option<String>,
     /// Whether its running VM has a display to watch (the console).
     pub console: bool,
+    /// Whether it has a running VM to open a shell in.
+    #[serde(default)]
+    pub shell: bool,
     /// Where its resources are.
     pub links: Links,
 }
@@ -151,6 +154,9 @@ pub struct Health {
     pub capacity: Capacity,
     /// Whether the console (noVNC) is served.
     pub console: bool,
+    /// Whether the UI's terminal (xterm.js) is served; the shell's websocket works without.
+    #[serde(default)]
+    pub terminal: bool,
 }
 
 /// One broken rule of a document.

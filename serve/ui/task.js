@@ -1,4 +1,5 @@
-// A task's page: state, live log, screenshot, artifacts, cancel, console (noVNC).
+// A task's page: state, live log, screenshot, artifacts, cancel, console (noVNC), shell
+// (xterm.js over the shell's websocket).
 import { api, element, showHealth } from '/ui/common.js';
 
 const taskId = location.pathname.split('/').pop();
@@ -9,8 +10,10 @@ const logView = document.getElementById('log');
 const screenshot = document.getElementById('screenshot');
 const cancelButton = document.getElementById('cancel');
 const consoleButton = document.getElementById('open-console');
+const shellButton = document.getElementById('open-shell');
 let current = null;
 let rfb = null;
+let shell = null;
 
 /** Appends the log as it arrives, run after run, until the task is over. */
 async function followLog() {
@@ -61,6 +64,7 @@ async function refresh() {
     ? run.stages.map(([stage, seconds]) => `${stage} ${seconds.toFixed(2)} s`).join(' · ') : '';
   cancelButton.hidden = current.state !== 'queued' && current.state !== 'running';
   consoleButton.hidden = !current.console || rfb !== null;
+  shellButton.hidden = !current.shell || shell !== null;
   const list = document.getElementById('artifacts');
   list.replaceChildren(...(run ? run.artifacts : []).map((file) => {
     const item = document.createElement('li');
@@ -92,6 +96,47 @@ consoleButton.addEventListener('click', async () => {
   rfb.scaleViewport = true;
   rfb.addEventListener('connect', () => { status.textContent = 'console connected'; target.dataset.connected = 'true'; });
   rfb.addEventListener('disconnect', () => { status.textContent = 'console disconnected'; rfb = null; refresh(); });
+});
+
+shellButton.addEventListener('click', async () => {
+  const status = document.getElementById('shell-status');
+  const target = document.getElementById('terminal');
+  let Terminal;
+  try {
+    ({ Terminal } = await import('/xterm/lib/xterm.mjs'));
+  } catch (error) {
+    status.textContent = 'No terminal: xterm.js is not served (make deps installs it).';
+    return;
+  }
+  shellButton.hidden = true;
+  target.hidden = false;
+  const terminal = new Terminal({ rows: 24, cols: 100, convertEol: false });
+  terminal.open(target);
+  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
+  const url = `${scheme}://${location.host}/api/tasks/${taskId}/shell?rows=${terminal.rows}&cols=${terminal.cols}`;
+  const socket = new WebSocket(url);
+  socket.binaryType = 'arraybuffer';
+  shell = { terminal, socket };
+  const encoder = new TextEncoder();
+  status.textContent = 'connecting…';
+  socket.addEventListener('open', () => {
+    status.textContent = 'shell connected';
+    target.dataset.connected = 'true';
+    terminal.focus();
+  });
+  socket.addEventListener('message', (event) => terminal.write(new Uint8Array(event.data)));
+  socket.addEventListener('close', () => {
+    status.textContent = 'shell closed';
+    target.dataset.connected = 'false';
+    shell = null;
+    refresh();
+  });
+  terminal.onData((data) => {
+    if (socket.readyState === WebSocket.OPEN) socket.send(encoder.encode(data));
+  });
+  terminal.onResize(({ rows, cols }) => {
+    if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ rows, cols }));
+  });
 });
 
 refresh().then(showScreenshot);

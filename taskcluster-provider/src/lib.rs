@@ -8,7 +8,8 @@
 //! - [`queue`]: the queue calls, with our errors.
 //! - [`claim`]: one claim and the reclaim loop.
 //! - [`uploads`]: artifacts as `s3`, `error` and `reference` artifacts.
-//! - [`livelog`]: the log of each running task over HTTP, while it runs.
+//! - [`livelog`]: the worker's HTTP server: each running task's log as it grows, and
+//! - [`shells`]: interactive shells into running tasks' VMs (`interactive: true`).
 
 #![warn(clippy::unwrap_used)]
 
@@ -16,6 +17,8 @@ pub mod claim;
 pub mod client;
 pub mod livelog;
 pub mod queue;
+mod replies;
+pub mod shells;
 pub mod uploads;
 
 use std::future::Future;
@@ -31,11 +34,12 @@ use self::claim::{keep_claimed, Claim};
 use self::client::Credentials;
 use self::livelog::{LiveLog, LiveLogServer};
 use self::queue::{claim_work, report, QueueEndpoint, QueueError, Report};
+use self::shells::InteractiveShell;
 use self::uploads::{publish, publish_reference, Publish};
 use lifecycle::capacity::{Capacity, Resources};
 use lifecycle::host::Host;
 use lifecycle::resolution::{ExceptionReason, Resolution};
-use lifecycle::{run_payload, PayloadDocument, PayloadRun, TaskOutcome};
+use lifecycle::{run_payload, LiveVm, PayloadDocument, PayloadRun, TaskOutcome};
 
 /// How the worker runs.
 #[derive(Debug, Clone)]
@@ -64,6 +68,9 @@ pub struct WorkerOptions {
 pub const LIVE_LOG: &str = "public/logs/live.log";
 /// The task's whole log, uploaded when it ends.
 pub const BACKING_LOG: &str = "public/logs/live_backing.log";
+/// Where an interactive task's shell is: `{"url": "wss://…/shell/TOKEN"}`, readable with the
+/// task's private artifacts' scopes only.
+pub const SHELL_ARTIFACT: &str = "private/taskvm/shell.json";
 
 /// Claims and runs tasks until `shutdown` completes; then stops claiming, lets running tasks
 /// finish within the grace and resolves the rest `exception/worker-shutdown`. An error means
@@ -228,7 +235,12 @@ impl ClaimedRun {
         });
         let live_log = self.announce_live_log(&claim, &dir, &credentials);
         let listener = live_log.as_ref().map(|(live, _)| live.listener());
-        let outcome = self.run(&claim, &dir, stop_signal.clone(), listener).await;
+        let (live_vm, shells) = self.offer_shells(&claim, &credentials);
+        let outcome = self
+            .run(&claim, &dir, stop_signal.clone(), listener, live_vm)
+            .await;
+        // The task is over: its shell's URL stops answering.
+        drop(shells);
         let _ = done.send(true);
         let _ = keeper.await;
         relay.abort();
@@ -281,12 +293,64 @@ impl ClaimedRun {
         Some((live, announced))
     }
 
+    /// For a payload with `interactive: true`: offers shells into the task's VM on the
+    /// worker's HTTP server and, in the background, publishes their URL as
+    /// [`SHELL_ARTIFACT`] (or, on a worker without that server, an error artifact saying so).
+    fn offer_shells(
+        &self,
+        claim: &Claim,
+        credentials: &Arc<Mutex<Credentials>>,
+    ) -> (
+        Option<watch::Sender<Option<LiveVm>>>,
+        Option<InteractiveShell>,
+    ) {
+        let asked =
+            claim.task.pointer("/payload/interactive") == Some(&serde_json::Value::Bool(true));
+        let Some(expires) = claim.expires().filter(|_| asked) else {
+            return (None, None);
+        };
+        let (live, watched) = watch::channel(None);
+        let shell = self
+            .options
+            .live_log
+            .as_ref()
+            .map(|server| server.offer_shells(watched));
+        let artifact = match &shell {
+            Some(shell) => Publish::Text {
+                name: SHELL_ARTIFACT.to_owned(),
+                text: serde_json::json!({ "url": shell.url() }).to_string(),
+            },
+            None => Publish::Missing {
+                name: SHELL_ARTIFACT.to_owned(),
+                message: "this worker offers no shells: it serves no HTTP (no --livelog-listen)"
+                    .to_owned(),
+            },
+        };
+        let (endpoint, current) = (self.options.endpoint.clone(), lock(credentials).clone());
+        let (task_id, run_id) = (claim.task_id.clone(), claim.run_id);
+        tokio::spawn(async move {
+            let queue = match endpoint.client(&current, Duration::from_secs(60)) {
+                Ok(queue) => queue,
+                Err(error) => {
+                    tracing::info!("task {task_id} run {run_id}: {SHELL_ARTIFACT}: {error}");
+                    return;
+                }
+            };
+            let published = publish(&queue, &task_id, run_id, &expires, &[artifact]).await;
+            for (name, error) in published.failed {
+                tracing::info!("task {task_id} run {run_id}: {name}: {error}");
+            }
+        });
+        (Some(live), shell)
+    }
+
     async fn run(
         &self,
         claim: &Claim,
         dir: &Path,
         stop: watch::Receiver<Option<ExceptionReason>>,
         on_log: Option<lifecycle::log::LogListener>,
+        live: Option<watch::Sender<Option<LiveVm>>>,
     ) -> TaskOutcome {
         let run = PayloadRun {
             payload: PayloadDocument::Json(claim.task.get("payload").cloned().unwrap_or_default()),
@@ -297,7 +361,7 @@ impl ClaimedRun {
             ),
             echo: lifecycle::log::Echo::Quiet,
             capacity: Some(self.capacity.clone()),
-            live: None,
+            live,
             on_log,
             scopes: Some(task_scopes(&claim.task)),
         };

@@ -1,7 +1,8 @@
-//! The live log: while a task runs, its log is served over HTTP as it grows, under a path
-//! of its own that nobody can guess, on an address the operator chose. The queue's
-//! `public/logs/live.log` is a `reference` artifact to that URL until the run ends; then it
-//! points at the uploaded `public/logs/live_backing.log` and this server stops serving it.
+//! The worker's HTTP server, on an address the operator chose: the live log, and the
+//! interactive shells of [`crate::shells`]. While a task runs, its log is served as it grows,
+//! under a path of its own that nobody can guess. The queue's `public/logs/live.log` is a
+//! `reference` artifact to that URL until the run ends; then it points at the uploaded
+//! `public/logs/live_backing.log` and this server stops serving it.
 //!
 //! Whoever holds a URL may read that one log (the log is a public artifact anyway); the
 //! server answers nothing else. Connections are bounded in number and in the time their
@@ -15,22 +16,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use lifecycle::log::LogListener;
+use lifecycle::LiveVm;
 use thiserror::Error;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+
+use crate::replies::{headers, new_token, text, Body};
+use crate::shells::{InteractiveShell, ShellRegistry, SHELL_PREFIX};
 
 /// Where the live logs are served, and how clients reach them.
 #[derive(Debug, Clone)]
@@ -83,6 +85,7 @@ struct Followed {
 /// The running server; stops serving (and cuts its streams) when dropped.
 pub struct LiveLogServer {
     logs: Arc<Registry>,
+    shells: Arc<ShellRegistry>,
     base_url: String,
     address: SocketAddr,
     accept_loop: JoinHandle<()>,
@@ -112,9 +115,15 @@ impl LiveLogServer {
             None => format!("http://{address}"),
         };
         let logs = Arc::new(Registry::default());
-        let accept_loop = tokio::spawn(accept_loop(listener, logs.clone(), options));
+        let shells = Arc::new(ShellRegistry::default());
+        let routes = Routes {
+            logs: logs.clone(),
+            shells: shells.clone(),
+        };
+        let accept_loop = tokio::spawn(accept_loop(listener, Arc::new(routes), options));
         Ok(LiveLogServer {
             logs,
+            shells,
             base_url,
             address,
             accept_loop,
@@ -131,11 +140,16 @@ impl LiveLogServer {
         &self.base_url
     }
 
+    /// Offers shells into the VM `live` names (once it runs) until the returned handle is
+    /// dropped.
+    pub fn offer_shells(&self, live: watch::Receiver<Option<LiveVm>>) -> InteractiveShell {
+        InteractiveShell::offer(&self.shells, &self.base_url, live)
+    }
+
     /// Serves the log at `path` (which may not exist yet) until the returned handle is
     /// dropped.
     pub fn serve(&self, path: PathBuf) -> LiveLog {
-        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(rand::random::<[u8; TOKEN_BYTES]>());
+        let token = new_token();
         let followed = Arc::new(Followed {
             path,
             growth: watch::channel(0).0,
@@ -157,8 +171,11 @@ impl Drop for LiveLogServer {
     }
 }
 
-/// Random bytes in a log's path: 256 bits, 43 characters of URL-safe base64.
-const TOKEN_BYTES: usize = 32;
+/// What the server answers.
+struct Routes {
+    logs: Arc<Registry>,
+    shells: Arc<ShellRegistry>,
+}
 /// The path of every log, before its token.
 const LOG_PREFIX: &str = "/log/";
 /// The longest a stream waits without hearing of a write before it looks at the file again.
@@ -206,7 +223,7 @@ fn lock(logs: &Registry) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Follow
     logs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn accept_loop(listener: TcpListener, logs: Arc<Registry>, options: LiveLogOptions) {
+async fn accept_loop(listener: TcpListener, routes: Arc<Routes>, options: LiveLogOptions) {
     let permits = Arc::new(Semaphore::new(options.max_connections));
     // Dropping the set (the loop aborted with the server) cuts every connection.
     let mut connections = tokio::task::JoinSet::new();
@@ -223,17 +240,19 @@ async fn accept_loop(listener: TcpListener, logs: Arc<Registry>, options: LiveLo
                 continue;
             }
         };
-        let logs = logs.clone();
+        let routes = routes.clone();
         connections.spawn(async move {
             let service = service_fn(move |request| {
-                let logs = logs.clone();
-                async move { Ok::<_, Infallible>(answer(&logs, &request)) }
+                let routes = routes.clone();
+                async move { Ok::<_, Infallible>(answer(&routes, request).await) }
             });
+            // A shell's websocket holds its connection (and its place) until it ends.
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(options.header_timeout)
                 .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
             drop(permit);
         });
@@ -241,14 +260,15 @@ async fn accept_loop(listener: TcpListener, logs: Arc<Registry>, options: LiveLo
     }
 }
 
-type Body = BoxBody<Bytes, std::io::Error>;
-
-fn answer(logs: &Registry, request: &Request<Incoming>) -> Response<Body> {
+async fn answer(routes: &Routes, request: Request<Incoming>) -> Response<Body> {
     if request.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
     }
+    if request.uri().path().starts_with(SHELL_PREFIX) {
+        return crate::shells::answer(&routes.shells, request).await;
+    }
     let token = request.uri().path().strip_prefix(LOG_PREFIX);
-    let Some(followed) = token.and_then(|token| lock(logs).get(token).cloned()) else {
+    let Some(followed) = token.and_then(|token| lock(&routes.logs).get(token).cloned()) else {
         return text(
             StatusCode::NOT_FOUND,
             "no live log here: its task has ended (read public/logs/live_backing.log) or \
@@ -264,30 +284,6 @@ fn answer(logs: &Registry, request: &Request<Incoming>) -> Response<Body> {
     let mut response = Response::new(StreamBody::new(stream).boxed());
     headers(&mut response);
     response
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let body = Full::new(Bytes::from_static(body.as_bytes()))
-        .map_err(|never| match never {})
-        .boxed();
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    headers(&mut response);
-    response
-}
-
-fn headers(response: &mut Response<Body>) {
-    let headers = response.headers_mut();
-    let fixed = [
-        (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-        (header::CACHE_CONTROL, "no-store"),
-        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        // The Taskcluster UI reads live logs from the browser; the URL is the secret.
-        (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
-    ];
-    for (name, value) in fixed {
-        headers.insert(name, HeaderValue::from_static(value));
-    }
 }
 
 /// Reads one log like `tail -f` until its run has ended and everything is sent.

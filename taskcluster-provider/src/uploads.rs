@@ -29,6 +29,13 @@ pub enum Publish {
         /// The file.
         path: std::path::PathBuf,
     },
+    /// A small text made by the worker (not the task), under `name`.
+    Text {
+        /// The artifact's name.
+        name: String,
+        /// Its content.
+        text: String,
+    },
     /// An artifact the payload asked for and the run could not collect.
     Missing {
         /// The artifact's name.
@@ -57,6 +64,10 @@ pub async fn publish(
                 name,
                 upload_file(queue, &http, task_id, run_id, expires, name, path).await,
             ),
+            Publish::Text { name, text } => (
+                name,
+                upload_text(queue, &http, task_id, run_id, expires, name, text).await,
+            ),
             Publish::Missing { name, message } => {
                 let request = json!({
                     "storageType": "error",
@@ -76,6 +87,43 @@ pub async fn publish(
     uploaded
 }
 
+/// Creates `s3` artifact `name`; returns where to PUT its bytes.
+async fn create_s3_artifact(
+    queue: &Queue,
+    task_id: &str,
+    run_id: u32,
+    expires: &str,
+    name: &str,
+) -> Result<String, String> {
+    let content_type = lifecycle::artifacts::content_type(name);
+    let request = json!({ "storageType": "s3", "expires": expires, "contentType": content_type });
+    let answer = create_artifact(queue, task_id, run_id, name, &request)
+        .await
+        .map_err(|error| error.to_string())?;
+    answer
+        .get("putUrl")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| "the queue gave no putUrl".to_owned())
+}
+
+async fn upload_text(
+    queue: &Queue,
+    http: &reqwest::Client,
+    task_id: &str,
+    run_id: u32,
+    expires: &str,
+    name: &str,
+    text: &str,
+) -> Result<(), String> {
+    let put_url = create_s3_artifact(queue, task_id, run_id, expires, name).await?;
+    let bytes = bytes::Bytes::copy_from_slice(text.as_bytes());
+    put_with_retries(http, &put_url, name, bytes.len() as u64, || async {
+        Ok(reqwest::Body::from(bytes.clone()))
+    })
+    .await
+}
+
 async fn upload_file(
     queue: &Queue,
     http: &reqwest::Client,
@@ -85,28 +133,40 @@ async fn upload_file(
     name: &str,
     path: &Path,
 ) -> Result<(), String> {
-    let content_type = lifecycle::artifacts::content_type(name);
-    let request = json!({ "storageType": "s3", "expires": expires, "contentType": content_type });
-    let answer = create_artifact(queue, task_id, run_id, name, &request)
-        .await
-        .map_err(|error| error.to_string())?;
-    let put_url = answer
-        .get("putUrl")
-        .and_then(Value::as_str)
-        .ok_or("the queue gave no putUrl")?
-        .to_owned();
+    let put_url = create_s3_artifact(queue, task_id, run_id, expires, name).await?;
     let length = tokio::fs::metadata(path)
         .await
         .map_err(|error| format!("{}: {error}", path.display()))?
         .len();
-    let mut delay = Duration::from_millis(250);
-    for attempt in 1..=5 {
+    put_with_retries(http, &put_url, name, length, || async {
         let file = tokio::fs::File::open(path)
             .await
             .map_err(|error| format!("{}: {error}", path.display()))?;
-        let body = reqwest::Body::wrap_stream(lifecycle::artifacts::file_chunks(file));
+        Ok(reqwest::Body::wrap_stream(
+            lifecycle::artifacts::file_chunks(file),
+        ))
+    })
+    .await
+}
+
+/// PUTs the body `body` makes (afresh for each attempt), retried on 5xx and connection
+/// errors with back-off.
+async fn put_with_retries<Made>(
+    http: &reqwest::Client,
+    put_url: &str,
+    name: &str,
+    length: u64,
+    body: impl Fn() -> Made,
+) -> Result<(), String>
+where
+    Made: std::future::Future<Output = Result<reqwest::Body, String>>,
+{
+    let content_type = lifecycle::artifacts::content_type(name);
+    let mut delay = Duration::from_millis(250);
+    for attempt in 1..=5 {
+        let body = body().await?;
         let sent = http
-            .put(&put_url)
+            .put(put_url)
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .header(reqwest::header::CONTENT_LENGTH, length)
             .body(body)

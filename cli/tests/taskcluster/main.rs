@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod deployment;
+mod interactive;
 mod livelog;
 
 use std::time::{Duration, Instant};

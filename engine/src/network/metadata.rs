@@ -165,6 +165,8 @@ async fn accept_loop(
                 .header_read_timeout(limits.header_timeout)
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), service)
+                // A shell's connection becomes a byte stream (see `shell`).
+                .with_upgrades()
                 .await;
             // Not reached by a connection aborted with the service: that one stays counted.
             served.fetch_sub(1, Ordering::SeqCst);

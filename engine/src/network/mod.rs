@@ -12,6 +12,7 @@
 //! - [`netns`]: the VM's own network namespace and the tap device in it.
 //! - [`metadata`]: the per-VM HTTP service, its listener inside the VM's namespace.
 //! - [`session`]: the guest protocol (`/engine/v1/`) and cloud-init metadata as a handler.
+//! - [`shell`]: interactive shells, connected over upgraded metadata-service connections.
 //! - [`dhcp`]: a DHCP responder for stock cloud images.
 //! - [`egress`]: opt-in NAT to other networks (never to the host itself), under the
 //!   [`egress_policy`] (internal ranges and the host's own networks denied), with a
@@ -24,6 +25,7 @@ pub mod egress_policy;
 pub mod metadata;
 pub mod netns;
 pub mod session;
+pub mod shell;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

@@ -23,6 +23,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::network::metadata::{text, Handler, Reply, ReplyFuture};
+use crate::network::shell::{query_id, ShellError, ShellRequests, ShellStream};
 
 /// Settings of one session.
 #[derive(Debug, Clone)]
@@ -109,6 +110,7 @@ pub struct GuestSession {
     actions_in: mpsc::Sender<Action>,
     actions_out: tokio::sync::Mutex<mpsc::Receiver<Action>>,
     pending: Mutex<HashMap<String, oneshot::Sender<ActionReply>>>,
+    shells: ShellRequests,
 }
 
 /// Log chunks buffered between the guest and a slow consumer.
@@ -133,6 +135,7 @@ impl GuestSession {
             actions_in,
             actions_out: tokio::sync::Mutex::new(actions_out),
             pending: Mutex::new(HashMap::new()),
+            shells: ShellRequests::default(),
         };
         (Arc::new(session), log_rx)
     }
@@ -202,6 +205,33 @@ impl GuestSession {
         rx.await.map_err(|_| SessionError::Unanswered(id))
     }
 
+    /// Asks the guest for a login shell on a terminal of `rows` × `cols` and waits up to
+    /// `patience` for its agent to connect it.
+    pub async fn open_shell(
+        &self,
+        rows: u16,
+        cols: u16,
+        patience: Duration,
+    ) -> Result<ShellStream, ShellError> {
+        let id = format!("{:016x}", rand::rng().random::<u64>());
+        let connected = self.shells.reserve(&id)?;
+        let action = Action {
+            id: id.clone(),
+            kind: ActionKind::Shell { rows, cols },
+        };
+        if self.actions_in.send(action).await.is_err() {
+            self.shells.forget(&id);
+            return Err(ShellError::Gone);
+        }
+        match tokio::time::timeout(patience, connected).await {
+            Ok(Ok(stream)) => Ok(stream),
+            _ => {
+                self.shells.forget(&id);
+                Err(ShellError::NotOpened(patience.as_secs()))
+            }
+        }
+    }
+
     async fn route(self: Arc<Self>, request: Request<Incoming>) -> Reply {
         let path = request.uri().path().to_owned();
         let method = request.method().clone();
@@ -224,8 +254,10 @@ impl GuestSession {
                 ("/failed", &Method::PUT) => self.receive_report(request, 1).await,
                 ("/poll", &Method::GET) => self.poll().await,
                 ("/reply", &Method::POST) => self.receive_reply(request).await,
+                ("/shell", &Method::GET) => self.shells.accept(request),
                 (
-                    "/ping" | "/execute" | "/log" | "/success" | "/failed" | "/poll" | "/reply",
+                    "/ping" | "/execute" | "/log" | "/success" | "/failed" | "/poll" | "/reply"
+                    | "/shell",
                     _,
                 ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
                 _ => text(StatusCode::NOT_FOUND, "no such endpoint\n"),
@@ -361,14 +393,7 @@ impl GuestSession {
     }
 
     async fn receive_reply(&self, request: Request<Incoming>) -> Reply {
-        let id = request
-            .uri()
-            .query()
-            .unwrap_or_default()
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("id="))
-            .unwrap_or_default()
-            .to_owned();
+        let id = query_id(&request);
         let waiting = self.pending.lock().ok().and_then(|mut p| p.remove(&id));
         let Some(waiting) = waiting else {
             return text(

@@ -25,6 +25,7 @@ pub async fn health(State(app): Shared) -> ApiResult<Json<Health>> {
             used: capacity.used(),
         },
         console: app.novnc_dir.is_some(),
+        terminal: app.xterm_dir.is_some(),
     }))
 }
 

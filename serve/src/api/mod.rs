@@ -4,7 +4,7 @@
 //! # Layout
 //! - here: what every handler shares ([`App`], [`ApiError`]) and the task resources (submit,
 //!   list, show, cancel).
-//! - [`streams`]: the log followed while a run goes on, artifacts, screenshot, console.
+//! - [`streams`]: the log followed while a run goes on, artifacts, screenshot, console, shell.
 //! - [`metrics`]: health and Prometheus metrics.
 //!
 //! Every JSON body is a type of [`crate::wire`].
@@ -13,7 +13,7 @@ mod metrics;
 mod streams;
 
 pub use metrics::{health, metrics};
-pub use streams::{artifact, console, log, screenshot};
+pub use streams::{artifact, console, log, screenshot, shell};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,6 +37,8 @@ pub struct App {
     pub scheduler: Arc<Scheduler>,
     /// Where noVNC's files are (None: the console is unavailable).
     pub novnc_dir: Option<PathBuf>,
+    /// Where xterm.js's package is (None: the UI has no terminal).
+    pub xterm_dir: Option<PathBuf>,
 }
 
 /// The shared state handlers take.
@@ -228,14 +230,13 @@ pub async fn list(
 /// `GET /api/tasks/{id}`: the task, its payload and every run.
 pub async fn show(State(app): Shared, Path(task_id): Path<String>) -> ApiResult<Json<wire::Task>> {
     let record = task(&app, &task_id)?;
-    let console = app
-        .scheduler
-        .live_vm(&task_id)
-        .is_some_and(|live| live.has_display);
+    let live = app.scheduler.live_vm(&task_id);
+    let console = live.as_ref().is_some_and(|live| live.has_display);
     Ok(Json(wire::Task {
         resolution: record.latest_run().and_then(|run| run.resolution.clone()),
         links: wire::Links::of(&task_id),
         console,
+        shell: live.is_some(),
         task_id: record.task_id,
         state: record.state,
         created: record.created,

@@ -264,3 +264,44 @@ pub async fn console(
         .max_message_size(16 << 20)
         .on_upgrade(move |socket| crate::console::bridge(socket, vnc)))
 }
+
+/// `GET /api/tasks/{id}/shell[?rows=R&cols=C]`: a websocket to a new login shell in the
+/// running VM (see [`crate::shell`]); the terminal starts at R × C (default 24 × 80).
+pub async fn shell(
+    State(app): Shared,
+    Path(task_id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    task(&app, &task_id)?;
+    let live = app
+        .scheduler
+        .live_vm(&task_id)
+        .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "the task has no running VM"))?;
+    let upgrade = upgrade.map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "this is a websocket (a terminal: binary input, {\"rows\",\"cols\"} text to resize)",
+        )
+    })?;
+    let size = |name: &str, default: u16| {
+        query
+            .get(name)
+            .and_then(|value| value.parse::<u16>().ok())
+            .filter(|value| *value > 0)
+            .unwrap_or(default)
+    };
+    let shell = live
+        .shells
+        .open(size("rows", 24), size("cols", 80))
+        .await
+        .map_err(|error| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no shell: {error}"),
+            )
+        })?;
+    Ok(upgrade
+        .max_message_size(crate::shell::MAX_MESSAGE)
+        .on_upgrade(move |socket| crate::shell::bridge(socket, shell)))
+}

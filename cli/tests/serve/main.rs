@@ -1,239 +1,22 @@
 //! `taskvm serve` and `taskvm submit` as users run them: a real server on loopback, real VMs
 //! under TCG, the real SQLite database; the web UI in headless Chromium; schemathesis against
-//! the OpenAPI document.
+//! the OpenAPI document; interactive shells (`shell`).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+#[path = "../common/mod.rs"]
 mod common;
+mod server;
+mod shell;
+
 use common::taskvm_command;
 use engine::qemu::screenshot::Screen;
+use server::*;
 
 use serde_json::{json, Value};
 use testkit::guest::{config_allowing_test_images, display_image, minimal_image};
-use testkit::process::{file_url, qemu_processes_under, root_scratch, shared_cache, Spawned};
-
-/// A `taskvm serve` on 127.0.0.1 with its own state directory.
-struct Server {
-    process: Spawned,
-    base: String,
-    state: PathBuf,
-    http: reqwest::blocking::Client,
-}
-
-/// A test's scratch directory (reachable by QEMU's sandbox user).
-fn scratch() -> tempfile::TempDir {
-    root_scratch(
-        "taskvm serve runs VMs: tests need root (network namespaces, taps, the sandbox user)",
-    )
-}
-
-impl Server {
-    fn start(state: &Path, extra: &[&str]) -> Server {
-        Server::start_configured(state, &config_allowing_test_images(""), extra)
-    }
-
-    /// A server with the configuration file `config` (JSON).
-    fn start_configured(state: &Path, config: &str, extra: &[&str]) -> Server {
-        let path = state.with_extension("json");
-        std::fs::write(&path, config).unwrap();
-        let path = path.to_string_lossy().into_owned();
-        let mut args = vec!["--config", path.as_str()];
-        args.extend_from_slice(extra);
-        Server::start_with(taskvm_command(&[]), state, &args)
-    }
-
-    fn start_with(mut command: Command, state: &Path, extra: &[&str]) -> Server {
-        command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--accel",
-                "tcg",
-                "--start",
-                "boot",
-            ])
-            .arg("--state")
-            .arg(state)
-            .arg("--cache")
-            .arg(shared_cache())
-            .args(extra);
-        let (address_tx, address_rx) = std::sync::mpsc::channel();
-        let process = Spawned::spawn(&mut command, move |line| {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let _ = address_tx.send(rest.trim_end_matches('/').to_owned());
-            }
-        });
-        let base = address_rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("serve did not start: {:?}", process.lines()));
-        Server {
-            process,
-            base,
-            state: state.to_owned(),
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .unwrap(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        let response = self.http.get(self.url(path)).send().unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().unwrap_or(Value::Null))
-    }
-
-    fn get_bytes(&self, path: &str) -> (u16, Vec<u8>) {
-        let response = self.http.get(self.url(path)).send().unwrap();
-        let status = response.status().as_u16();
-        (status, response.bytes().unwrap().to_vec())
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(self.url(path))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().unwrap_or(Value::Null))
-    }
-
-    fn submit(&self, payload: &Value) -> String {
-        let (status, body) = self.post("/api/tasks", payload);
-        assert_eq!(status, 201, "{body}");
-        body["taskId"].as_str().unwrap().to_owned()
-    }
-
-    fn task(&self, task_id: &str) -> Value {
-        let (status, body) = self.get(&format!("/api/tasks/{task_id}"));
-        assert_eq!(status, 200, "{body}");
-        body
-    }
-
-    fn wait_for(&self, task_id: &str, patience: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + patience;
-        loop {
-            let task = self.task(task_id);
-            if done(&task) {
-                return task;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "task {task_id} never got there: {task:#}\nserver: {:#?}",
-                self.process.lines()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn wait_resolved(&self, task_id: &str) -> Value {
-        self.wait_for(task_id, Duration::from_secs(180), |task| {
-            !matches!(task["state"].as_str(), Some("queued" | "running"))
-        })
-    }
-
-    /// The log text of the newest run so far (what the log file holds now).
-    fn log_now(&self, task_id: &str) -> String {
-        let task = self.task(task_id);
-        let Some(run) = task["runs"].as_array().and_then(|runs| runs.last()) else {
-            return String::new();
-        };
-        let path = self
-            .state
-            .join("serve/tasks")
-            .join(task_id)
-            .join(run["runId"].to_string())
-            .join("live.log");
-        std::fs::read_to_string(path).unwrap_or_default()
-    }
-
-    fn wait_log(&self, task_id: &str, text: &str) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !self.log_now(task_id).contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "{text:?} never appeared in the log of {task_id}: {}",
-                self.log_now(task_id)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Waits until the log of one of `tasks` shows `text`; returns that one, then the other.
-    fn wait_first_log(&self, tasks: [String; 2], text: &str) -> (String, String) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let [one, other] = &tasks;
-            if self.log_now(one).contains(text) {
-                return (one.clone(), other.clone());
-            }
-            if self.log_now(other).contains(text) {
-                return (other.clone(), one.clone());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{text:?} never appeared in the logs of {tasks:?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn said(&self, text: &str) -> bool {
-        self.process.said(text)
-    }
-
-    /// SIGTERM, then the exit status and how long it took.
-    fn terminate(mut self) -> (std::process::ExitStatus, Duration) {
-        let started = Instant::now();
-        self.process.signal(rustix::process::Signal::TERM);
-        let status = self.process.wait_exit(Duration::from_secs(60));
-        (status, started.elapsed())
-    }
-
-    /// kill -9, as a crash.
-    fn crash(mut self) {
-        self.process.signal(rustix::process::Signal::KILL);
-        self.process.wait_exit(Duration::from_secs(10));
-    }
-}
-
-fn minimal() -> String {
-    file_url(minimal_image())
-}
-
-/// A payload running `script` on the minimal image.
-fn script_task(script: &str, max_run_time: u32) -> Value {
-    json!({ "image": minimal(), "command": ["sh", "-c", script], "maxRunTime": max_run_time })
-}
-
-fn write_payload(dir: &Path, name: &str, payload: &Value) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, payload.to_string()).unwrap();
-    path
-}
-
-fn submit_cli(server: &Server, payload: &Path, follow: bool) -> Output {
-    let mut command = taskvm_command(&[]);
-    command
-        .arg("submit")
-        .arg(payload)
-        .arg("--server")
-        .arg(&server.base);
-    if follow {
-        command.arg("--follow");
-    }
-    command.output().unwrap()
-}
+use testkit::process::{file_url, qemu_processes_under, shared_cache, Spawned};
 
 #[test]
 fn submit_follow_prints_the_log_and_exits_as_taskvm_run_with_artifacts_and_metrics() {
@@ -701,6 +484,7 @@ fn off_loopback_every_request_needs_the_token_and_on_loopback_foreign_hosts_are_
     assert_eq!(curl(&[], "/api/health"), "401");
     assert_eq!(curl(&[], "/"), "401");
     assert_eq!(curl(&[], "/api/tasks/0123456789abcdef/console"), "401");
+    assert_eq!(curl(&[], "/api/tasks/0123456789abcdef/shell"), "401");
     let bearer = format!("Authorization: Bearer {token}");
     assert_eq!(curl(&["-H", &bearer], "/api/health"), "200");
     assert_eq!(
@@ -733,19 +517,6 @@ fn off_loopback_every_request_needs_the_token_and_on_loopback_foreign_hosts_are_
         .send()
         .unwrap();
     assert_eq!(cross.status().as_u16(), 403);
-}
-
-/// The test tools `make test` installs (`scripts/test-tools.sh`).
-fn test_tool(relative: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(relative);
-    assert!(
-        path.exists(),
-        "{} is missing: run `make test-tools` (make test does)",
-        path.display()
-    );
-    path
 }
 
 #[test]

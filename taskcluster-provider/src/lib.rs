@@ -196,6 +196,10 @@ fn runs_dir(host: &Host, options: &WorkerOptions) -> PathBuf {
         .join(&options.worker_id)
 }
 
+/// An interactive task's shells as offered (none on a worker without an HTTP address), and
+/// the publication of their artifact.
+type ShellOffer = (Option<InteractiveShell>, tokio::task::JoinHandle<()>);
+
 /// What one claimed run needs.
 struct ClaimedRun {
     host: Arc<Host>,
@@ -235,12 +239,16 @@ impl ClaimedRun {
         });
         let live_log = self.announce_live_log(&claim, &dir, &credentials);
         let listener = live_log.as_ref().map(|(live, _)| live.listener());
-        let (live_vm, shells) = self.offer_shells(&claim, &credentials);
+        let (live_vm, offered) = self.offer_shells(&claim, &credentials);
         let outcome = self
             .run(&claim, &dir, stop_signal.clone(), listener, live_vm)
             .await;
-        // The task is over: its shell's URL stops answering.
-        drop(shells);
+        if let Some((shell, published)) = offered {
+            // The task is over: its shell's URL stops answering. Its artifact must exist
+            // before the run is resolved (the queue takes none after).
+            drop(shell);
+            let _ = published.await;
+        }
         let _ = done.send(true);
         let _ = keeper.await;
         relay.abort();
@@ -296,14 +304,12 @@ impl ClaimedRun {
     /// For a payload with `interactive: true`: offers shells into the task's VM on the
     /// worker's HTTP server and, in the background, publishes their URL as
     /// [`SHELL_ARTIFACT`] (or, on a worker without that server, an error artifact saying so).
+    /// Returns where the run tells of its VM, the offer and the publication.
     fn offer_shells(
         &self,
         claim: &Claim,
         credentials: &Arc<Mutex<Credentials>>,
-    ) -> (
-        Option<watch::Sender<Option<LiveVm>>>,
-        Option<InteractiveShell>,
-    ) {
+    ) -> (Option<watch::Sender<Option<LiveVm>>>, Option<ShellOffer>) {
         let asked =
             claim.task.pointer("/payload/interactive") == Some(&serde_json::Value::Bool(true));
         let Some(expires) = claim.expires().filter(|_| asked) else {
@@ -328,7 +334,7 @@ impl ClaimedRun {
         };
         let (endpoint, current) = (self.options.endpoint.clone(), lock(credentials).clone());
         let (task_id, run_id) = (claim.task_id.clone(), claim.run_id);
-        tokio::spawn(async move {
+        let published = tokio::spawn(async move {
             let queue = match endpoint.client(&current, Duration::from_secs(60)) {
                 Ok(queue) => queue,
                 Err(error) => {
@@ -341,7 +347,7 @@ impl ClaimedRun {
                 tracing::info!("task {task_id} run {run_id}: {name}: {error}");
             }
         });
-        (Some(live), shell)
+        (Some(live), Some((shell, published)))
     }
 
     async fn run(

@@ -112,3 +112,35 @@ fn an_interactive_task_publishes_a_shell_that_works_in_its_vm_until_it_ends() {
     worker.signal(rustix::process::Signal::TERM);
     assert!(worker.wait_exit(Duration::from_secs(60)).success());
 }
+
+#[test]
+fn an_interactive_task_on_a_worker_without_an_http_address_gets_an_error_artifact() {
+    let deployment = Deployment::get();
+    let dir = scratch();
+    let queue_id = own_queue("no-shells");
+    let mut payload = script("echo ran", 60);
+    payload["interactive"] = Value::Bool(true);
+    let task_id = create_task(&deployment, &queue_id, payload);
+    let mut worker = Worker::start(&deployment, &queue_id, &dir.path().join("w"), &[]);
+    let status = wait_resolved(&deployment, &task_id, Duration::from_secs(240));
+    assert_eq!(status["state"], "completed", "{status:#}");
+    let read = runtime().block_on(deployment.admin().call(
+        Method::GET,
+        &[
+            "task",
+            &task_id,
+            "runs",
+            "0",
+            "artifacts",
+            "private/taskvm/shell.json",
+        ],
+        None,
+    ));
+    let error = read.expect_err("an error artifact").to_string();
+    assert!(
+        error.contains("424") && error.contains("offers no shells"),
+        "{error}"
+    );
+    worker.signal(rustix::process::Signal::TERM);
+    assert!(worker.wait_exit(Duration::from_secs(60)).success());
+}

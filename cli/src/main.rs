@@ -10,6 +10,7 @@ mod build_cmd;
 mod cache_cmd;
 mod documents;
 mod image_cmd;
+mod kept_cmd;
 mod logging;
 mod run_cmd;
 mod serve_cmd;
@@ -70,6 +71,18 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Queue a task on a `taskvm serve`; with --follow, print its log and exit as `taskvm run`.
     Submit(submit_cmd::SubmitArgs),
+    /// List or delete the failed VMs this host keeps for debugging (payload
+    /// `debug.keepOnFailure`).
+    Kept {
+        #[command(subcommand)]
+        command: kept_cmd::KeptCommand,
+    },
+    /// Resume a kept failed VM — the command's processes, files and memory as they were when
+    /// it failed — on a fresh network: a shell on this terminal, or `--exec SCRIPT`.
+    ///
+    /// Exit status: 0 when the shell ends (or the script exits 0), 1 when the script fails,
+    /// 3 when the VM cannot be resumed.
+    Debug(kept_cmd::DebugArgs),
     /// Open a login shell in a running task's VM on this terminal: a task on a `taskvm serve`,
     /// or an interactive Taskcluster task's shell by its URL.
     ///
@@ -137,6 +150,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve_cmd::run(args),
         Command::Submit(args) => submit_cmd::run(args),
         Command::Shell(args) => shell_cmd::run(args),
+        Command::Kept { command } => kept_cmd::run(command),
+        Command::Debug(args) => kept_cmd::debug(args),
         Command::Worker(args) => worker_cmd::run(args),
         Command::Validate { file, kind, config } => run_validate(&file, kind, config.as_deref()),
     };

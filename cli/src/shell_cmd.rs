@@ -76,6 +76,69 @@ pub fn run(args: ShellArgs) -> Outcome {
     outcome
 }
 
+/// Attaches this terminal to `shell`, a shell of a VM this process runs (`taskvm debug`),
+/// until it ends.
+pub(crate) async fn attach_terminal(shell: lifecycle::ShellStream) {
+    let (mut output, input) = tokio::io::split(shell);
+    let raw = RawTerminal::enter();
+    let print = async {
+        let mut buffer = vec![0u8; 16 * 1024];
+        let mut stdout = std::io::stdout();
+        loop {
+            match output.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => {
+                    if stdout
+                        .write_all(&buffer[..read])
+                        .and_then(|()| stdout.flush())
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = print => {}
+        () = send_input(input) => {}
+    }
+    drop(raw);
+}
+
+/// Where the keys typed and the terminal's sizes go: a shell's websocket, or a shell of a VM
+/// this process runs.
+pub(crate) trait KeysTo {
+    /// Types `keys`.
+    async fn keys(&mut self, keys: &[u8]) -> Result<(), ()>;
+    /// Says the terminal's new size.
+    async fn resize(&mut self, rows: u16, cols: u16) -> Result<(), ()>;
+}
+
+impl KeysTo for ShellInput {
+    async fn keys(&mut self, keys: &[u8]) -> Result<(), ()> {
+        ShellInput::keys(self, keys).await.map_err(drop)
+    }
+
+    async fn resize(&mut self, rows: u16, cols: u16) -> Result<(), ()> {
+        ShellInput::resize(self, rows, cols).await.map_err(drop)
+    }
+}
+
+impl KeysTo for tokio::io::WriteHalf<lifecycle::ShellStream> {
+    async fn keys(&mut self, keys: &[u8]) -> Result<(), ()> {
+        use tokio::io::AsyncWriteExt;
+        let framed = schemas::protocol::shell::input(keys);
+        self.write_all(&framed).await.map_err(drop)
+    }
+
+    async fn resize(&mut self, rows: u16, cols: u16) -> Result<(), ()> {
+        use tokio::io::AsyncWriteExt;
+        let framed = schemas::protocol::shell::resize(rows, cols);
+        self.write_all(&framed).await.map_err(drop)
+    }
+}
+
 async fn print_output(mut output: ShellOutput) {
     let mut stdout = std::io::stdout();
     while let Some(bytes) = output.next().await {
@@ -91,7 +154,7 @@ async fn print_output(mut output: ShellOutput) {
 
 /// Sends the keys typed and the terminal's new sizes; returns only when the connection fails
 /// (after the end of input it types Ctrl-D each second until the shell ends).
-async fn send_input(mut input: ShellInput) {
+async fn send_input(mut input: impl KeysTo) {
     let mut stdin = tokio::io::stdin();
     let mut resized =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
@@ -131,7 +194,7 @@ async fn send_input(mut input: ShellInput) {
 }
 
 /// This terminal's rows and columns, when stdin is one.
-fn terminal_size() -> Option<(u16, u16)> {
+pub(crate) fn terminal_size() -> Option<(u16, u16)> {
     let size = rustix::termios::tcgetwinsize(std::io::stdin().as_fd()).ok()?;
     (size.ws_row > 0 && size.ws_col > 0).then_some((size.ws_row, size.ws_col))
 }

@@ -43,6 +43,11 @@ pub fn handle(client: &Client, action: &Action, process_group: &AtomicI32) -> io
             }
             Ok(Next::Continue)
         }
+        ActionKind::Exec { script } => {
+            let result = crate::run::exec(script);
+            reply_json(client, id, &result)?;
+            Ok(Next::Continue)
+        }
         ActionKind::Shell { rows, cols } => {
             // The shell runs on; a failure to connect is the worker's to notice (it waits
             // for the connection with a timeout).

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use protocol::Execute;
+use protocol::{ExecResult, Execute, EXEC_OUTPUT_LIMIT};
 
 /// Base environment of every command (and shell); the task's `env` is added on top.
 pub const BASE_ENV: &[(&str, &str)] = &[
@@ -155,4 +155,40 @@ fn forward_until_exit(child: &mut Child, output: OwnedFd, log: &mut impl Write) 
         .code()
         .or_else(|| status.signal().map(|signal| 128 + signal))
         .unwrap_or(1)
+}
+
+/// Runs `sh -c script` with the base environment and returns how it ended with its output
+/// (the first [`EXEC_OUTPUT_LIMIT`] bytes of it).
+pub fn exec(script: &str) -> ExecResult {
+    let task = Execute {
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        ..Execute::default()
+    };
+    let mut output = LimitedBuffer::default();
+    let exit_code = run(&task, &mut output, &AtomicI32::new(0));
+    ExecResult {
+        exit_code,
+        output: String::from_utf8_lossy(&output.bytes).into_owned(),
+        truncated: output.truncated,
+    }
+}
+
+/// Output kept up to [`EXEC_OUTPUT_LIMIT`] bytes; the rest counted as left out.
+#[derive(Default)]
+struct LimitedBuffer {
+    bytes: Vec<u8>,
+    truncated: bool,
+}
+
+impl Write for LimitedBuffer {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = EXEC_OUTPUT_LIMIT.saturating_sub(self.bytes.len());
+        self.bytes.extend_from_slice(&data[..data.len().min(room)]);
+        self.truncated |= data.len() > room;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }

@@ -17,7 +17,8 @@
 //! - [`log`]: the task log.
 //! - [`artifacts`]: copying files and directories out of the guest.
 //! - [`shell_bridge`]: a shell in a running VM carried to a client, for the providers.
-//! - [`pool`]: paused restored VMs kept ready for the most used image.
+//! - [`pool`]: paused restored VMs kept ready for the most used image; [`kept`]: failed VMs
+//!   kept frozen for debugging, and resumed.
 //! - [`capacity`]: the host's memory and CPUs, shared out among running tasks.
 //! - [`build`]: `taskvm image build`, a VM whose disk becomes a new image; [`warm`]: an image's
 //!   snapshot made ahead of its first task.
@@ -31,6 +32,7 @@ pub mod capacity;
 pub mod exit;
 pub mod host;
 pub mod images;
+pub mod kept;
 pub mod log;
 pub mod payload_run;
 pub mod pool;

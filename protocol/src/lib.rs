@@ -178,6 +178,12 @@ pub enum ActionKind {
     },
     /// Flush file systems and power the VM off.
     Shutdown,
+    /// Run `sh -c SCRIPT` (beside whatever else runs) and answer with an [`ExecResult`] once
+    /// it has ended: for scripted debugging of a kept VM.
+    Exec {
+        /// The script.
+        script: String,
+    },
     /// Start a login shell on a new terminal of this size and connect it to the worker:
     /// the agent answers with `GET shell?id=ID`, upgraded to [`shell::UPGRADE`], and from
     /// then on that connection carries the terminal (see [`shell`]).
@@ -244,6 +250,23 @@ pub mod shell {
 fn default_signal() -> i32 {
     9
 }
+
+/// How an [`ActionKind::Exec`] ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecResult {
+    /// The exit code, or 128 + the signal number.
+    pub exit_code: i32,
+    /// Its standard output and error, at most [`EXEC_OUTPUT_LIMIT`] bytes of it (as UTF-8,
+    /// invalid sequences replaced).
+    pub output: String,
+    /// Whether output past the limit was left out.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// Most output bytes an [`ExecResult`] carries.
+pub const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
 
 /// The entries of a directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -46,6 +46,8 @@ pub struct WorkerConfig {
     pub images: ImageSourceConfig,
     /// Payloads' `mounts`: where caches live and what they may cost.
     pub mounts: MountsConfig,
+    /// Failed VMs kept for debugging (a payload's `debug.keepOnFailure`).
+    pub kept: KeptConfig,
     /// Where tasks come from; unset for `taskvm run`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueConfig>,
@@ -67,6 +69,7 @@ impl Default for WorkerConfig {
             artifacts: ArtifactConfig::default(),
             images: ImageSourceConfig::default(),
             mounts: MountsConfig::default(),
+            kept: KeptConfig::default(),
             queue: None,
         }
     }
@@ -182,6 +185,37 @@ impl Default for MountsConfig {
             disk_size: 8 * GIB,
             cache_copies: 2,
             cache_budget: 32 * GIB,
+        }
+    }
+}
+
+/// Failed VMs kept frozen for debugging, under `STATE_DIR/kept/`: each one's memory and disk
+/// as a snapshot of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct KeptConfig {
+    /// Most VMs kept; past it the oldest are deleted. 0 keeps none (`keepOnFailure` is then
+    /// ignored, and the log says so).
+    #[schemars(range(max = 256))]
+    pub max_count: u32,
+    /// Bytes the kept VMs may take on the host's disk together; past it the oldest are
+    /// deleted.
+    pub max_size: u64,
+    /// Seconds a kept VM is kept; then it is deleted with everything it held.
+    #[schemars(range(min = 1, max = 2_592_000))]
+    pub ttl: u64,
+    /// Seconds a resumed kept VM runs for one `taskvm debug` before it is discarded again.
+    #[schemars(range(min = 1, max = 86_400))]
+    pub resume_time: u64,
+}
+
+impl Default for KeptConfig {
+    fn default() -> Self {
+        KeptConfig {
+            max_count: 4,
+            max_size: 16 * GIB,
+            ttl: 86_400,
+            resume_time: 1_800,
         }
     }
 }

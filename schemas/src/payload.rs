@@ -51,6 +51,20 @@ pub struct Payload {
     /// running task to those with access to it, so this changes nothing there.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub interactive: bool,
+    /// Help in debugging the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug: Option<DebugOptions>,
+}
+
+/// What a task asks for its debugging.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DebugOptions {
+    /// When the command fails, keep its VM frozen — its memory, processes and disk, saved the
+    /// way snapshots are — instead of discarding it, within the worker's `kept` limits, so
+    /// that `taskvm debug` can resume that very machine. Not for tasks with mounts.
+    #[serde(default)]
+    pub keep_on_failure: bool,
 }
 
 /// Most mounts of one task: the number of mount slots a VM with mounts has.

@@ -244,6 +244,7 @@ impl Run {
             None => None,
         };
         let mounts = self.prepare_mounts(&host, payload).await?;
+        let digest = lease.digest().clone();
         let Started {
             mut vm,
             session,
@@ -282,9 +283,24 @@ impl Run {
                 }
                 self.stage_done("screenshot");
             }
+            let keep = payload
+                .debug
+                .as_ref()
+                .is_some_and(|debug| debug.keep_on_failure)
+                && ending.resolution == Resolution::Failed;
             if stopped {
                 vm.kill().await;
+            } else if keep && mounts.is_empty() {
+                save_consoles(&vm, &request.artifacts_dir, &self.log);
+                self.keep(&host, vm, payload, &digest, &machine, &request.name)
+                    .await;
+                self.stage_done("keep");
+                return Ok((ending, collected));
             } else {
+                if keep {
+                    self.log
+                        .note("not kept for debugging: a VM with mounts is not kept");
+                }
                 powered_off = shut_down(&mut vm, &session, SHUTDOWN_GRACE, &self.log).await;
             }
             self.stage_done("shutdown");
@@ -297,6 +313,34 @@ impl Run {
             self.log.note(&note);
         }
         Ok((ending, collected))
+    }
+
+    /// Keeps the failed VM `vm` for debugging (see [`crate::kept`]), saying in the log how to
+    /// resume it, or why it was not kept.
+    async fn keep(
+        &mut self,
+        host: &Arc<Host>,
+        vm: VirtualMachine,
+        payload: &Payload,
+        digest: &image_manager::Digest,
+        machine: &ResolvedMachine,
+        name: &str,
+    ) {
+        // The accelerator is the host's, probed once: the one this VM runs on.
+        let settings = host.vm_settings(name, host.accelerator(&|_| {}).await);
+        let key = match host.cache.lease(digest) {
+            Ok(Some(lease)) => host.snapshot_key(&lease, machine, &settings),
+            _ => String::new(),
+        };
+        match crate::kept::keep(host, vm, name, payload, digest, key).await {
+            Ok(kept) => self.log.note(&format!(
+                "the failed VM is kept as {} for {} s: taskvm debug {} resumes it",
+                kept.meta.name, host.config.kept.ttl, kept.meta.name
+            )),
+            Err(error) => self
+                .log
+                .note(&format!("the failed VM was not kept: {error}")),
+        }
     }
 
     /// Starts the task's VM with the guest session holding its command.

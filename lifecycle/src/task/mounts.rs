@@ -119,6 +119,11 @@ impl Run {
 
 impl TaskMounts {
     /// The VM's mount slots: the caches first, writable, then the shared blank, read-only.
+    /// Whether the task mounts nothing.
+    pub(super) fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     pub(super) fn drives(&self) -> Vec<ExtraDrive> {
         let Some(placeholder) = &self.placeholder else {
             return Vec::new();

@@ -1,0 +1,193 @@
+//! `taskvm kept ls|rm` and `taskvm debug NAME [--exec CMD]`: the failed VMs this host keeps
+//! for debugging (a payload's `debug.keepOnFailure`), and resuming one — a shell on this
+//! terminal, or one command whose output and exit status are printed — on a fresh isolated
+//! network, for at most `kept.resumeTime`. The kept VM itself is never changed: each resume
+//! starts from the moment it failed, and what a resume does is discarded with it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Subcommand;
+use lifecycle::exit::Outcome;
+use lifecycle::host::Host;
+use lifecycle::kept::{resume, KeptStore, Resumed};
+use schemas::protocol::{ActionKind, ExecResult, EXEC_OUTPUT_LIMIT};
+
+use crate::documents::{say, HostArgs};
+use crate::sizes::{human_duration, human_size};
+
+/// Subcommands of `taskvm kept`.
+#[derive(Debug, Subcommand)]
+pub enum KeptCommand {
+    /// List the kept VMs: name, size on disk, age, time left, and the task's command.
+    Ls {
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Delete a kept VM with everything it held.
+    Rm {
+        /// Its name (from `taskvm kept ls`).
+        name: String,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+}
+
+/// Arguments of `taskvm debug`.
+#[derive(Debug, clap::Args)]
+pub struct DebugArgs {
+    /// The kept VM's name (from `taskvm kept ls`, or the task log's last lines).
+    name: String,
+    /// Run this shell script in it instead of a shell on this terminal; print its output and
+    /// exit with its exit status.
+    #[arg(long, value_name = "SCRIPT")]
+    exec: Option<String>,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+/// Runs `taskvm kept …`.
+pub fn run(command: KeptCommand) -> Outcome {
+    let (host, name) = match &command {
+        KeptCommand::Ls { host } => (host, None),
+        KeptCommand::Rm { name, host } => (host, Some(name)),
+    };
+    let config = match crate::documents::load_host_config(host, None) {
+        Ok(config) => config,
+        Err(outcome) => return outcome,
+    };
+    let store = KeptStore::for_config(&config);
+    for removed in store.trim() {
+        say(&format!(
+            "deleted {removed} (expired, or past the kept limits)"
+        ));
+    }
+    match name {
+        None => list(&store),
+        Some(name) => match store.remove(name) {
+            Ok(()) => {
+                say(&format!("deleted {name}"));
+                Outcome::Success
+            }
+            Err(error) => {
+                say(&error.to_string());
+                Outcome::Malformed
+            }
+        },
+    }
+}
+
+fn list(store: &KeptStore) -> Outcome {
+    println!(
+        "{:<40}  {:>10}  {:>8}  {:>8}  COMMAND",
+        "NAME", "SIZE", "AGE", "LEFT"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    for vm in store.list() {
+        let command = vm.meta.payload.command.join(" ");
+        println!(
+            "{:<40}  {:>10}  {:>8}  {:>8}  {}",
+            vm.meta.name,
+            human_size(vm.size),
+            human_duration(now.saturating_sub(vm.meta.kept_at)),
+            human_duration(store.expires_at(&vm.meta).saturating_sub(now)),
+            schemas::shown::quoted(&command)
+        );
+    }
+    Outcome::Success
+}
+
+/// Runs `taskvm debug`.
+pub fn debug(args: DebugArgs) -> Outcome {
+    let config = match crate::documents::load_host_config(&args.host, None) {
+        Ok(config) => config,
+        Err(outcome) => return outcome,
+    };
+    let runtime = match crate::documents::vm_runtime() {
+        Ok(runtime) => runtime,
+        Err(outcome) => return outcome,
+    };
+    let outcome = runtime.block_on(async {
+        let host = match Host::prepare(config, &|line| say(line)) {
+            Ok(host) => Arc::new(host),
+            Err(error) => {
+                say(&format!("this host cannot run VMs: {error}"));
+                return Outcome::Internal;
+            }
+        };
+        let resumed = match resume(&host, &args.name).await {
+            Ok(resumed) => resumed,
+            Err(error) => {
+                say(&format!("{} cannot be resumed: {error}", args.name));
+                return Outcome::Internal;
+            }
+        };
+        say(&format!(
+            "{} resumed on a network of its own; it is discarded again when this ends",
+            args.name
+        ));
+        let Resumed { vm, session, until } = resumed;
+        let ran = tokio::select! {
+            ran = attach(&session, args.exec.as_deref()) => ran,
+            () = tokio::time::sleep_until(until) => {
+                say("kept.resumeTime is over: the resumed VM is discarded");
+                Outcome::Failed
+            }
+        };
+        drop(vm);
+        ran
+    });
+    runtime.shutdown_background();
+    outcome
+}
+
+/// A shell on this terminal, or `script` run: its exit status decides the outcome.
+async fn attach(session: &engine::network::session::GuestSession, script: Option<&str>) -> Outcome {
+    let Some(script) = script else {
+        let (rows, cols) = crate::shell_cmd::terminal_size().unwrap_or((24, 80));
+        return match session
+            .open_shell(rows, cols, Duration::from_secs(30))
+            .await
+        {
+            Ok(shell) => {
+                crate::shell_cmd::attach_terminal(shell).await;
+                Outcome::Success
+            }
+            Err(error) => {
+                say(&format!("no shell: {error}"));
+                Outcome::Internal
+            }
+        };
+    };
+    let asked = session.perform(ActionKind::Exec {
+        script: script.to_owned(),
+    });
+    // Bounded by kept.resumeTime (the caller's): the script runs as long as it needs.
+    let Ok(reply) = asked.await else {
+        say("the resumed VM's agent did not answer");
+        return Outcome::Internal;
+    };
+    let body = reply.collect(EXEC_OUTPUT_LIMIT * 8).await;
+    let result = body
+        .ok()
+        .and_then(|body| serde_json::from_slice::<ExecResult>(&body).ok());
+    let Some(result) = result else {
+        say("the resumed VM's agent answered something unreadable");
+        return Outcome::Internal;
+    };
+    print!("{}", result.output);
+    if result.truncated {
+        say(&format!(
+            "the output was cut at {} (its first bytes are above)",
+            human_size(EXEC_OUTPUT_LIMIT as u64)
+        ));
+    }
+    say(&format!("exit status {}", result.exit_code));
+    if result.exit_code == 0 {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    }
+}

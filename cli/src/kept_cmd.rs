@@ -15,6 +15,7 @@ use schemas::protocol::{ActionKind, ExecResult, EXEC_OUTPUT_LIMIT};
 
 use crate::documents::{say, HostArgs};
 use crate::sizes::{human_duration, human_size};
+use serve::client::ApiClient;
 
 /// Subcommands of `taskvm kept`.
 #[derive(Debug, Subcommand)]
@@ -23,6 +24,8 @@ pub enum KeptCommand {
     Ls {
         #[command(flatten)]
         host: HostArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Delete a kept VM with everything it held.
     Rm {
@@ -44,12 +47,31 @@ pub struct DebugArgs {
     exec: Option<String>,
     #[command(flatten)]
     host: HostArgs,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+/// `--server` and `--token`: the kept VMs of a `taskvm serve` instead of this host's state.
+#[derive(Debug, clap::Args)]
+pub struct RemoteArgs {
+    /// The `taskvm serve` whose kept VMs to use (default: this host's state directory).
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// The server's access token (needed when it listens off loopback).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TASKVM_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
 }
 
 /// Runs `taskvm kept …`.
 pub fn run(command: KeptCommand) -> Outcome {
     let (host, name) = match &command {
-        KeptCommand::Ls { host } => (host, None),
+        KeptCommand::Ls { remote, .. } if remote.server.is_some() => return list_remote(remote),
+        KeptCommand::Ls { host, .. } => (host, None),
         KeptCommand::Rm { name, host } => (host, Some(name)),
     };
     let config = match crate::documents::load_host_config(host, None) {
@@ -78,29 +100,116 @@ pub fn run(command: KeptCommand) -> Outcome {
 }
 
 fn list(store: &KeptStore) -> Outcome {
-    println!(
-        "{:<40}  {:>10}  {:>8}  {:>8}  COMMAND",
-        "NAME", "SIZE", "AGE", "LEFT"
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
+    print_header();
+    let now = now();
     for vm in store.list() {
-        let command = vm.meta.payload.command.join(" ");
-        println!(
-            "{:<40}  {:>10}  {:>8}  {:>8}  {}",
-            vm.meta.name,
-            human_size(vm.size),
-            human_duration(now.saturating_sub(vm.meta.kept_at)),
-            human_duration(store.expires_at(&vm.meta).saturating_sub(now)),
-            schemas::shown::quoted(&command)
+        print_row(
+            &vm.meta.name,
+            vm.size,
+            now.saturating_sub(vm.meta.kept_at),
+            store.expires_at(&vm.meta).saturating_sub(now),
+            &vm.meta.payload.command,
         );
     }
     Outcome::Success
 }
 
+fn list_remote(remote: &RemoteArgs) -> Outcome {
+    let client = ApiClient::new(
+        remote.server.as_deref().unwrap_or_default(),
+        remote.token.clone(),
+    );
+    let listed = match client.kept() {
+        Ok(listed) => listed,
+        Err(error) => {
+            say(&error.to_string());
+            return Outcome::Internal;
+        }
+    };
+    print_header();
+    let now = now();
+    for vm in listed.kept {
+        print_row(
+            &vm.name,
+            vm.size,
+            now.saturating_sub(vm.kept_at),
+            vm.expires_at.saturating_sub(now),
+            &vm.command,
+        );
+    }
+    Outcome::Success
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+fn print_header() {
+    println!(
+        "{:<40}  {:>10}  {:>8}  {:>8}  COMMAND",
+        "NAME", "SIZE", "AGE", "LEFT"
+    );
+}
+
+fn print_row(name: &str, size: u64, age: u64, left: u64, command: &[String]) {
+    println!(
+        "{:<40}  {:>10}  {:>8}  {:>8}  {}",
+        name,
+        human_size(size),
+        human_duration(age),
+        human_duration(left),
+        schemas::shown::quoted(&command.join(" "))
+    );
+}
+
+/// `taskvm debug NAME --server URL`: the server resumes a copy.
+fn debug_remote(args: &DebugArgs, server: &str) -> Outcome {
+    let token = args.remote.token.clone();
+    if let Some(script) = &args.exec {
+        let client = ApiClient::new(server, token);
+        return match client.exec_in_kept(&args.name, script) {
+            Ok(answer) => {
+                print!("{}", answer.output);
+                say(&format!("exit status {}", answer.exit_code));
+                if answer.exit_code == 0 {
+                    Outcome::Success
+                } else {
+                    Outcome::Failed
+                }
+            }
+            Err(error) => {
+                say(&error.to_string());
+                Outcome::Internal
+            }
+        };
+    }
+    let runtime = match crate::documents::vm_runtime() {
+        Ok(runtime) => runtime,
+        Err(outcome) => return outcome,
+    };
+    let outcome = runtime.block_on(async {
+        match serve::shell_client::connect_kept(server, token.as_deref(), &args.name).await {
+            Ok((input, output)) => {
+                crate::shell_cmd::attach_websocket(input, output).await;
+                Outcome::Success
+            }
+            Err(error) => {
+                say(&error.to_string());
+                Outcome::Internal
+            }
+        }
+    });
+    runtime.shutdown_background();
+    outcome
+}
+
 /// Runs `taskvm debug`.
 pub fn debug(args: DebugArgs) -> Outcome {
+    if let Some(server) = args.remote.server.clone() {
+        return debug_remote(&args, &server);
+    }
     let config = match crate::documents::load_host_config(&args.host, None) {
         Ok(config) => config,
         Err(outcome) => return outcome,
@@ -117,7 +226,7 @@ pub fn debug(args: DebugArgs) -> Outcome {
                 return Outcome::Internal;
             }
         };
-        let resumed = match resume(&host, &args.name).await {
+        let resumed = match resume(&host, &args.name, None).await {
             Ok(resumed) => resumed,
             Err(error) => {
                 say(&format!("{} cannot be resumed: {error}", args.name));
@@ -128,7 +237,9 @@ pub fn debug(args: DebugArgs) -> Outcome {
             "{} resumed on a network of its own; it is discarded again when this ends",
             args.name
         ));
-        let Resumed { vm, session, until } = resumed;
+        let Resumed {
+            vm, session, until, ..
+        } = resumed;
         let ran = tokio::select! {
             ran = attach(&session, args.exec.as_deref()) => ran,
             () = tokio::time::sleep_until(until) => {

@@ -63,17 +63,25 @@ pub fn run(args: ShellArgs) -> Outcome {
                 return Outcome::Internal;
             }
         };
-        let raw = RawTerminal::enter();
-        tokio::select! {
-            () = print_output(output) => {}
-            () = send_input(input) => {}
-        }
-        drop(raw);
+        attach_websocket(input, output).await;
         Outcome::Success
     });
     // The thread reading stdin may be blocked in read(2): do not wait for it.
     runtime.shutdown_background();
     outcome
+}
+
+/// Attaches this terminal to a shell's websocket until the shell ends.
+pub(crate) async fn attach_websocket(mut input: ShellInput, output: ShellOutput) {
+    if let Some((rows, cols)) = terminal_size() {
+        let _ = input.resize(rows, cols).await;
+    }
+    let raw = RawTerminal::enter();
+    tokio::select! {
+        () = print_output(output) => {}
+        () = send_input(input) => {}
+    }
+    drop(raw);
 }
 
 /// Attaches this terminal to `shell`, a shell of a VM this process runs (`taskvm debug`),

@@ -228,10 +228,17 @@ pub struct Resumed {
     pub session: Arc<GuestSession>,
     /// When it is to be discarded again (`kept.resumeTime` from now).
     pub until: tokio::time::Instant,
+    /// The host capacity it holds, when a provider shares one out.
+    pub reservation: Option<crate::capacity::Reservation>,
 }
 
-/// Restores kept VM `name` on a fresh isolated network; the kept files stay as they were.
-pub async fn resume(host: &Arc<Host>, name: &str) -> Result<Resumed, KeptError> {
+/// Restores kept VM `name` on a fresh isolated network, once `capacity` (when given) can
+/// hold it beside what runs; the kept files stay as they were.
+pub async fn resume(
+    host: &Arc<Host>,
+    name: &str,
+    capacity: Option<&Arc<crate::capacity::Capacity>>,
+) -> Result<Resumed, KeptError> {
     let kept = KeptStore::for_config(&host.config).find(name)?;
     let digest = Digest::parse(&kept.meta.image)
         .map_err(|_| KeptError::ImageGone(kept.meta.image.clone()))?;
@@ -248,6 +255,17 @@ pub async fn resume(host: &Arc<Host>, name: &str) -> Result<Resumed, KeptError> 
     if host.snapshot_key(&lease, &machine, &settings) != kept.meta.snapshot_key {
         return Err(KeptError::HostChanged);
     }
+    let reservation = match capacity {
+        Some(capacity) => {
+            let needed = crate::capacity::Resources {
+                memory_mib: u64::from(machine.memory_mib()),
+                cpus: u64::from(machine.topology().vcpus()),
+            };
+            let reserved = capacity.reserve(needed).await;
+            Some(reserved.map_err(|error| KeptError::Machine(error.to_string()))?)
+        }
+        None => None,
+    };
     let snapshot = Snapshot::open(&kept.dir.join(VM_DIR))?;
     let vm = VirtualMachine::restore(lease, &machine, &settings, &snapshot).await?;
     let (session, _log) = GuestSession::new(SessionConfig::new(&resumed_name));
@@ -256,6 +274,7 @@ pub async fn resume(host: &Arc<Host>, name: &str) -> Result<Resumed, KeptError> 
         vm,
         session,
         until: tokio::time::Instant::now() + Duration::from_secs(host.config.kept.resume_time),
+        reservation,
     })
 }
 

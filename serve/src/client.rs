@@ -94,6 +94,52 @@ impl ApiClient {
         }
     }
 
+    /// The kept VMs.
+    pub fn kept(&self) -> Result<wire::KeptList, ApiError> {
+        let response = self
+            .request(reqwest::Method::GET, "/api/kept")
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .map_err(|error| ApiError::Other(format!("cannot reach {}: {error}", self.base)))?;
+        self.json_answer(response, "the kept VMs")
+    }
+
+    /// Runs `script` in a fresh copy of kept VM `name` (no time bound here: the server's
+    /// `kept.resumeTime` is).
+    pub fn exec_in_kept(&self, name: &str, script: &str) -> Result<wire::ExecAnswer, ApiError> {
+        let body = serde_json::to_vec(&wire::ExecRequest {
+            script: script.to_owned(),
+        })
+        .map_err(|error| ApiError::Other(error.to_string()))?;
+        let response = self
+            .request(reqwest::Method::POST, &format!("/api/kept/{name}/exec"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .map_err(|error| ApiError::Other(format!("cannot reach {}: {error}", self.base)))?;
+        self.json_answer(response, name)
+    }
+
+    fn json_answer<T: serde::de::DeserializeOwned>(
+        &self,
+        response: reqwest::blocking::Response,
+        what: &str,
+    ) -> Result<T, ApiError> {
+        let status = response.status();
+        let body = read_answer(response)?;
+        if !status.is_success() {
+            return Err(ApiError::Other(format!(
+                "the server answered {status} about {}: {}",
+                escaped(what),
+                serde_json::from_slice::<wire::Error>(&body)
+                    .map(|error| escaped(&error.error))
+                    .unwrap_or_default()
+            )));
+        }
+        serde_json::from_slice(&body)
+            .map_err(|error| ApiError::Other(format!("{}: {error}", escaped(what))))
+    }
+
     /// A task and its runs.
     pub fn task(&self, task_id: &str) -> Result<wire::Task, ApiError> {
         let response = self

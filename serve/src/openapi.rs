@@ -21,6 +21,11 @@ pub fn document() -> Value {
         "description": "The task's id (16 hexadecimal digits).",
         "schema": { "type": "string" }
     });
+    let kept_name = json!({
+        "name": "name", "in": "path", "required": true,
+        "description": "The kept VM's name (from /api/kept).",
+        "schema": { "type": "string" }
+    });
     let run = json!({
         "name": "run", "in": "query", "required": false,
         "description": "Which run (0 for the first); the newest by default.",
@@ -163,6 +168,44 @@ pub fn document() -> Value {
                         "404": error_response("No such task"),
                         "409": error_response("No running VM"),
                         "503": error_response("The guest's agent opened no shell (too many open, or an agent without shells)")
+                    }
+                }
+            },
+            "/api/kept": {
+                "get": {
+                    "operationId": "listKept",
+                    "summary": "The failed VMs this host keeps for debugging (payload debug.keepOnFailure), oldest first; the kept limits are applied first",
+                    "responses": responses(&[("200", "The kept VMs", Some("#/components/schemas/KeptList"))])
+                }
+            },
+            "/api/kept/{name}/shell": {
+                "get": {
+                    "operationId": "openKeptShell",
+                    "summary": "A websocket to a shell in a fresh copy of the kept VM, as it was when its command failed (the copy holds host capacity and is discarded when the shell ends or after kept.resumeTime); spoken as /api/tasks/{taskId}/shell",
+                    "parameters": [kept_name],
+                    "responses": {
+                        "101": { "description": "Switching to the websocket" },
+                        "400": error_response("Not a websocket request"),
+                        "404": error_response("No such kept VM"),
+                        "503": error_response("It cannot be resumed (its image left the cache, the host changed), or its agent opened no shell")
+                    }
+                }
+            },
+            "/api/kept/{name}/exec": {
+                "post": {
+                    "operationId": "execInKept",
+                    "summary": "Runs sh -c SCRIPT in a fresh copy of the kept VM and answers its exit code and output (at most 1 MiB); the copy is discarded",
+                    "parameters": [kept_name],
+                    "requestBody": {
+                        "required": true,
+                        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ExecRequest" } } }
+                    },
+                    "responses": {
+                        "200": { "description": "How the script ended", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ExecAnswer" } } } },
+                        "400": error_response("Not a script"),
+                        "404": error_response("No such kept VM"),
+                        "503": error_response("It cannot be resumed, or its agent did not answer"),
+                        "504": error_response("kept.resumeTime passed first")
                     }
                 }
             },

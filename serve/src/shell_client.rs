@@ -45,6 +45,21 @@ pub async fn connect(
     connect_to(&url, token).await
 }
 
+/// Opens a shell in a fresh copy of kept VM `name` on the server at `server`.
+pub async fn connect_kept(
+    server: &str,
+    token: Option<&str>,
+    name: &str,
+) -> Result<(ShellInput, ShellOutput), ApiError> {
+    let base = server.trim_end_matches('/');
+    let address = base.strip_prefix("http://").ok_or_else(|| {
+        ApiError::Other(format!(
+            "{base}: the shell needs the server's http:// address"
+        ))
+    })?;
+    connect_to(&format!("ws://{address}/api/kept/{name}/shell"), token).await
+}
+
 /// Opens the shell at the websocket URL `url` (`ws://…`: a Taskcluster worker's, from an
 /// interactive task's `private/taskvm/shell.json`), with a terminal of `rows` × `cols`.
 pub async fn connect_url(

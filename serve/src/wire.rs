@@ -178,6 +178,51 @@ pub struct Error {
     pub violations: Vec<Violation>,
 }
 
+/// The failed VMs this host keeps for debugging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeptList {
+    /// Oldest first.
+    pub kept: Vec<KeptVm>,
+}
+
+/// One kept VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeptVm {
+    /// Its name: what `/api/kept/{name}/…` and `taskvm debug` take.
+    pub name: String,
+    /// Bytes its files take.
+    pub size: u64,
+    /// When it was kept (seconds since the Unix epoch).
+    pub kept_at: u64,
+    /// When it is deleted (seconds since the Unix epoch).
+    pub expires_at: u64,
+    /// The failed task's command.
+    pub command: Vec<String>,
+}
+
+/// A script to run in a resumed kept VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Run as `sh -c SCRIPT`.
+    #[schemars(length(max = 65536))]
+    pub script: String,
+}
+
+/// How a script in a resumed kept VM ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecAnswer {
+    /// Its exit code (128 + signal).
+    pub exit_code: i32,
+    /// Its output (at most 1 MiB of it).
+    pub output: String,
+    /// Whether output past 1 MiB was left out.
+    pub truncated: bool,
+}
+
 /// The JSON Schemas of the API's bodies (each with its own `$defs`), named as the OpenAPI
 /// document's components.
 pub fn schemas() -> Vec<(&'static str, Value)> {
@@ -188,5 +233,8 @@ pub fn schemas() -> Vec<(&'static str, Value)> {
         ("Task", schemars::schema_for!(Task).to_value()),
         ("Canceled", schemars::schema_for!(Canceled).to_value()),
         ("Health", schemars::schema_for!(Health).to_value()),
+        ("KeptList", schemars::schema_for!(KeptList).to_value()),
+        ("ExecRequest", schemars::schema_for!(ExecRequest).to_value()),
+        ("ExecAnswer", schemars::schema_for!(ExecAnswer).to_value()),
     ]
 }

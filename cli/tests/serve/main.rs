@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 #[path = "../common/mod.rs"]
 mod common;
+mod kept;
 mod server;
 mod shell;
 

@@ -5,10 +5,12 @@
 //! - here: what every handler shares ([`App`], [`ApiError`]) and the task resources (submit,
 //!   list, show, cancel).
 //! - [`streams`]: the log followed while a run goes on, artifacts, screenshot, console, shell.
+//! - [`kept`]: failed VMs kept for debugging, listed and resumed.
 //! - [`metrics`]: health and Prometheus metrics.
 //!
 //! Every JSON body is a type of [`crate::wire`].
 
+pub mod kept;
 mod metrics;
 mod streams;
 

@@ -1,0 +1,133 @@
+//! The failed VMs this host keeps for debugging (`lifecycle::kept`): listed, and resumed — a
+//! fresh copy per shell or script, holding host capacity like a task, discarded when the
+//! shell or script ends or after `kept.resumeTime`. The kept VM itself never changes.
+
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::Json;
+use lifecycle::kept::{resume, KeptError, KeptStore, Resumed};
+use schemas::protocol::{ActionKind, ExecResult, EXEC_OUTPUT_LIMIT};
+
+use super::{ApiError, ApiResult, App, Shared};
+use crate::wire::{ExecAnswer, ExecRequest, KeptList, KeptVm};
+
+/// `GET /api/kept`: the kept VMs (the limits applied first).
+pub async fn list(State(app): Shared) -> ApiResult<Json<KeptList>> {
+    let store = KeptStore::for_config(&app.scheduler.host().config);
+    store.trim();
+    let kept = store
+        .list()
+        .into_iter()
+        .map(|vm| KeptVm {
+            expires_at: store.expires_at(&vm.meta),
+            name: vm.meta.name,
+            size: vm.size,
+            kept_at: vm.meta.kept_at,
+            command: vm.meta.payload.command,
+        })
+        .collect();
+    Ok(Json(KeptList { kept }))
+}
+
+/// Resumes a copy of kept VM `name`.
+async fn resumed(app: &App, name: &str) -> ApiResult<Resumed> {
+    let plain = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with('.');
+    if !plain {
+        return Err(ApiError::not_found("kept VM"));
+    }
+    let host = app.scheduler.host();
+    resume(host, name, Some(app.scheduler.capacity()))
+        .await
+        .map_err(|error| match error {
+            KeptError::Unknown(_) => ApiError::not_found("kept VM"),
+            other => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{name} cannot be resumed: {other}"),
+            ),
+        })
+}
+
+/// `GET /api/kept/{name}/shell[?rows&cols]`: a websocket to a shell in a fresh copy of kept VM
+/// `name`, discarded when the shell ends.
+pub async fn shell(
+    State(app): Shared,
+    Path(name): Path<String>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let upgrade = upgrade.map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "this is a websocket (a terminal, as /api/tasks/{id}/shell)",
+        )
+    })?;
+    let resumed = resumed(&app, &name).await?;
+    let shell = resumed
+        .session
+        .open_shell(24, 80, Duration::from_secs(30))
+        .await
+        .map_err(|error| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no shell: {error}"),
+            )
+        })?;
+    Ok(upgrade
+        .max_message_size(crate::shell::MAX_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let until = resumed.until;
+            tokio::select! {
+                () = crate::shell::bridge(socket, shell) => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+            drop(resumed);
+        }))
+}
+
+/// `POST /api/kept/{name}/exec` `{"script"}`: runs the script in a fresh copy of kept VM
+/// `name` and answers how it ended; the copy is discarded.
+pub async fn exec(
+    State(app): Shared,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<ExecAnswer>> {
+    let request: ExecRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("not a script ({{\"script\": \"…\"}}): {error}"),
+        )
+    })?;
+    let resumed = resumed(&app, &name).await?;
+    let asked = resumed.session.perform(ActionKind::Exec {
+        script: request.script,
+    });
+    let reply = tokio::time::timeout_at(resumed.until, asked)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::GATEWAY_TIMEOUT, "kept.resumeTime is over"))?
+        .map_err(|error| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string()))?;
+    let body = reply
+        .collect(EXEC_OUTPUT_LIMIT * 8)
+        .await
+        .map_err(|error| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string()))?;
+    let result: ExecResult = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the resumed VM's agent answered something unreadable",
+        )
+    })?;
+    drop(resumed);
+    Ok(Json(ExecAnswer {
+        exit_code: result.exit_code,
+        output: result.output,
+        truncated: result.truncated,
+    }))
+}

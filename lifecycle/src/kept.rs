@@ -80,6 +80,19 @@ pub enum KeptError {
 }
 
 const META: &str = "kept.json";
+/// The end of the name of a VM being saved (`.NAME.partial`).
+const PARTIAL: &str = ".partial";
+/// Longer than any save takes (its migration is bounded to 60 s): a `.partial` directory
+/// this old was left by a crash.
+const SAVE_GRACE: Duration = Duration::from_secs(15 * 60);
+
+fn older_than(path: &Path, age: Duration) -> bool {
+    fs::metadata(path)
+        .and_then(|metadata| metadata.modified())
+        .ok()
+        .and_then(|modified| modified.elapsed().ok())
+        .is_some_and(|elapsed| elapsed > age)
+}
 const VM_DIR: &str = "vm";
 
 /// The kept VMs of a host: their directory and limits.
@@ -130,17 +143,20 @@ pub async fn keep(
         vm.release().await;
         return Err(KeptError::Disabled);
     }
+    // Saved aside and renamed into place whole, so that no listing, trim or resume ever sees
+    // a VM half saved.
     let dir = store.dir.join(name);
-    fs::create_dir_all(&dir)?;
+    let partial = store.dir.join(format!(".{name}{PARTIAL}"));
+    fs::create_dir_all(&partial)?;
     // The agent's poll is cut and it retries, as a restored guest then does against its new
     // service; a moment lets it see the cut before the save.
     if let Some(network) = vm.network_mut() {
         network.stop_service().await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let saved = vm.snapshot(&dir.join(VM_DIR)).await;
+    let saved = vm.snapshot(&partial.join(VM_DIR)).await;
     if let Err(error) = saved {
-        let _ = fs::remove_dir_all(&dir);
+        let _ = fs::remove_dir_all(&partial);
         return Err(error.into());
     }
     let kept_at = now();
@@ -152,7 +168,8 @@ pub async fn keep(
         kept_at,
     };
     let text = serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?;
-    fs::write(dir.join(META), text)?;
+    fs::write(partial.join(META), text)?;
+    fs::rename(&partial, &dir)?;
     store.trim();
     let size = dir_size(&dir);
     Ok(KeptVm { meta, size, dir })
@@ -166,6 +183,7 @@ impl KeptStore {
             .into_iter()
             .flatten()
             .flatten()
+            .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
             .filter_map(|entry| read(&entry.path()))
             .collect();
         kept.sort_by_key(|vm| vm.meta.kept_at);
@@ -194,8 +212,15 @@ impl KeptStore {
         let readable: Vec<PathBuf> = self.list().into_iter().map(|vm| vm.dir).collect();
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let path = entry.path();
-            if !readable.contains(&path) && fs::remove_dir_all(&path).is_ok() {
-                removed.push(entry.file_name().to_string_lossy().into_owned());
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // A save in progress is left alone; one a crash cut short is old.
+            let leftover = if name.starts_with('.') {
+                name.ends_with(PARTIAL) && older_than(&path, SAVE_GRACE)
+            } else {
+                !readable.contains(&path)
+            };
+            if leftover && fs::remove_dir_all(&path).is_ok() {
+                removed.push(name);
             }
         }
         let now = now();
@@ -317,4 +342,29 @@ fn dir_size(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trim_spares_a_save_in_progress_and_removes_what_a_crash_left() {
+        let state = tempfile::tempdir().expect("a directory");
+        let config = WorkerConfig {
+            state_dir: state.path().to_owned(),
+            ..WorkerConfig::default()
+        };
+        let store = KeptStore::for_config(&config);
+        let saving = store.dir().join(format!(".task-a{PARTIAL}"));
+        let broken = store.dir().join("task-b");
+        fs::create_dir_all(saving.join(VM_DIR)).expect("a save in progress");
+        fs::create_dir_all(&broken).expect("a kept VM without its description");
+        fs::write(saving.join(META), b"{}").expect("written just before its rename");
+        assert!(store.list().is_empty(), "neither is a kept VM");
+        assert_eq!(store.trim(), vec!["task-b".to_owned()]);
+        assert!(saving.is_dir(), "a save in progress is never removed");
+        assert!(!broken.exists());
+        assert!(!older_than(&saving, SAVE_GRACE));
+    }
 }

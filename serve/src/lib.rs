@@ -151,6 +151,7 @@ pub async fn serve(
     }
     let (stop_scheduler, stopped) = watch::channel(false);
     let scheduling = tokio::spawn(scheduler.clone().run(stopped));
+    let kept_sweep = tokio::spawn(sweep_kept(scheduler.host().clone()));
     let (stop_http, http_stopped) = watch::channel(false);
     let http = tokio::spawn(async move {
         let mut http_stopped = http_stopped;
@@ -164,10 +165,28 @@ pub async fn serve(
     announce("stopping: running tasks are resolved exception/worker-shutdown and queued again");
     let _ = stop_scheduler.send(true);
     let _ = scheduling.await;
+    kept_sweep.abort();
     let _ = stop_http.send(true);
     // Followers of queued tasks' logs would keep the server open forever.
     let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
     Ok(())
+}
+
+/// Deletes kept VMs past their time or the kept limits while the server runs, checking every
+/// half `kept.ttl` (between 1 s and 60 s), so that one nobody looks at still goes on time.
+async fn sweep_kept(host: Arc<lifecycle::host::Host>) {
+    let every = Duration::from_secs((host.config.kept.ttl / 2).clamp(1, 60));
+    let store = lifecycle::kept::KeptStore::for_config(&host.config);
+    loop {
+        tokio::time::sleep(every).await;
+        let store = store.clone();
+        let Ok(deleted) = tokio::task::spawn_blocking(move || store.trim()).await else {
+            continue;
+        };
+        for name in deleted {
+            tracing::info!("kept VM {name} deleted (its kept.ttl passed, or past the kept limits)");
+        }
+    }
 }
 
 fn router(app: Arc<App>, access: Access) -> Router {

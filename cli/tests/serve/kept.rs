@@ -96,3 +96,30 @@ fn a_failed_queue_task_is_kept_listed_and_resumed_through_the_server() {
     let (_, health) = server.get("/api/health");
     assert_eq!(health["capacity"]["used"]["memoryMib"], 0, "{health:#}");
 }
+
+#[test]
+fn the_server_deletes_a_kept_vm_when_its_time_is_up_unasked() {
+    let dir = scratch();
+    let server = Server::start_configured(
+        &dir.path().join("state"),
+        &config_allowing_test_images(r#""kept": {"ttl": 4}"#),
+        &[],
+    );
+    let mut payload = script_task("exit 1", 60);
+    payload["debug"] = json!({ "keepOnFailure": true });
+    let id = server.submit(&payload);
+    server.wait_resolved(&id);
+    let log = server.log_now(&id);
+    assert!(log.contains("the failed VM is kept as"), "{log}");
+    let kept = dir.path().join("state/kept");
+    // Nobody lists or keeps anything: the server's own sweep deletes it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_dir(&kept).map_or(0, |entries| entries.count()) > 0 {
+        assert!(std::time::Instant::now() < deadline, "still kept: {log}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    server.process.wait_said(
+        "deleted (its kept.ttl passed",
+        std::time::Duration::from_secs(5),
+    );
+}

@@ -4,14 +4,12 @@
 //! network, for at most `kept.resumeTime`. The kept VM itself is never changed: each resume
 //! starts from the moment it failed, and what a resume does is discarded with it.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use clap::Subcommand;
 use lifecycle::exit::Outcome;
 use lifecycle::host::Host;
 use lifecycle::kept::{resume, KeptStore, Resumed};
-use schemas::protocol::{ActionKind, ExecResult, EXEC_OUTPUT_LIMIT};
+use schemas::protocol::{ExecResult, EXEC_OUTPUT_LIMIT};
+use std::sync::Arc;
 
 use crate::documents::{say, HostArgs};
 use crate::sizes::{human_duration, human_size};
@@ -170,15 +168,11 @@ fn debug_remote(args: &DebugArgs, server: &str) -> Outcome {
     if let Some(script) = &args.exec {
         let client = ApiClient::new(server, token);
         return match client.exec_in_kept(&args.name, script) {
-            Ok(answer) => {
-                print!("{}", answer.output);
-                say(&format!("exit status {}", answer.exit_code));
-                if answer.exit_code == 0 {
-                    Outcome::Success
-                } else {
-                    Outcome::Failed
-                }
-            }
+            Ok(answer) => report(&ExecResult {
+                exit_code: answer.exit_code,
+                output: answer.output,
+                truncated: answer.truncated,
+            }),
             Err(error) => {
                 say(&error.to_string());
                 Outcome::Internal
@@ -190,7 +184,10 @@ fn debug_remote(args: &DebugArgs, server: &str) -> Outcome {
         Err(outcome) => return outcome,
     };
     let outcome = runtime.block_on(async {
-        match serve::shell_client::connect_kept(server, token.as_deref(), &args.name).await {
+        let (rows, cols) = crate::shell_cmd::terminal_size().unwrap_or((24, 80));
+        let connected =
+            serve::shell_client::connect_kept(server, token.as_deref(), &args.name, rows, cols);
+        match connected.await {
             Ok((input, output)) => {
                 crate::shell_cmd::attach_websocket(input, output).await;
                 Outcome::Success
@@ -237,17 +234,15 @@ pub fn debug(args: DebugArgs) -> Outcome {
             "{} resumed on a network of its own; it is discarded again when this ends",
             args.name
         ));
-        let Resumed {
-            vm, session, until, ..
-        } = resumed;
+        let until = resumed.until;
         let ran = tokio::select! {
-            ran = attach(&session, args.exec.as_deref()) => ran,
+            ran = attach(&resumed, args.exec.as_deref()) => ran,
             () = tokio::time::sleep_until(until) => {
-                say("kept.resumeTime is over: the resumed VM is discarded");
+                say("kept.resumeTime is over: the resumed VM is discarded (the setting raises it)");
                 Outcome::Failed
             }
         };
-        drop(vm);
+        drop(resumed);
         ran
     });
     runtime.shutdown_background();
@@ -255,13 +250,10 @@ pub fn debug(args: DebugArgs) -> Outcome {
 }
 
 /// A shell on this terminal, or `script` run: its exit status decides the outcome.
-async fn attach(session: &engine::network::session::GuestSession, script: Option<&str>) -> Outcome {
+async fn attach(resumed: &Resumed, script: Option<&str>) -> Outcome {
     let Some(script) = script else {
         let (rows, cols) = crate::shell_cmd::terminal_size().unwrap_or((24, 80));
-        return match session
-            .open_shell(rows, cols, Duration::from_secs(30))
-            .await
-        {
+        return match resumed.shells().open(rows, cols).await {
             Ok(shell) => {
                 crate::shell_cmd::attach_terminal(shell).await;
                 Outcome::Success
@@ -272,22 +264,18 @@ async fn attach(session: &engine::network::session::GuestSession, script: Option
             }
         };
     };
-    let asked = session.perform(ActionKind::Exec {
-        script: script.to_owned(),
-    });
-    // Bounded by kept.resumeTime (the caller's): the script runs as long as it needs.
-    let Ok(reply) = asked.await else {
-        say("the resumed VM's agent did not answer");
-        return Outcome::Internal;
+    let result = match resumed.exec(script).await {
+        Ok(result) => result,
+        Err(error) => {
+            say(&error.to_string());
+            return Outcome::Internal;
+        }
     };
-    let body = reply.collect(EXEC_OUTPUT_LIMIT * 8).await;
-    let result = body
-        .ok()
-        .and_then(|body| serde_json::from_slice::<ExecResult>(&body).ok());
-    let Some(result) = result else {
-        say("the resumed VM's agent answered something unreadable");
-        return Outcome::Internal;
-    };
+    report(&result)
+}
+
+/// Prints how a script ended; its exit status decides the outcome.
+fn report(result: &ExecResult) -> Outcome {
     print!("{}", result.output);
     if result.truncated {
         say(&format!(

@@ -91,6 +91,7 @@ pub fn run(args: RunArgs) -> Outcome {
             live: None,
             on_log: None,
             scopes: None,
+            task: None,
         };
         let outcome = run_payload(host, run, stop_signal).await;
         outcome.ending.resolution.outcome()

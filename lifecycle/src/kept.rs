@@ -19,6 +19,7 @@ use engine::snapshot::Snapshot;
 use engine::VirtualMachine;
 use image_manager::{Digest, Lease};
 use schemas::config::KeptConfig;
+use schemas::protocol::{ActionKind, ExecResult, EXEC_OUTPUT_LIMIT, EXEC_SCRIPT_LIMIT};
 use schemas::{Payload, ResolvedMachine, WorkerConfig};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -33,6 +34,10 @@ pub struct KeptMeta {
     pub name: String,
     /// The payload of the task that failed.
     pub payload: Payload,
+    /// The provider's name for that task, when it has one (`taskvm serve`: its task id;
+    /// `taskvm worker`: `TASK_ID/RUN_ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
     /// The digest of the image its disk is made on.
     pub image: String,
     /// The snapshot key it was saved under: a resume needs the same.
@@ -128,15 +133,12 @@ fn now() -> u64 {
         .map_or(0, |since| since.as_secs())
 }
 
-/// Saves `vm` (its command failed; its agent reported) as kept VM `meta.name`, then trims the
-/// kept VMs to the limits. The VM ends here.
+/// Saves `vm` (its command failed; its agent reported) as kept VM `meta.name`, described by
+/// `meta` (its `kept_at` set here), then trims the kept VMs to the limits. The VM ends here.
 pub async fn keep(
     host: &Host,
     mut vm: VirtualMachine,
-    name: &str,
-    payload: &Payload,
-    lease_digest: &Digest,
-    snapshot_key: String,
+    mut meta: KeptMeta,
 ) -> Result<KeptVm, KeptError> {
     let store = KeptStore::for_config(&host.config);
     if store.limits.max_count == 0 {
@@ -145,8 +147,8 @@ pub async fn keep(
     }
     // Saved aside and renamed into place whole, so that no listing, trim or resume ever sees
     // a VM half saved.
-    let dir = store.dir.join(name);
-    let partial = store.dir.join(format!(".{name}{PARTIAL}"));
+    let dir = store.dir.join(&meta.name);
+    let partial = store.dir.join(format!(".{}{PARTIAL}", meta.name));
     fs::create_dir_all(&partial)?;
     // The agent's poll is cut and it retries, as a restored guest then does against its new
     // service; a moment lets it see the cut before the save.
@@ -159,14 +161,7 @@ pub async fn keep(
         let _ = fs::remove_dir_all(&partial);
         return Err(error.into());
     }
-    let kept_at = now();
-    let meta = KeptMeta {
-        name: name.to_owned(),
-        payload: payload.clone(),
-        image: lease_digest.hex().to_owned(),
-        snapshot_key,
-        kept_at,
-    };
+    meta.kept_at = now();
     let text = serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?;
     fs::write(partial.join(META), text)?;
     fs::rename(&partial, &dir)?;
@@ -255,6 +250,57 @@ pub struct Resumed {
     pub until: tokio::time::Instant,
     /// The host capacity it holds, when a provider shares one out.
     pub reservation: Option<crate::capacity::Reservation>,
+}
+
+impl Resumed {
+    /// Its login shells (a running task's are opened the same way, with the same patience).
+    pub fn shells(&self) -> crate::task::Shells {
+        crate::task::Shells::of(self.session.clone())
+    }
+
+    /// Runs `script` (`sh -c`, at most [`EXEC_SCRIPT_LIMIT`] bytes) in it and answers how it
+    /// ended, or an error once `until` has come.
+    pub async fn exec(&self, script: &str) -> Result<ExecResult, ExecError> {
+        if script.len() > EXEC_SCRIPT_LIMIT {
+            return Err(ExecError::TooLong(script.len()));
+        }
+        let asked = self.session.perform(ActionKind::Exec {
+            script: script.to_owned(),
+        });
+        let answered = async {
+            let reply = asked.await.map_err(|_| ExecError::Unanswered)?;
+            // JSON escapes can take up to six bytes per output byte.
+            let body = reply
+                .collect(EXEC_OUTPUT_LIMIT * 8)
+                .await
+                .map_err(|_| ExecError::Unanswered)?;
+            serde_json::from_slice::<ExecResult>(&body).map_err(|_| ExecError::Unreadable)
+        };
+        tokio::time::timeout_at(self.until, answered)
+            .await
+            .map_err(|_| ExecError::TimeUp)?
+    }
+}
+
+/// Why [`Resumed::exec`] has no result.
+#[derive(Debug, Error)]
+pub enum ExecError {
+    /// The script is over the limit.
+    #[error(
+        "the script is {0} bytes; a script to run in a kept VM is at most {limit} bytes \
+         (copy a longer one in through the shell)",
+        limit = EXEC_SCRIPT_LIMIT
+    )]
+    TooLong(usize),
+    /// The agent did not answer.
+    #[error("the resumed VM's agent did not answer")]
+    Unanswered,
+    /// The agent's answer is not an exec result.
+    #[error("the resumed VM's agent answered something unreadable")]
+    Unreadable,
+    /// `kept.resumeTime` ran out.
+    #[error("kept.resumeTime is over: the resumed VM is discarded (the setting raises it)")]
+    TimeUp,
 }
 
 /// Restores kept VM `name` on a fresh isolated network, once `capacity` (when given) can

@@ -45,6 +45,9 @@ pub struct PayloadRun {
     /// needs `taskvm:cache:NAME`. None: no scope is asked for (a local run, the embedded
     /// queue).
     pub scopes: Option<Vec<String>>,
+    /// The provider's name for the task (serve: its id; the worker: `TASK_ID/RUN_ID`), kept
+    /// with its VM when one is kept.
+    pub task: Option<String>,
 }
 
 /// The scope a task needs to mount cache `name`, on queues with scopes.
@@ -109,6 +112,7 @@ pub async fn run_payload(host: Arc<Host>, run: PayloadRun, stop: StopSignal) -> 
     );
     request.capacity = run.capacity;
     request.live = run.live;
+    request.task = run.task;
     let outcome = run_task(host, request, &log, stop).await;
     if let Some(error) = log.write_error() {
         log.note(&format!("warning: the task log is incomplete: {error}"));

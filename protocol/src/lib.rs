@@ -268,6 +268,10 @@ pub struct ExecResult {
 /// Most output bytes an [`ExecResult`] carries.
 pub const EXEC_OUTPUT_LIMIT: usize = 1 << 20;
 
+/// Longest script an [`ActionKind::Exec`] carries: a worker refuses longer ones before
+/// resuming anything.
+pub const EXEC_SCRIPT_LIMIT: usize = 64 << 10;
+
 /// The entries of a directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

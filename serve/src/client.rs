@@ -107,6 +107,12 @@ impl ApiClient {
     /// Runs `script` in a fresh copy of kept VM `name` (no time bound here: the server's
     /// `kept.resumeTime` is).
     pub fn exec_in_kept(&self, name: &str, script: &str) -> Result<wire::ExecAnswer, ApiError> {
+        if !wire::is_kept_name(name) {
+            return Err(ApiError::Other(format!(
+                "{} is not the name of a kept VM (taskvm kept ls lists them)",
+                escaped(name)
+            )));
+        }
         let body = serde_json::to_vec(&wire::ExecRequest {
             script: script.to_owned(),
         })

@@ -265,6 +265,7 @@ impl Scheduler {
                 Arc::new(move || activity.send_modify(|count| *count = count.wrapping_add(1)))
             }),
             scopes: None,
+            task: Some(task_id.clone()),
         };
         let outcome = run_payload(self.host.clone(), run, stop).await;
         self.count_stages(&outcome);

@@ -3,6 +3,8 @@
 //! message `{"rows": R, "cols": C}`; the terminal's output comes back as binary messages.
 //! Closing the websocket hangs the shell up; the shell exiting closes the websocket.
 
+use std::collections::HashMap;
+
 use axum::extract::ws::{Message, WebSocket};
 use futures::{SinkExt, StreamExt};
 use lifecycle::shell_bridge::{self, FromClient};
@@ -10,6 +12,19 @@ use schemas::protocol::shell::MAX_FRAME;
 
 /// The largest websocket message a client may send: one frame of input.
 pub const MAX_MESSAGE: usize = MAX_FRAME;
+
+/// The terminal size a shell's URL asks for (`?rows=R&cols=C`); 24 × 80 where it does
+/// not say, or says something other than a number from 1 to 65535.
+pub fn terminal_size(query: &HashMap<String, String>) -> (u16, u16) {
+    let size = |name: &str, default: u16| {
+        query
+            .get(name)
+            .and_then(|value| value.parse::<u16>().ok())
+            .filter(|value| *value > 0)
+            .unwrap_or(default)
+    };
+    (size("rows", 24), size("cols", 80))
+}
 
 /// Carries the shell between the client and the guest until either side closes.
 pub async fn bridge(websocket: WebSocket, shell: lifecycle::ShellStream) {

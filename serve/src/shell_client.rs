@@ -35,29 +35,39 @@ pub async fn connect(
     rows: u16,
     cols: u16,
 ) -> Result<(ShellInput, ShellOutput), ApiError> {
-    let base = server.trim_end_matches('/');
-    let address = base.strip_prefix("http://").ok_or_else(|| {
-        ApiError::Other(format!(
-            "{base}: the shell needs the server's http:// address"
-        ))
-    })?;
-    let url = format!("ws://{address}/api/tasks/{task_id}/shell?rows={rows}&cols={cols}");
-    connect_to(&url, token).await
+    let path = format!("/api/tasks/{task_id}/shell?rows={rows}&cols={cols}");
+    connect_to(&websocket_url(server, &path)?, token).await
 }
 
-/// Opens a shell in a fresh copy of kept VM `name` on the server at `server`.
+/// Opens a shell in a fresh copy of kept VM `name` on the server at `server`, with a
+/// terminal of `rows` × `cols`.
 pub async fn connect_kept(
     server: &str,
     token: Option<&str>,
     name: &str,
+    rows: u16,
+    cols: u16,
 ) -> Result<(ShellInput, ShellOutput), ApiError> {
+    if !crate::wire::is_kept_name(name) {
+        return Err(ApiError::Other(format!(
+            "{} is not the name of a kept VM (taskvm kept ls lists them)",
+            escaped(name)
+        )));
+    }
+    let path = format!("/api/kept/{name}/shell?rows={rows}&cols={cols}");
+    connect_to(&websocket_url(server, &path)?, token).await
+}
+
+/// The `ws://` URL of `path` on the server at `server` (`http://…`).
+fn websocket_url(server: &str, path: &str) -> Result<String, ApiError> {
     let base = server.trim_end_matches('/');
     let address = base.strip_prefix("http://").ok_or_else(|| {
         ApiError::Other(format!(
-            "{base}: the shell needs the server's http:// address"
+            "{}: the shell needs the server's http:// address",
+            escaped(base)
         ))
     })?;
-    connect_to(&format!("ws://{address}/api/kept/{name}/shell"), token).await
+    Ok(format!("ws://{address}{path}"))
 }
 
 /// Opens the shell at the websocket URL `url` (`ws://…`: a Taskcluster worker's, from an

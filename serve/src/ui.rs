@@ -72,6 +72,10 @@ async fn asset(Path(file): Path<String>) -> Response {
             include_str!("../ui/task.js"),
             "text/javascript; charset=utf-8",
         ),
+        "terminal.js" => (
+            include_str!("../ui/terminal.js"),
+            "text/javascript; charset=utf-8",
+        ),
         _ => return ApiError::new(StatusCode::NOT_FOUND, "no such file").into_response(),
     };
     ([(header::CONTENT_TYPE, content_type)], body).into_response()

@@ -192,6 +192,10 @@ pub struct KeptList {
 pub struct KeptVm {
     /// Its name: what `/api/kept/{name}/…` and `taskvm debug` take.
     pub name: String,
+    /// The id of the task whose run failed in it (none: kept by another provider on this
+    /// host's state directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
     /// Bytes its files take.
     pub size: u64,
     /// When it was kept (seconds since the Unix epoch).
@@ -200,6 +204,17 @@ pub struct KeptVm {
     pub expires_at: u64,
     /// The failed task's command.
     pub command: Vec<String>,
+}
+
+/// Whether `name` can be a kept VM's (letters, digits, `-`, `_` and `.`, not first; at most
+/// 128 bytes): anything else is not looked up, nor put in a URL.
+pub fn is_kept_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// A script to run in a resumed kept VM.

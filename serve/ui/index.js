@@ -1,4 +1,4 @@
-// The task list and the submit form.
+// The task list, the kept VMs and the submit form.
 import { api, when, element, showHealth } from '/ui/common.js';
 
 const rows = document.querySelector('#tasks tbody');
@@ -26,7 +26,34 @@ async function refresh() {
     document.getElementById('empty').hidden = false;
     document.getElementById('empty').textContent = `Cannot list tasks: ${error.message}`;
   }
+  await showKept();
   showHealth();
+}
+
+/** Lists the kept VMs, each linked to its task's page (where it can be resumed). */
+async function showKept() {
+  let list;
+  try {
+    list = await api('/api/kept');
+  } catch (error) {
+    return;
+  }
+  document.getElementById('kept-section').hidden = list.kept.length === 0;
+  document.querySelector('#kept tbody').replaceChildren(...list.kept.map((vm) => {
+    const row = document.createElement('tr');
+    const task = document.createElement('td');
+    if (vm.taskId) {
+      const link = element('a');
+      link.href = `/tasks/${encodeURIComponent(vm.taskId)}`;
+      link.append(element('code', vm.taskId));
+      task.append(link);
+    }
+    const size = `${(vm.size / (1 << 20)).toFixed(1)} MiB`;
+    row.append(element('td', vm.name), task, element('td', size),
+      element('td', when(vm.keptAt * 1000)), element('td', when(vm.expiresAt * 1000)),
+      element('td', vm.command.join(' ')));
+    return row;
+  }));
 }
 
 document.getElementById('submit').addEventListener('submit', async (event) => {

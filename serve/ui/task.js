@@ -1,6 +1,7 @@
 // A task's page: state, live log, screenshot, artifacts, cancel, console (noVNC), shell
-// (xterm.js over the shell's websocket).
-import { api, element, showHealth } from '/ui/common.js';
+// (xterm.js over the shell's websocket), and resuming the kept VM of a failed run.
+import { api, element, showHealth, when } from '/ui/common.js';
+import { openTerminal } from '/ui/terminal.js';
 
 const taskId = location.pathname.split('/').pop();
 document.getElementById('task-id').textContent = taskId;
@@ -11,9 +12,12 @@ const screenshot = document.getElementById('screenshot');
 const cancelButton = document.getElementById('cancel');
 const consoleButton = document.getElementById('open-console');
 const shellButton = document.getElementById('open-shell');
+const keptButton = document.getElementById('resume-kept');
 let current = null;
 let rfb = null;
 let shell = null;
+/** The kept VM of this task's failed run, if the server keeps one. */
+let kept = null;
 
 /** Appends the log as it arrives, run after run, until the task is over. */
 async function followLog() {
@@ -36,8 +40,8 @@ async function followLog() {
 
 function showScreenshot() {
   const running = current && current.state === 'running';
-  const kept = current && current.runs.some((run) => run.artifacts.some((file) => file.name === 'screenshot.png'));
-  if (!running && !kept) return;
+  const taken = current && current.runs.some((run) => run.artifacts.some((file) => file.name === 'screenshot.png'));
+  if (!running && !taken) return;
   const next = new Image();
   next.onload = () => {
     screenshot.src = next.src;
@@ -45,6 +49,26 @@ function showScreenshot() {
     document.getElementById('no-screen').hidden = true;
   };
   next.src = `/api/tasks/${taskId}/screenshot?at=${Date.now()}`;
+}
+
+/** Shows this task's kept VM (a failed run with debug.keepOnFailure), and its button. */
+async function showKept() {
+  const note = document.getElementById('kept-note');
+  if (current.resolution !== 'failed') {
+    kept = null;
+  } else {
+    try {
+      const list = await api('/api/kept');
+      kept = list.kept.find((vm) => vm.taskId === taskId) || null;
+    } catch (error) {
+      kept = null;
+    }
+  }
+  note.textContent = kept
+    ? `The failed VM is kept as ${kept.name} until ${when(kept.expiresAt * 1000)}. ` +
+      'Each resume is a fresh copy of it as it failed, discarded when its shell ends.'
+    : '';
+  keptButton.hidden = !kept || shell !== null;
 }
 
 async function refresh() {
@@ -65,6 +89,7 @@ async function refresh() {
   cancelButton.hidden = current.state !== 'queued' && current.state !== 'running';
   consoleButton.hidden = !current.console || rfb !== null;
   shellButton.hidden = !current.shell || shell !== null;
+  await showKept();
   const list = document.getElementById('artifacts');
   list.replaceChildren(...(run ? run.artifacts : []).map((file) => {
     const item = document.createElement('li');
@@ -98,45 +123,23 @@ consoleButton.addEventListener('click', async () => {
   rfb.addEventListener('disconnect', () => { status.textContent = 'console disconnected'; rfb = null; refresh(); });
 });
 
-shellButton.addEventListener('click', async () => {
-  const status = document.getElementById('shell-status');
-  const target = document.getElementById('terminal');
-  let Terminal;
-  try {
-    ({ Terminal } = await import('/xterm/lib/xterm.mjs'));
-  } catch (error) {
-    status.textContent = 'No terminal: xterm.js is not served (make deps installs it).';
-    return;
-  }
+/** Opens a shell at API path `path` in the page's terminal (one at a time). */
+async function openShell(path) {
+  shell = path;
   shellButton.hidden = true;
-  target.hidden = false;
-  const terminal = new Terminal({ rows: 24, cols: 100, convertEol: false });
-  terminal.open(target);
-  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  const url = `${scheme}://${location.host}/api/tasks/${taskId}/shell?rows=${terminal.rows}&cols=${terminal.cols}`;
-  const socket = new WebSocket(url);
-  socket.binaryType = 'arraybuffer';
-  shell = { terminal, socket };
-  const encoder = new TextEncoder();
-  status.textContent = 'connecting…';
-  socket.addEventListener('open', () => {
-    status.textContent = 'shell connected';
-    target.dataset.connected = 'true';
-    terminal.focus();
+  keptButton.hidden = true;
+  const opened = await openTerminal({
+    target: document.getElementById('terminal'),
+    status: document.getElementById('shell-status'),
+    path,
+    onClose: () => { shell = null; refresh(); },
   });
-  socket.addEventListener('message', (event) => terminal.write(new Uint8Array(event.data)));
-  socket.addEventListener('close', () => {
-    status.textContent = 'shell closed';
-    target.dataset.connected = 'false';
-    shell = null;
-    refresh();
-  });
-  terminal.onData((data) => {
-    if (socket.readyState === WebSocket.OPEN) socket.send(encoder.encode(data));
-  });
-  terminal.onResize(({ rows, cols }) => {
-    if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ rows, cols }));
-  });
+  if (!opened) shell = null;
+}
+
+shellButton.addEventListener('click', () => openShell(`/api/tasks/${taskId}/shell`));
+keptButton.addEventListener('click', () => {
+  if (kept) openShell(`/api/kept/${encodeURIComponent(kept.name)}/shell`);
 });
 
 refresh().then(showScreenshot);

@@ -370,6 +370,7 @@ impl ClaimedRun {
             live,
             on_log,
             scopes: Some(task_scopes(&claim.task)),
+            task: Some(format!("{}/{}", claim.task_id, claim.run_id)),
         };
         run_payload(self.host.clone(), run, stop).await
     }

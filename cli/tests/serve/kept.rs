@@ -1,12 +1,16 @@
 //! Kept VMs through `taskvm serve`: a failed task of the queue keeps its VM, `/api/kept`
-//! lists it, and `taskvm kept ls --server` and `taskvm debug --server` (a script, and a shell
-//! from a pipe) work in fresh copies of it that hold host capacity while they run.
+//! lists it, and `taskvm kept ls --server`, `taskvm debug --server` (a script, and a shell
+//! from a pipe) and the task's page ("Resume for debugging") work in fresh copies of it that
+//! hold host capacity while they run; a crash while one runs leaves nothing the next start
+//! does not sweep.
 
 use std::io::Write;
-use std::process::{Output, Stdio};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 use testkit::guest::config_allowing_test_images;
+use testkit::process::qemu_processes_under;
 
 use crate::common::taskvm_command;
 use crate::server::*;
@@ -22,11 +26,8 @@ fn said(output: &Output) -> String {
 #[test]
 fn a_failed_queue_task_is_kept_listed_and_resumed_through_the_server() {
     let dir = scratch();
-    let server = Server::start_configured(
-        &dir.path().join("state"),
-        &config_allowing_test_images(r#""kept": {"ttl": 3600}"#),
-        &[],
-    );
+    let config = config_allowing_test_images(r#""kept": {"ttl": 3600}"#);
+    let server = Server::start_configured(&dir.path().join("state"), &config, &[]);
     let mut payload = script_task(
         "echo kept > /tmp/state.txt; sleep 1000 & echo $! > /tmp/sleeper; echo pid=$!; exit 1",
         60,
@@ -46,6 +47,7 @@ fn a_failed_queue_task_is_kept_listed_and_resumed_through_the_server() {
     let (status, listed) = server.get("/api/kept");
     assert_eq!(status, 200, "{listed}");
     let name = listed["kept"][0]["name"].as_str().unwrap().to_owned();
+    assert_eq!(listed["kept"][0]["taskId"], id.as_str(), "{listed:#}");
     assert!(listed["kept"][0]["command"][2]
         .as_str()
         .unwrap()
@@ -92,9 +94,100 @@ fn a_failed_queue_task_is_kept_listed_and_resumed_through_the_server() {
     .unwrap();
     assert_eq!(unknown.status.code(), Some(3));
     assert!(said(&unknown).contains("404"), "{}", said(&unknown));
+    // A script over the limit is refused before anything is resumed.
+    let long = "true;".repeat(14_000);
+    let (status, refused) = server.post(
+        &format!("/api/kept/{name}/exec"),
+        &json!({ "script": long }),
+    );
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("at most 65536 bytes"),
+        "{refused}"
+    );
+
+    // The failed task's page resumes it: a shell in the web UI finds the task's file.
+    let script = test_tool("cli/tests/ui/shell.mjs");
+    test_tool("cli/tests/ui/node_modules/playwright-core");
+    let browsed = Command::new("node")
+        .arg(&script)
+        .arg(&server.base)
+        .arg(format!("/tasks/{id}"))
+        .arg("#resume-kept")
+        .arg("cat /tmp/state.txt")
+        .arg("kept")
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&browsed.stdout);
+    let findings: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|_| panic!("{stdout}\n{}", String::from_utf8_lossy(&browsed.stderr)));
+    assert!(findings.get("error").is_none(), "{findings:#}");
+    assert_eq!(findings["answered"], true, "{findings:#}");
+    assert_eq!(findings["problems"], json!([]), "page errors");
     // Every copy was discarded: nothing holds the host's capacity any more.
-    let (_, health) = server.get("/api/health");
-    assert_eq!(health["capacity"]["used"]["memoryMib"], 0, "{health:#}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.get("/api/health").1["capacity"]["used"]["memoryMib"] != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a resumed copy still holds capacity"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    crash_while_resumed_leaves_nothing_unswept(server, &config, &name);
+}
+
+/// A kill -9 of the server while a copy of kept VM `name` runs: its next start sweeps the copy
+/// (process, network, files) and keeps the kept VM.
+fn crash_while_resumed_leaves_nothing_unswept(server: Server, config: &str, name: &str) {
+    let state = server.state.clone();
+    let mut shell = taskvm_command(&["debug", name, "--server", &server.base]);
+    shell.stdin(Stdio::piped()).stdout(Stdio::null());
+    let mut child = shell.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.get("/api/health").1["capacity"]["used"]["memoryMib"] == 0 {
+        assert!(Instant::now() < deadline, "the copy never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(qemu_processes_under(&state), 1);
+    server.crash();
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let server = Server::start_configured(&state, config, &[]);
+    assert_eq!(
+        qemu_processes_under(&state),
+        0,
+        "{:?}",
+        server.process.lines()
+    );
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    // Copies are named NAME-debug-…; other tests' copies have other names.
+    let copy = format!("{name}-debug-");
+    assert!(!namespaces.contains(&copy), "{namespaces}");
+    let leftovers: Vec<String> = walk(&state)
+        .into_iter()
+        .filter(|path| path.contains(&copy))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let (_, listed) = server.get("/api/kept");
+    assert_eq!(listed["kept"][0]["name"], name, "{listed:#}");
+}
+
+/// Every path under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        paths.push(path.to_string_lossy().into_owned());
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            paths.extend(walk(&path));
+        }
+    }
+    paths
 }
 
 #[test]

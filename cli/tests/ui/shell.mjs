@@ -1,12 +1,13 @@
-// Drives "Open shell" on a taskvm serve task page in headless Chromium: opens the shell, types
-// a command with the keyboard and waits for its answer in the terminal. Prints one JSON line
-// of findings for the Rust test to judge. Usage: node shell.mjs BASE_URL TASK_ID COMMAND ANSWER
+// Drives a shell button of a taskvm serve page in headless Chromium ("Open shell", "Resume for
+// debugging"): clicks it, types a command with the keyboard and waits for its answer in the
+// terminal. Prints one JSON line of findings for the Rust test to judge.
+// Usage: node shell.mjs BASE_URL PAGE_PATH BUTTON_SELECTOR COMMAND ANSWER
 import { chromium } from 'playwright-core';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-const [base, taskId, command, answer] = process.argv.slice(2);
+const [base, pagePath, button, command, answer] = process.argv.slice(2);
 const profile = mkdtempSync(join(tmpdir(), 'taskvm-chromium-'));
 const browser = await chromium.launchPersistentContext(profile, {
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -19,8 +20,8 @@ try {
   const page = browser.pages()[0] || await browser.newPage();
   const problems = [];
   page.on('pageerror', (error) => problems.push(String(error)));
-  await page.goto(`${base}/tasks/${taskId}`);
-  await page.click('#open-shell', { timeout: 30000 });
+  await page.goto(`${base}${pagePath}`);
+  await page.click(button, { timeout: 30000 });
   await page.waitForSelector('#terminal[data-connected="true"]', { timeout: 30000 });
   findings.connected = true;
   // The shell's prompt, then the command typed key by key.

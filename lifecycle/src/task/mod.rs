@@ -66,6 +66,8 @@ pub struct TaskRequest {
     pub capacity: Option<Arc<Capacity>>,
     /// Told where the running VM can be watched while it runs, and `None` once it is gone.
     pub live: Option<watch::Sender<Option<LiveVm>>>,
+    /// The provider's name for the task (a kept VM says which task it was).
+    pub task: Option<String>,
 }
 
 impl TaskRequest {
@@ -77,6 +79,7 @@ impl TaskRequest {
             artifacts_dir,
             capacity: None,
             live: None,
+            task: None,
         }
     }
 }
@@ -100,6 +103,11 @@ pub struct Shells(Arc<engine::network::session::GuestSession>);
 const SHELL_PATIENCE: Duration = Duration::from_secs(10);
 
 impl Shells {
+    /// The shells of the guest on `session`.
+    pub(crate) fn of(session: Arc<engine::network::session::GuestSession>) -> Self {
+        Self(session)
+    }
+
     /// A login shell on a terminal of `rows` × `cols`, connected.
     pub async fn open(
         &self,
@@ -292,8 +300,7 @@ impl Run {
                 vm.kill().await;
             } else if keep && mounts.is_empty() {
                 save_consoles(&vm, &request.artifacts_dir, &self.log);
-                self.keep(&host, vm, payload, &digest, &machine, &request.name)
-                    .await;
+                self.keep(&host, vm, request, &digest, &machine).await;
                 self.stage_done("keep");
                 return Ok((ending, collected));
             } else {
@@ -321,18 +328,25 @@ impl Run {
         &mut self,
         host: &Arc<Host>,
         vm: VirtualMachine,
-        payload: &Payload,
+        request: &TaskRequest,
         digest: &image_manager::Digest,
         machine: &ResolvedMachine,
-        name: &str,
     ) {
         // The accelerator is the host's, probed once: the one this VM runs on.
-        let settings = host.vm_settings(name, host.accelerator(&|_| {}).await);
-        let key = match host.cache.lease(digest) {
+        let settings = host.vm_settings(&request.name, host.accelerator(&|_| {}).await);
+        let snapshot_key = match host.cache.lease(digest) {
             Ok(Some(lease)) => host.snapshot_key(&lease, machine, &settings),
             _ => String::new(),
         };
-        match crate::kept::keep(host, vm, name, payload, digest, key).await {
+        let meta = crate::kept::KeptMeta {
+            name: request.name.clone(),
+            payload: request.payload.clone(),
+            task: request.task.clone(),
+            image: digest.hex().to_owned(),
+            snapshot_key,
+            kept_at: 0,
+        };
+        match crate::kept::keep(host, vm, meta).await {
             Ok(kept) => self.log.note(&format!(
                 "the failed VM is kept as {} for {} s: taskvm debug {} resumes it",
                 kept.meta.name, host.config.kept.ttl, kept.meta.name

@@ -2,16 +2,16 @@
 //! fresh copy per shell or script, holding host capacity like a task, discarded when the
 //! shell or script ends or after `kept.resumeTime`. The kept VM itself never changes.
 
-use std::time::Duration;
+use std::collections::HashMap;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
-use lifecycle::kept::{resume, KeptError, KeptStore, Resumed};
-use schemas::protocol::{ActionKind, ExecResult, EXEC_OUTPUT_LIMIT};
+use lifecycle::kept::{resume, ExecError, KeptError, KeptStore, Resumed};
+use schemas::protocol::EXEC_SCRIPT_LIMIT;
 
 use super::{ApiError, ApiResult, App, Shared};
 use crate::wire::{ExecAnswer, ExecRequest, KeptList, KeptVm};
@@ -26,6 +26,7 @@ pub async fn list(State(app): Shared) -> ApiResult<Json<KeptList>> {
         .map(|vm| KeptVm {
             expires_at: store.expires_at(&vm.meta),
             name: vm.meta.name,
+            task_id: vm.meta.task,
             size: vm.size,
             kept_at: vm.meta.kept_at,
             command: vm.meta.payload.command,
@@ -36,13 +37,7 @@ pub async fn list(State(app): Shared) -> ApiResult<Json<KeptList>> {
 
 /// Resumes a copy of kept VM `name`.
 async fn resumed(app: &App, name: &str) -> ApiResult<Resumed> {
-    let plain = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && !name.starts_with('.');
-    if !plain {
+    if !crate::wire::is_kept_name(name) {
         return Err(ApiError::not_found("kept VM"));
     }
     let host = app.scheduler.host();
@@ -57,11 +52,13 @@ async fn resumed(app: &App, name: &str) -> ApiResult<Resumed> {
         })
 }
 
-/// `GET /api/kept/{name}/shell[?rows&cols]`: a websocket to a shell in a fresh copy of kept VM
-/// `name`, discarded when the shell ends.
+/// `GET /api/kept/{name}/shell[?rows=R&cols=C]`: a websocket to a shell in a fresh copy of
+/// kept VM `name` (a terminal of R × C, default 24 × 80), discarded when the shell ends or
+/// `kept.resumeTime` is over.
 pub async fn shell(
     State(app): Shared,
     Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     let upgrade = upgrade.map_err(|_| {
@@ -70,17 +67,14 @@ pub async fn shell(
             "this is a websocket (a terminal, as /api/tasks/{id}/shell)",
         )
     })?;
+    let (rows, cols) = crate::shell::terminal_size(&query);
     let resumed = resumed(&app, &name).await?;
-    let shell = resumed
-        .session
-        .open_shell(24, 80, Duration::from_secs(30))
-        .await
-        .map_err(|error| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("no shell: {error}"),
-            )
-        })?;
+    let shell = resumed.shells().open(rows, cols).await.map_err(|error| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no shell: {error}"),
+        )
+    })?;
     Ok(upgrade
         .max_message_size(crate::shell::MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
@@ -106,23 +100,18 @@ pub async fn exec(
             format!("not a script ({{\"script\": \"…\"}}): {error}"),
         )
     })?;
+    if request.script.len() > EXEC_SCRIPT_LIMIT {
+        let error = ExecError::TooLong(request.script.len());
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, error.to_string()));
+    }
     let resumed = resumed(&app, &name).await?;
-    let asked = resumed.session.perform(ActionKind::Exec {
-        script: request.script,
-    });
-    let reply = tokio::time::timeout_at(resumed.until, asked)
-        .await
-        .map_err(|_| ApiError::new(StatusCode::GATEWAY_TIMEOUT, "kept.resumeTime is over"))?
-        .map_err(|error| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string()))?;
-    let body = reply
-        .collect(EXEC_OUTPUT_LIMIT * 8)
-        .await
-        .map_err(|error| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error.to_string()))?;
-    let result: ExecResult = serde_json::from_slice(&body).map_err(|_| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the resumed VM's agent answered something unreadable",
-        )
+    let result = resumed.exec(&request.script).await.map_err(|error| {
+        let status = match error {
+            ExecError::TimeUp => StatusCode::GATEWAY_TIMEOUT,
+            ExecError::TooLong(_) => StatusCode::BAD_REQUEST,
+            ExecError::Unanswered | ExecError::Unreadable => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, error.to_string())
     })?;
     drop(resumed);
     Ok(Json(ExecAnswer {

@@ -284,23 +284,13 @@ pub async fn shell(
             "this is a websocket (a terminal: binary input, {\"rows\",\"cols\"} text to resize)",
         )
     })?;
-    let size = |name: &str, default: u16| {
-        query
-            .get(name)
-            .and_then(|value| value.parse::<u16>().ok())
-            .filter(|value| *value > 0)
-            .unwrap_or(default)
-    };
-    let shell = live
-        .shells
-        .open(size("rows", 24), size("cols", 80))
-        .await
-        .map_err(|error| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("no shell: {error}"),
-            )
-        })?;
+    let (rows, cols) = crate::shell::terminal_size(&query);
+    let shell = live.shells.open(rows, cols).await.map_err(|error| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no shell: {error}"),
+        )
+    })?;
     Ok(upgrade
         .max_message_size(crate::shell::MAX_MESSAGE)
         .on_upgrade(move |socket| crate::shell::bridge(socket, shell)))

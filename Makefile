@@ -97,6 +97,7 @@ bench: deps test-images
 	$(CARGO) bench --locked -p taskvm --bench boot
 	$(CARGO) bench --locked -p taskvm --bench run
 	$(CARGO) bench --locked -p taskvm --bench mounts
+	$(CARGO) bench --locked -p taskvm --bench debug
 	$(CARGO) bench --locked -p taskvm --bench serve
 	$(CARGO) bench --locked -p taskvm --bench build
 	bash scripts/with-tc-local.sh $(CARGO) bench --locked -p taskvm --bench fleet

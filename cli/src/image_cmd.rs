@@ -158,7 +158,11 @@ fn execute(command: ImageCommand) -> Result<(), Outcome> {
                     entry.digest.to_string(),
                     human_size(entry.allocated_bytes),
                     format!("{} ago", human_duration(age)),
-                    if entry.in_use { "yes" } else { "no" },
+                    match (entry.in_use, entry.pinned) {
+                        (true, _) => "yes",
+                        (false, true) => "kept",
+                        (false, false) => "no",
+                    },
                     entry.references.join(" ")
                 );
             }
@@ -190,12 +194,13 @@ fn execute(command: ImageCommand) -> Result<(), Outcome> {
                 println!("removed {swept} snapshot(s) of removed images");
             }
             println!(
-                "cache {} (max {}), {} free (min {}), {} in use kept",
+                "cache {} (max {}), {} free (min {}), {} in use kept, {} kept for kept VMs",
                 human_size(report_gc.cache_bytes),
                 human_size(max_size),
                 human_size(report_gc.free_bytes),
                 human_size(min_free),
-                report_gc.skipped_in_use
+                report_gc.skipped_in_use,
+                report_gc.skipped_pinned
             );
             Ok(())
         }

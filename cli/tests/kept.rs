@@ -120,9 +120,22 @@ fn a_failed_vm_is_kept_resumed_as_it_failed_and_deleted_when_its_time_is_up() {
         scene.leftovers(None)
     );
 
-    // Its time is up: deleted with everything it held.
+    // Its image is pinned in the cache (no collection removes it) while it is kept.
     let kept_dir = scene.state().join("kept").join(&name);
     assert!(kept_dir.is_dir());
+    let pin_of = |dir: &std::path::Path| {
+        std::fs::read_dir(shared_cache().join("pins"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|pin| {
+                std::fs::read_to_string(pin.path())
+                    .is_ok_and(|holder| std::path::Path::new(&holder) == dir)
+            })
+    };
+    assert!(pin_of(&kept_dir.canonicalize().unwrap()) || pin_of(&kept_dir));
+
+    // Its time is up: deleted with everything it held.
     std::thread::sleep(Duration::from_secs(2));
     let listed = taskvm_on(&scene, &expiring, &["kept", "ls"]);
     assert!(

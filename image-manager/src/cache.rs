@@ -65,6 +65,9 @@ pub struct EntryInfo {
     pub last_used: SystemTime,
     /// Whether a lease holds it now.
     pub in_use: bool,
+    /// Whether something outside the cache pins it (a kept failed VM): garbage collection
+    /// leaves it.
+    pub pinned: bool,
 }
 
 /// What a garbage collection did.
@@ -74,6 +77,8 @@ pub struct GcReport {
     pub removed: Vec<(Digest, u64)>,
     /// Entries that would have been removed but were leased.
     pub skipped_in_use: usize,
+    /// Entries that would have been removed but are pinned (a kept failed VM needs them).
+    pub skipped_pinned: usize,
     /// Allocated bytes of the cache afterwards.
     pub cache_bytes: u64,
     /// Free bytes on the cache's file system afterwards.
@@ -360,7 +365,9 @@ impl Cache {
                 .and_then(|m| m.modified())
                 .unwrap_or(SystemTime::UNIX_EPOCH);
             let in_use = matches!(FileLock::try_exclusive(&lock_path), Ok(None));
+            let pinned = crate::pins::is_pinned(&self.root, &digest);
             entries.push(EntryInfo {
+                pinned,
                 references: references.remove(digest.hex()).unwrap_or_default(),
                 allocated_bytes: allocated_bytes(&entry.path()),
                 last_used,
@@ -372,8 +379,15 @@ impl Cache {
         Ok(entries)
     }
 
+    /// Keeps image `digest` out of garbage collection for as long as the path `holder` exists
+    /// (a kept failed VM's directory: deleting it releases the pin).
+    pub fn pin(&self, digest: &Digest, holder: &Path) -> Result<(), ImageError> {
+        crate::pins::pin(&self.root, digest, holder)
+    }
+
     /// Removes least-recently-used images until the cache holds at most `max_size` bytes and
-    /// its file system has at least `min_free` bytes free. Leased images are never removed.
+    /// its file system has at least `min_free` bytes free. Leased and pinned images are never
+    /// removed.
     pub fn gc(&self, max_size: u64, min_free: u64) -> Result<GcReport, ImageError> {
         let entries = self.list()?;
         let mut report = GcReport {
@@ -390,6 +404,11 @@ impl Cache {
                 report.skipped_in_use += 1;
                 continue;
             };
+            // Checked under the lock: a pin is made while its holder still leases the image.
+            if crate::pins::is_pinned(&self.root, &entry.digest) {
+                report.skipped_pinned += 1;
+                continue;
+            }
             // Out of the index first (atomic), then off the disk.
             let doomed = self
                 .root

@@ -24,6 +24,7 @@ pub mod layout;
 pub mod lease;
 mod lock;
 pub mod pack;
+mod pins;
 pub mod pipeline;
 pub mod qemu_img;
 pub mod reference;

@@ -213,6 +213,35 @@ fn gc_removes_least_recently_used_and_never_a_leased_image() {
 }
 
 #[test]
+fn a_pinned_image_survives_gc_until_its_holder_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(limits(dir.path())).unwrap();
+    let source = dir.path().join("image.tar.zst");
+    std::fs::write(&source, distinct_image(7)).unwrap();
+    let request = ImageRequest::parse(source.to_str().unwrap(), None).unwrap();
+    let (lease, _) = cache.fetch(&request, &|_| {}).unwrap();
+    let digest = lease.digest().clone();
+    let holder = dir.path().join("kept-vm");
+    std::fs::create_dir(&holder).unwrap();
+    cache.pin(&digest, &holder).unwrap();
+    drop(lease);
+
+    let report = cache.gc(0, 0).unwrap();
+    assert!(report.removed.is_empty(), "{report:?}");
+    assert_eq!(report.skipped_pinned, 1);
+    assert!(cache.list().unwrap()[0].pinned);
+    assert!(cache.lease(&digest).unwrap().is_some(), "still there");
+
+    // The holder deleted (a kept VM's time is up): the pin no longer holds and goes too.
+    std::fs::remove_dir(&holder).unwrap();
+    let report = cache.gc(0, 0).unwrap();
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    assert!(cache.list().unwrap().is_empty());
+    let pins = std::fs::read_dir(dir.path().join("pins")).map_or(0, |pins| pins.count());
+    assert_eq!(pins, 0, "the stale pin was removed");
+}
+
+#[test]
 fn a_lease_exposes_the_image() {
     let dir = tempfile::tempdir().unwrap();
     let machine = br#"{"version": 1, "memory": 128, "boot": {"kernel": "vmlinux", "append": "console=ttyS0"}}"#;

@@ -165,6 +165,13 @@ pub async fn keep(
     let text = serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?;
     fs::write(partial.join(META), text)?;
     fs::rename(&partial, &dir)?;
+    // Pinned while the VM still leases the image: no collection can remove it in between.
+    // The pin holds while the directory exists.
+    let pinned = Digest::parse(&meta.image).and_then(|digest| host.cache.pin(&digest, &dir));
+    if let Err(error) = pinned {
+        let _ = fs::remove_dir_all(&dir);
+        return Err(std::io::Error::other(error).into());
+    }
     store.trim();
     let size = dir_size(&dir);
     Ok(KeptVm { meta, size, dir })

@@ -1,4 +1,4 @@
-//! `taskvm kept ls|rm` and `taskvm debug NAME [--exec CMD]`: the failed VMs this host keeps
+//! `taskvm kept ls|rm [--server URL]` and `taskvm debug NAME [--exec CMD]`: the failed VMs this host keeps
 //! for debugging (a payload's `debug.keepOnFailure`), and resuming one — a shell on this
 //! terminal, or one command whose output and exit status are printed — on a fresh isolated
 //! network, for at most `kept.resumeTime`. The kept VM itself is never changed: each resume
@@ -31,6 +31,8 @@ pub enum KeptCommand {
         name: String,
         #[command(flatten)]
         host: HostArgs,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
 }
 
@@ -70,7 +72,10 @@ pub fn run(command: KeptCommand) -> Outcome {
     let (host, name) = match &command {
         KeptCommand::Ls { remote, .. } if remote.server.is_some() => return list_remote(remote),
         KeptCommand::Ls { host, .. } => (host, None),
-        KeptCommand::Rm { name, host } => (host, Some(name)),
+        KeptCommand::Rm { name, remote, .. } if remote.server.is_some() => {
+            return remove_remote(remote, name)
+        }
+        KeptCommand::Rm { name, host, .. } => (host, Some(name)),
     };
     let config = match crate::documents::load_host_config(host, None) {
         Ok(config) => config,
@@ -112,11 +117,28 @@ fn list(store: &KeptStore) -> Outcome {
     Outcome::Success
 }
 
-fn list_remote(remote: &RemoteArgs) -> Outcome {
-    let client = ApiClient::new(
+fn client(remote: &RemoteArgs) -> ApiClient {
+    ApiClient::new(
         remote.server.as_deref().unwrap_or_default(),
         remote.token.clone(),
-    );
+    )
+}
+
+fn remove_remote(remote: &RemoteArgs, name: &str) -> Outcome {
+    match client(remote).delete_kept(name) {
+        Ok(deleted) => {
+            say(&format!("deleted {}", deleted.deleted));
+            Outcome::Success
+        }
+        Err(error) => {
+            say(&error.to_string());
+            Outcome::Internal
+        }
+    }
+}
+
+fn list_remote(remote: &RemoteArgs) -> Outcome {
+    let client = client(remote);
     let listed = match client.kept() {
         Ok(listed) => listed,
         Err(error) => {

@@ -104,6 +104,22 @@ impl ApiClient {
         self.json_answer(response, "the kept VMs")
     }
 
+    /// Deletes kept VM `name`.
+    pub fn delete_kept(&self, name: &str) -> Result<wire::KeptDeleted, ApiError> {
+        if !wire::is_kept_name(name) {
+            return Err(ApiError::Other(format!(
+                "{} is not the name of a kept VM (taskvm kept ls lists them)",
+                escaped(name)
+            )));
+        }
+        let response = self
+            .request(reqwest::Method::DELETE, &format!("/api/kept/{name}"))
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .map_err(|error| ApiError::Other(format!("cannot reach {}: {error}", self.base)))?;
+        self.json_answer(response, name)
+    }
+
     /// Runs `script` in a fresh copy of kept VM `name` (no time bound here: the server's
     /// `kept.resumeTime` is).
     pub fn exec_in_kept(&self, name: &str, script: &str) -> Result<wire::ExecAnswer, ApiError> {

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use thiserror::Error;
 use tokio::sync::watch;
@@ -200,6 +200,7 @@ fn router(app: Arc<App>, access: Access) -> Router {
         .route("/api/tasks/{task_id}/console", get(api::console))
         .route("/api/tasks/{task_id}/shell", get(api::shell))
         .route("/api/kept", get(api::kept::list))
+        .route("/api/kept/{name}", delete(api::kept::remove))
         .route("/api/kept/{name}/shell", get(api::kept::shell))
         .route("/api/kept/{name}/exec", post(api::kept::exec))
         .route("/api/health", get(api::health))

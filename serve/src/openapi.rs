@@ -178,6 +178,17 @@ pub fn document() -> Value {
                     "responses": responses(&[("200", "The kept VMs", Some("#/components/schemas/KeptList"))])
                 }
             },
+            "/api/kept/{name}": {
+                "delete": {
+                    "operationId": "deleteKept",
+                    "summary": "Deletes the kept VM with everything it held (copies resumed from it go on until they end)",
+                    "parameters": [kept_name],
+                    "responses": responses(&[
+                        ("200", "Deleted", Some("#/components/schemas/KeptDeleted")),
+                        ("404", "No such kept VM", Some("#/components/schemas/Error"))
+                    ])
+                }
+            },
             "/api/kept/{name}/shell": {
                 "get": {
                     "operationId": "openKeptShell",

@@ -217,6 +217,14 @@ pub fn is_kept_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// A kept VM deleted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeptDeleted {
+    /// Its name.
+    pub deleted: String,
+}
+
 /// A script to run in a resumed kept VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -249,6 +257,7 @@ pub fn schemas() -> Vec<(&'static str, Value)> {
         ("Canceled", schemars::schema_for!(Canceled).to_value()),
         ("Health", schemars::schema_for!(Health).to_value()),
         ("KeptList", schemars::schema_for!(KeptList).to_value()),
+        ("KeptDeleted", schemars::schema_for!(KeptDeleted).to_value()),
         ("ExecRequest", schemars::schema_for!(ExecRequest).to_value()),
         ("ExecAnswer", schemars::schema_for!(ExecAnswer).to_value()),
     ]

@@ -175,6 +175,19 @@ fn crash_while_resumed_leaves_nothing_unswept(server: Server, config: &str, name
     assert!(leftovers.is_empty(), "{leftovers:?}");
     let (_, listed) = server.get("/api/kept");
     assert_eq!(listed["kept"][0]["name"], name, "{listed:#}");
+
+    // Deleted through the server, with everything it held.
+    let removed = taskvm_command(&["kept", "rm", name, "--server", &server.base])
+        .output()
+        .unwrap();
+    assert_eq!(removed.status.code(), Some(0), "{}", said(&removed));
+    assert!(!state.join("kept").join(name).exists());
+    assert_eq!(server.get("/api/kept").1["kept"], json!([]));
+    let again = taskvm_command(&["kept", "rm", name, "--server", &server.base])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(3));
+    assert!(said(&again).contains("404"), "{}", said(&again));
 }
 
 /// Every path under `dir`.

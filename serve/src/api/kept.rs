@@ -14,7 +14,7 @@ use lifecycle::kept::{resume, ExecError, KeptError, KeptStore, Resumed};
 use schemas::protocol::EXEC_SCRIPT_LIMIT;
 
 use super::{ApiError, ApiResult, App, Shared};
-use crate::wire::{ExecAnswer, ExecRequest, KeptList, KeptVm};
+use crate::wire::{ExecAnswer, ExecRequest, KeptDeleted, KeptList, KeptVm};
 
 /// `GET /api/kept`: the kept VMs (the limits applied first).
 pub async fn list(State(app): Shared) -> ApiResult<Json<KeptList>> {
@@ -33,6 +33,26 @@ pub async fn list(State(app): Shared) -> ApiResult<Json<KeptList>> {
         })
         .collect();
     Ok(Json(KeptList { kept }))
+}
+
+/// `DELETE /api/kept/{name}`: deletes kept VM `name` with everything it held (copies running
+/// now go on until they end).
+pub async fn remove(State(app): Shared, Path(name): Path<String>) -> ApiResult<Json<KeptDeleted>> {
+    if !crate::wire::is_kept_name(&name) {
+        return Err(ApiError::not_found("kept VM"));
+    }
+    let store = KeptStore::for_config(&app.scheduler.host().config);
+    match store.remove(&name) {
+        Ok(()) => {
+            tracing::info!("kept VM {name} deleted on request");
+            Ok(Json(KeptDeleted { deleted: name }))
+        }
+        Err(KeptError::Unknown(_)) => Err(ApiError::not_found("kept VM")),
+        Err(error) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{name} was not deleted: {error}"),
+        )),
+    }
 }
 
 /// Resumes a copy of kept VM `name`.

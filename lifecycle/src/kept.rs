@@ -261,8 +261,8 @@ pub struct Resumed {
 
 impl Resumed {
     /// Its login shells (a running task's are opened the same way, with the same patience).
-    pub fn shells(&self) -> crate::task::Shells {
-        crate::task::Shells::of(self.session.clone())
+    pub fn shells(&self) -> crate::shells::Shells {
+        crate::shells::Shells::of(self.session.clone())
     }
 
     /// Runs `script` (`sh -c`, at most [`EXEC_SCRIPT_LIMIT`] bytes) in it and answers how it

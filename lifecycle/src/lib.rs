@@ -38,11 +38,13 @@ pub mod payload_run;
 pub mod pool;
 pub mod resolution;
 pub mod shell_bridge;
+pub mod shells;
 pub mod task;
 pub mod warm;
 
 pub use self::images::image_error_is_the_payloads;
 pub use self::payload_run::{run_payload, PayloadDocument, PayloadRun};
+pub use self::shells::Shells;
 pub use self::task::outcome::{TaskOutcome, Timings};
-pub use self::task::{run_task, LiveVm, Shells, StopSignal, TaskRequest, START_TIMEOUT};
+pub use self::task::{run_task, LiveVm, StopSignal, TaskRequest, START_TIMEOUT};
 pub use engine::network::shell::{ShellError, ShellStream};

@@ -44,6 +44,7 @@ use crate::capacity::Capacity;
 use crate::host::Host;
 use crate::log::TaskLog;
 use crate::resolution::{Ending, ExceptionReason, Resolution};
+use crate::shells::Shells;
 
 /// Why a running task is being stopped from outside.
 pub type StopSignal = watch::Receiver<Option<ExceptionReason>>;
@@ -94,43 +95,6 @@ pub struct LiveVm {
     /// Login shells in the guest, on request.
     pub shells: Shells,
 }
-
-/// Opens login shells in a running task's guest (one VM's [`engine::network::shell`]).
-#[derive(Clone)]
-pub struct Shells(Arc<engine::network::session::GuestSession>);
-
-/// How long a guest's agent has to connect a shell it was asked for.
-const SHELL_PATIENCE: Duration = Duration::from_secs(10);
-
-impl Shells {
-    /// The shells of the guest on `session`.
-    pub(crate) fn of(session: Arc<engine::network::session::GuestSession>) -> Self {
-        Self(session)
-    }
-
-    /// A login shell on a terminal of `rows` × `cols`, connected.
-    pub async fn open(
-        &self,
-        rows: u16,
-        cols: u16,
-    ) -> Result<engine::network::shell::ShellStream, engine::network::shell::ShellError> {
-        self.0.open_shell(rows, cols, SHELL_PATIENCE).await
-    }
-}
-
-impl std::fmt::Debug for Shells {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("Shells")
-    }
-}
-
-impl PartialEq for Shells {
-    fn eq(&self, other: &Shells) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Eq for Shells {}
 
 /// Runs `request` on `host` to its resolution, writing `log`. `stop` turning `Some` cancels
 /// the task (the VM is killed and every resource removed).
@@ -265,7 +229,7 @@ impl Run {
                 LiveVm {
                     vnc: vm.vnc(),
                     has_display: has_display(&machine),
-                    shells: Shells(session.clone()),
+                    shells: Shells::of(session.clone()),
                 },
             )
         });

@@ -6,7 +6,11 @@
 //!   --concurrency 2`; tasks per minute each, and the ratio;
 //! - latency: five tasks one at a time on an idle server, `taskvm submit --follow` against
 //!   `taskvm run`, both from starting the command to its exit: the API's added time per task,
-//!   and where the server spends it (submission to run start, run end to the client's exit).
+//!   and where the server spends it (submission to run start, run end to the client's exit);
+//! - warm pool: a server with `warmPool: 1`, `TASKVM_BENCH_TASKS` tasks (default 10) one at a
+//!   time, each once the pool is full again: from `POST /api/tasks` to the first byte of the
+//!   task's output on its followed log (`GET /api/tasks/{id}/log`), as a client sees it, against
+//!   the same with snapshot starts (`warmPool: 0`) in the same run.
 //!
 //! Needs root (every VM gets a network namespace).
 
@@ -132,6 +136,66 @@ fn main() {
         median(&pickups).as_secs_f64() * 1000.0,
         median(&tails).as_secs_f64() * 1000.0,
     );
+    drop(server);
+
+    // POST -> first output byte, snapshot starts against a warm pool.
+    let rounds: usize = std::env::var("TASKVM_BENCH_TASKS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(10);
+    let restored = bench.first_outputs("", rounds);
+    let pooled = bench.first_outputs(r#""warmPool": 1"#, rounds);
+    let (restored_median, pooled_median) = (median(&restored), median(&pooled));
+    println!(
+        "POST /api/tasks -> first output byte on the followed log, {rounds} tasks one at a time: \
+         snapshot start median {:.3} s, p95 {:.3} s; warm pool median {:.3} s, p95 {:.3} s (goal \
+         <= 50 ms) -> {:.1}x faster",
+        restored_median.as_secs_f64(),
+        testkit::stats::percentile(&restored, 95).as_secs_f64(),
+        pooled_median.as_secs_f64(),
+        testkit::stats::percentile(&pooled, 95).as_secs_f64(),
+        restored_median.as_secs_f64() / pooled_median.as_secs_f64()
+    );
+}
+
+impl Bench {
+    /// `rounds` tasks on a server configured with `extra`, one at a time (each once the warm
+    /// pool, if any, is full again): POST -> first byte of the followed log.
+    fn first_outputs(&self, extra: &str, rounds: usize) -> Vec<Duration> {
+        use std::io::Read;
+        let server = self.serve_configured(extra);
+        let client = reqwest::blocking::Client::new();
+        let pooled = !extra.is_empty();
+        let first = server.submit(&client, &self.payload); // the snapshot, the pool's key
+        server.wait_completed(&client, &first);
+        let mut times = Vec::new();
+        for _ in 0..rounds {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while pooled && server.health(&client)["warmPoolReady"] == 0 {
+                assert!(Instant::now() < deadline, "the pool did not fill");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let started = Instant::now();
+            let id = server.submit(&client, &self.payload);
+            let mut log = client
+                .get(format!("{}/api/tasks/{id}/log", server.base))
+                .send()
+                .expect("the log");
+            let mut byte = [0u8; 1];
+            assert_eq!(log.read(&mut byte).expect("a byte"), 1, "no output");
+            times.push(started.elapsed());
+            let mut text = String::from_utf8_lossy(&byte).into_owned();
+            log.read_to_string(&mut text).expect("the whole log");
+            let start = if pooled {
+                "(start pool, "
+            } else {
+                "(start snapshot, "
+            };
+            assert!(text.contains(start), "{text}");
+            server.wait_completed(&client, &id);
+        }
+        times
+    }
 }
 
 #[derive(Clone)]
@@ -164,11 +228,16 @@ impl Bench {
     }
 
     fn serve(&self) -> Server {
+        self.serve_configured("")
+    }
+
+    /// A server whose configuration has `extra` (JSON members) beside the test images'.
+    fn serve_configured(&self, extra: &str) -> Server {
         let mut command = Command::new(TASKVM);
         command.args(["serve", "--listen", "127.0.0.1:0", "--concurrency", "2"]);
         self.common(&mut command);
         let config = self.state.with_extension("json");
-        std::fs::write(&config, testkit::guest::config_allowing_test_images(""))
+        std::fs::write(&config, testkit::guest::config_allowing_test_images(extra))
             .expect("write config");
         command.arg("--config").arg(config);
         let mut child = command
@@ -221,6 +290,14 @@ impl Server {
             .send()
             .and_then(|response| response.json())
             .expect("task")
+    }
+
+    fn health(&self, client: &reqwest::blocking::Client) -> Value {
+        client
+            .get(format!("{}/api/health", self.base))
+            .send()
+            .and_then(|response| response.json())
+            .expect("health")
     }
 
     fn latest(&self, client: &reqwest::blocking::Client) -> Value {

@@ -21,7 +21,13 @@ pub fn serve(url: &str) -> io::Result<()> {
     let client = Arc::new(Client::new(url)?);
     crate::markers::banner();
     marker("ready");
-    let task = client.wait_for_task();
+    let task = loop {
+        let task = client.wait_for_task();
+        if !task.warm_up {
+            break task;
+        }
+        warm_up(&client, &task);
+    };
     if let Some(fresh) = &task.fresh {
         for problem in crate::fresh::apply(fresh) {
             eprintln!("taskvm-agent: {problem}");
@@ -68,6 +74,24 @@ pub fn serve(url: &str) -> io::Result<()> {
         eprintln!("taskvm-agent: {problem}");
     }
     Ok(())
+}
+
+/// Runs a warm-up the way a task runs — its freshness applied, its output streamed as a log —
+/// so that a task's first steps run code that has run before; what it does and prints matters
+/// to nobody. Then the task is asked for again.
+fn warm_up(client: &Client, task: &protocol::Execute) {
+    if let Some(fresh) = &task.fresh {
+        let _ = crate::fresh::apply(fresh);
+    }
+    match client.log() {
+        Ok(mut log) => {
+            run(task, &mut log, &AtomicI32::new(0));
+            let _ = log.finish();
+        }
+        Err(_) => {
+            run(task, &mut io::sink(), &AtomicI32::new(0));
+        }
+    }
 }
 
 /// A mount failed: says why in the task's log and on the console, reports

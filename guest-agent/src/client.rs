@@ -9,6 +9,10 @@ use protocol::{content_type, Action, Execute, Report, API_PREFIX};
 
 use crate::http::{ChunkedBody, Endpoint, Response};
 
+/// What this agent can do beyond the first protocol, as `GET execute` says it: every
+/// [`protocol::feature`] (a test holds the two together).
+const FEATURES: &str = "mounts,warm-up";
+
 /// First wait after a failed request while the service is unreachable.
 const FIRST_RETRY: Duration = Duration::from_millis(10);
 /// Longest wait between attempts: short, because a VM restored from a snapshot finds its
@@ -48,7 +52,7 @@ impl Client {
         format!("{API_PREFIX}/{name}")
     }
 
-    /// Asks for the task until one comes. While the service is unreachable the agent retries
+    /// Asks for the task until one comes (a warm-up included: see [`Execute::warm_up`]). While the service is unreachable the agent retries
     /// with a back-off from 10 ms to 20 ms, so the first request goes out as soon as the
     /// network is up. A request that reached the service and was then cut off (the service
     /// stopped under it, as before a snapshot) is said on the console
@@ -84,7 +88,7 @@ impl Client {
             &[
                 ("Content-Type", "text/plain"),
                 ("Content-Length", "0"),
-                (protocol::FEATURES_HEADER, protocol::feature::MOUNTS),
+                (protocol::FEATURES_HEADER, FEATURES),
             ],
         ) else {
             return Asked::Unreachable;
@@ -181,4 +185,16 @@ fn url_escape(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_agent_lists_every_feature_of_the_protocol() {
+        let listed: Vec<&str> = super::FEATURES.split(',').collect();
+        assert_eq!(
+            listed,
+            [protocol::feature::MOUNTS, protocol::feature::WARM_UP]
+        );
+    }
 }

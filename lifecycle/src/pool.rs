@@ -1,12 +1,21 @@
 //! The warm pool (`warmPool` in the configuration, 0 by default): up to N VMs restored from the
-//! snapshot of the most used image and machine and left paused — no CPU, only their resident
-//! memory — so that a task of that key starts with a `cont` instead of a restore. A taken VM
-//! is replaced in the background. Pooled VMs are ordinary `VirtualMachine`s: their network,
-//! records and directories are their own, and dropping the pool (the worker ending) kills them.
+//! snapshot of the most used image and machine, warmed up and left paused — no CPU, only their
+//! resident memory — so that a task of that key starts with a `cont` instead of a restore. A
+//! taken VM is replaced in the background. Pooled VMs are ordinary `VirtualMachine`s: their
+//! network, records and directories are their own, and dropping the pool (the worker ending)
+//! kills them.
+//!
+//! Warming up: before it is paused, a pooled VM's agent runs [`WARM_UP_COMMAND`] (an
+//! [`engine::network::warm_up`]), so the code a task's first command runs — the agent's spawn
+//! path, the shell, the loader, the C library, a few tools — has run in that QEMU already.
+//! Under TCG a restored VM otherwise translates all of it during the task's first command.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
+use engine::network::warm_up::{WarmUp, WarmUpState};
 use engine::snapshot::Snapshot;
 use engine::{VirtualMachine, VmSettings};
 use image_manager::{Cache, Digest};
@@ -25,6 +34,28 @@ pub struct Recipe {
     pub settings: VmSettings,
 }
 
+/// What a pooled VM's agent runs before the VM is paused: a shell that starts programs the
+/// way commands do, and a few of the tools commands use.
+pub const WARM_UP_COMMAND: [&str; 3] = [
+    "/bin/sh",
+    "-c",
+    "echo warm; /bin/echo warm; cat /proc/uptime; ls / >/dev/null; true",
+];
+
+/// How long a pooled VM's warm-up may take before the VM is pooled without it.
+const WARM_UP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A paused VM of the pool, and its warm-up (whose handler holds the agent's request for its
+/// task until the VM is taken).
+pub struct Pooled {
+    /// The VM, paused.
+    pub vm: VirtualMachine,
+    /// Its warm-up: [`WarmUp::retire`] it once the task's handler is set.
+    pub warm_up: Arc<WarmUp>,
+    /// Whether the warm-up ran (an older agent, or one too slow, has none).
+    pub warmed: bool,
+}
+
 /// The pool.
 pub struct WarmPool {
     size: usize,
@@ -35,7 +66,7 @@ pub struct WarmPool {
 #[derive(Default)]
 struct Inner {
     /// Paused VMs, all of one key (the most used).
-    ready: Vec<VirtualMachine>,
+    ready: Vec<Pooled>,
     /// The key the ready VMs are of, and how to make more.
     key: Option<(String, Recipe)>,
     /// Tasks started per key.
@@ -60,9 +91,9 @@ impl WarmPool {
         self.size > 0
     }
 
-    /// A paused VM of `key`, if one is ready (the caller resumes it); counts the use, and
-    /// starts making its replacement.
-    pub fn take(self: &Arc<Self>, key: &str) -> Option<VirtualMachine> {
+    /// A paused VM of `key`, if one is ready (the caller sets its handler, retires its
+    /// warm-up and resumes it); counts the use, and starts making its replacement.
+    pub fn take(self: &Arc<Self>, key: &str) -> Option<Pooled> {
         let vm = {
             let mut inner = self.inner.lock().ok()?;
             *inner.usage.entry(key.to_owned()).or_default() += 1;
@@ -106,7 +137,7 @@ impl WarmPool {
     pub fn pids(&self) -> Vec<u32> {
         self.inner
             .lock()
-            .map(|inner| inner.ready.iter().map(VirtualMachine::pid).collect())
+            .map(|inner| inner.ready.iter().map(|pooled| pooled.vm.pid()).collect())
             .unwrap_or_default()
     }
 
@@ -149,11 +180,17 @@ impl WarmPool {
                     .ok(),
                     _ => None,
                 };
+                let pooled = match vm {
+                    Some(vm) => warm_up(vm).await,
+                    None => None,
+                };
                 if let Ok(mut inner) = pool.inner.lock() {
                     inner.refilling = inner.refilling.saturating_sub(1);
                     let current = inner.key.as_ref().map(|(k, _)| k.as_str()) == Some(key.as_str());
-                    if let Some(vm) = vm.filter(|_| current && inner.ready.len() < pool.size) {
-                        inner.ready.push(vm);
+                    if let Some(pooled) =
+                        pooled.filter(|_| current && inner.ready.len() < pool.size)
+                    {
+                        inner.ready.push(pooled);
                     }
                 }
             });
@@ -171,6 +208,26 @@ impl WarmPool {
             .unwrap_or_default();
         format!("{base}-pool{serial}")
     }
+}
+
+/// Runs [`WARM_UP_COMMAND`] in `vm` (restored, paused) and pauses it again; None when it
+/// cannot be paused (it is dropped, which kills it).
+async fn warm_up(vm: VirtualMachine) -> Option<Pooled> {
+    let warm_up = WarmUp::new(
+        WARM_UP_COMMAND
+            .iter()
+            .map(|part| (*part).to_owned())
+            .collect(),
+    );
+    vm.set_http_handler(warm_up.handler());
+    vm.resume().await.ok()?;
+    let finished = tokio::time::timeout(WARM_UP_PATIENCE, warm_up.finished()).await;
+    vm.suspend().await.ok()?;
+    Some(Pooled {
+        vm,
+        warmed: finished == Ok(WarmUpState::Done),
+        warm_up,
+    })
 }
 
 fn resident_bytes(pid: u32) -> u64 {

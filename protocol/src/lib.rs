@@ -84,6 +84,14 @@ pub struct Execute {
     /// and reports it ([`Report::not_run`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<GuestMount>,
+    /// Not the task but a warm-up: the agent runs the command with its output dropped, then
+    /// asks for its task again (nothing is reported). A worker warms a VM it keeps paused for
+    /// a later task this way, so that the code a first command runs (the fork and exec path,
+    /// the loader, the C library) has already run in that very VM; under TCG that code is
+    /// otherwise translated during the task's first command. Only sent to an agent that lists
+    /// [`feature::WARM_UP`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm_up: bool,
 }
 
 /// A disk the host attached for the task, and where the guest mounts it.
@@ -108,6 +116,8 @@ pub const FEATURES_HEADER: &str = "taskvm-agent-features";
 pub mod feature {
     /// It mounts [`super::Execute::mounts`] before the command runs.
     pub const MOUNTS: &str = "mounts";
+    /// It runs a warm-up ([`super::Execute::warm_up`]) and asks for its task again.
+    pub const WARM_UP: &str = "warm-up";
 }
 
 /// What the mount-slot disks are called: `PREFIX` and the slot's index.

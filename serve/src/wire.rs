@@ -157,6 +157,9 @@ pub struct Health {
     /// Whether the UI's terminal (xterm.js) is served; the shell's websocket works without.
     #[serde(default)]
     pub terminal: bool,
+    /// Paused VMs ready in the warm pool (`warmPool` in the configuration; 0 without one).
+    #[serde(default)]
+    pub warm_pool_ready: usize,
 }
 
 /// One broken rule of a document.

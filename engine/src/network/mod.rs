@@ -26,6 +26,7 @@ pub mod metadata;
 pub mod netns;
 pub mod session;
 pub mod shell;
+pub mod warm_up;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

@@ -484,7 +484,7 @@ impl Handler for SessionHandler {
 }
 
 /// The clock now, 32 random bytes and a random machine-id, made when the guest takes its task.
-fn freshness() -> Freshness {
+pub(crate) fn freshness() -> Freshness {
     let mut random = rand::rng();
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let entropy: [u8; 32] = random.random();

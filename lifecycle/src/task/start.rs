@@ -132,12 +132,15 @@ impl Run {
         // A pooled VM has its disks already: a task with mounts restores its own VM.
         let with_mounts = !settings.drives.is_empty();
         if host.pool.enabled() && !with_mounts {
-            if let Some(vm) = host.pool.take(&key) {
-                // The task is there before the guest runs again: no retry spent on it.
+            if let Some(pooled) = host.pool.take(&key) {
+                // The task is there before the guest runs again; the agent's request held by
+                // the warm-up is answered "nothing yet", so it asks the task's handler at once.
+                let vm = pooled.vm;
                 vm.set_http_handler(session.handler());
+                pooled.warm_up.retire();
                 match vm.resume().await {
                     Ok(()) => {
-                        self.timings.start = "pool";
+                        self.timings.start = if pooled.warmed { "pool" } else { "pool-cold" };
                         return Ok(vm);
                     }
                     Err(error) => self.log.note(&format!(

@@ -52,7 +52,7 @@ impl Run {
             Raced::Done(Err(reason)) => return Supervised::over(Ending::malformed(reason)),
             Raced::Done(Ok(())) => self.stage_done(match self.timings.start {
                 "snapshot" => "restore",
-                "pool" => "resume",
+                "pool" | "pool-cold" => "resume",
                 _ => "boot",
             }),
             Raced::TimedOut => {

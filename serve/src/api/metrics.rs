@@ -26,6 +26,7 @@ pub async fn health(State(app): Shared) -> ApiResult<Json<Health>> {
         },
         console: app.novnc_dir.is_some(),
         terminal: app.xterm_dir.is_some(),
+        warm_pool_ready: app.scheduler.host().pool.ready(),
     }))
 }
 

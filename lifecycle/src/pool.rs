@@ -50,7 +50,7 @@ const WARM_UP_PATIENCE: Duration = Duration::from_secs(30);
 pub struct Pooled {
     /// The VM, paused.
     pub vm: VirtualMachine,
-    /// Its warm-up: [`WarmUp::retire`] it once the task's handler is set.
+    /// Its warm-up: [`WarmUp::hand_over`] the VM to its task once the task's handler is set.
     pub warm_up: Arc<WarmUp>,
     /// Whether the warm-up ran (an older agent, or one too slow, has none).
     pub warmed: bool,
@@ -91,8 +91,8 @@ impl WarmPool {
         self.size > 0
     }
 
-    /// A paused VM of `key`, if one is ready (the caller sets its handler, retires its
-    /// warm-up and resumes it); counts the use, and starts making its replacement.
+    /// A paused VM of `key`, if one is ready (the caller sets its handler, hands its warm-up
+    /// over and resumes it); counts the use, and starts making its replacement.
     pub fn take(self: &Arc<Self>, key: &str) -> Option<Pooled> {
         let vm = {
             let mut inner = self.inner.lock().ok()?;

@@ -137,6 +137,7 @@ pub struct Capacity {
 
 /// The server's state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct Health {
     /// `ok`.
     pub status: String,

@@ -290,7 +290,8 @@ impl GuestSession {
         }
     }
 
-    async fn execute(&self, features: Vec<String>) -> Reply {
+    /// Answers a `GET execute` of an agent listing `features`: its task once there is one.
+    pub(crate) async fn execute(&self, features: Vec<String>) -> Reply {
         let mut receiver = self.task.subscribe();
         let task = tokio::time::timeout(self.config.long_poll, async {
             receiver

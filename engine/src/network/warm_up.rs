@@ -3,8 +3,9 @@
 //! ([`Execute::warm_up`], run as a task is: freshness applied, output streamed to `log`,
 //! which is read and dropped here) and notes when the agent asks for its task again — the warm-up has
 //! then run to its end in this very VM. That second request is held until the VM is handed
-//! to its task: [`WarmUp::retire`] answers it with "nothing yet" (204) so the agent asks
-//! again at once, of the task's handler set just before.
+//! to its task: [`WarmUp::hand_over`] answers it from the task's session (the task, at once:
+//! no further request is needed), and any later request with "nothing yet" (204) so that the
+//! agent asks the task's handler, set just before.
 //!
 //! An agent that does not list [`feature::WARM_UP`] gets no warm-up (it would run the
 //! command as its task); [`WarmUp::finished`] says so.
@@ -18,6 +19,7 @@ use schemas::protocol::{feature, Execute, API_PREFIX, FEATURES_HEADER};
 use tokio::sync::watch;
 
 use crate::network::metadata::{text, Handler, Reply, ReplyFuture};
+use crate::network::session::GuestSession;
 
 /// How far a warm-up has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +38,8 @@ pub enum WarmUpState {
 pub struct WarmUp {
     command: Vec<String>,
     state: watch::Sender<WarmUpState>,
-    retired: watch::Sender<bool>,
+    /// Set when the VM goes to a task: the held request is answered from this session.
+    handed_to: watch::Sender<Option<Arc<GuestSession>>>,
 }
 
 impl WarmUp {
@@ -45,7 +48,7 @@ impl WarmUp {
         Arc::new(WarmUp {
             command,
             state: watch::channel(WarmUpState::Waiting).0,
-            retired: watch::channel(false).0,
+            handed_to: watch::channel(None).0,
         })
     }
 
@@ -65,10 +68,10 @@ impl WarmUp {
         state.unwrap_or(WarmUpState::Waiting)
     }
 
-    /// Answers the agent's held request (and any later one) with 204 at once: call it after
-    /// the task's handler is set, so that the agent's next request reaches the task.
-    pub fn retire(&self) {
-        self.retired.send_replace(true);
+    /// Hands the VM to the task of `session` (set as the VM's handler first): the agent's
+    /// held request is answered from that session, so it gets its task without asking again.
+    pub fn hand_over(&self, session: Arc<GuestSession>) {
+        self.handed_to.send_replace(Some(session));
     }
 
     async fn execute(&self, features: &str) -> Reply {
@@ -101,21 +104,32 @@ impl WarmUp {
             }
             WarmUpState::Waiting => {
                 self.state.send_replace(WarmUpState::Unsupported);
-                self.hold().await
+                self.hold(features).await
             }
             WarmUpState::Running => {
                 self.state.send_replace(WarmUpState::Done);
-                self.hold().await
+                self.hold(features).await
             }
-            WarmUpState::Done | WarmUpState::Unsupported => self.hold().await,
+            WarmUpState::Done | WarmUpState::Unsupported => self.hold(features).await,
         }
     }
 
-    /// Holds a request for the task until [`WarmUp::retire`], then answers "nothing yet".
-    async fn hold(&self) -> Reply {
-        let mut retired = self.retired.subscribe();
-        let _ = retired.wait_for(|retired| *retired).await;
-        text(StatusCode::NO_CONTENT, "")
+    /// Holds a request for the task until [`WarmUp::hand_over`], then answers it from the
+    /// task's session.
+    async fn hold(&self, features: &str) -> Reply {
+        let mut handed_to = self.handed_to.subscribe();
+        let session = handed_to
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|session| session.clone());
+        match session {
+            Some(session) => {
+                let features = features.split(',').map(|f| f.trim().to_owned()).collect();
+                session.execute(features).await
+            }
+            None => text(StatusCode::NO_CONTENT, ""),
+        }
     }
 }
 
@@ -160,6 +174,7 @@ mod tests {
 
     use super::*;
     use crate::network::metadata::{MetadataService, ServiceLimits};
+    use crate::network::session::SessionConfig;
 
     /// `GET execute` listing `features`, raw, on a blocking thread: status code and body.
     async fn ask(address: std::net::SocketAddr, features: &'static str) -> (u16, String) {
@@ -201,13 +216,24 @@ mod tests {
         let handed: Execute = serde_json::from_str(&body).unwrap();
         assert!(handed.warm_up && handed.fresh.is_some(), "{handed:?}");
         assert_eq!(handed.command, ["true"]);
-        // The agent asks again: done, and held until the VM is handed over.
+        // The agent asks again: done, and held until the VM is handed over; then that very
+        // request gets the task.
         let again = tokio::spawn(ask(address, "mounts,warm-up"));
         assert_eq!(warm_up.finished().await, WarmUpState::Done);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!again.is_finished(), "held until retired");
-        warm_up.retire();
-        assert_eq!(again.await.unwrap().0, 204);
+        assert!(!again.is_finished(), "held until handed over");
+        let (session, _log) = GuestSession::new(SessionConfig::new("task"));
+        session.set_task(Execute {
+            command: vec!["the-task".into()],
+            ..Execute::default()
+        });
+        warm_up.hand_over(session.clone());
+        let (status, body) = again.await.unwrap();
+        assert_eq!(status, 200);
+        let task: Execute = serde_json::from_str(&body).unwrap();
+        assert_eq!(task.command, ["the-task"]);
+        assert!(!task.warm_up);
+        assert_eq!(session.wait_taken().await, Ok(()));
         service.stop().await;
     }
 
@@ -217,8 +243,15 @@ mod tests {
         let (service, address) = service(&warm_up).await;
         let asked = tokio::spawn(ask(address, "mounts"));
         assert_eq!(warm_up.finished().await, WarmUpState::Unsupported);
-        warm_up.retire();
-        assert_eq!(asked.await.unwrap(), (204, String::new()));
+        let (session, _log) = GuestSession::new(SessionConfig::new("task"));
+        session.set_task(Execute {
+            command: vec!["the-task".into()],
+            ..Execute::default()
+        });
+        warm_up.hand_over(session);
+        let (status, body) = asked.await.unwrap();
+        assert_eq!(status, 200, "the task, never a warm-up");
+        assert!(!serde_json::from_str::<Execute>(&body).unwrap().warm_up);
         service.stop().await;
     }
 }

@@ -133,11 +133,11 @@ impl Run {
         let with_mounts = !settings.drives.is_empty();
         if host.pool.enabled() && !with_mounts {
             if let Some(pooled) = host.pool.take(&key) {
-                // The task is there before the guest runs again; the agent's request held by
-                // the warm-up is answered "nothing yet", so it asks the task's handler at once.
+                // The task is there before the guest runs again: the agent's request held by
+                // the warm-up is answered with it.
                 let vm = pooled.vm;
                 vm.set_http_handler(session.handler());
-                pooled.warm_up.retire();
+                pooled.warm_up.hand_over(session.clone());
                 match vm.resume().await {
                     Ok(()) => {
                         self.timings.start = if pooled.warmed { "pool" } else { "pool-cold" };

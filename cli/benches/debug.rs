@@ -22,10 +22,7 @@ fn main() {
         println!("debug benchmark skipped: VMs need root");
         return;
     }
-    let rounds: usize = std::env::var("TASKVM_BENCH_TASKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let rounds = testkit::stats::bench_rounds();
     let scratch = testkit::process::root_scratch("VMs need root");
     let bench = Bench {
         image: minimal_image().canonicalize().expect("image"),
@@ -152,12 +149,8 @@ impl Bench {
             .stderr(Stdio::null())
             .spawn()
             .expect("taskvm run");
-        let mut stdout = child.stdout.take().expect("stdout");
-        let mut byte = [0u8; 1];
-        let _ = stdout.read(&mut byte);
-        let first = started.elapsed();
-        let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-        assert!(child.wait().expect("wait").success(), "the task completed");
+        let (first, status) = testkit::process::first_output_of(&mut child, started);
+        assert!(status.success(), "the task completed");
         first
     }
 }

@@ -9,7 +9,6 @@
 //!
 //! Needs root (`taskvm run` gives each VM a network namespace).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,10 +26,7 @@ fn main() {
         println!("mounts benchmark skipped: taskvm run needs root");
         return;
     }
-    let rounds: usize = std::env::var("TASKVM_BENCH_TASKS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(10);
+    let rounds = testkit::stats::bench_rounds();
     let scratch = testkit::process::root_scratch("VMs need root");
     let dir = scratch.path();
     let image = minimal_image().canonicalize().expect("image");
@@ -172,12 +168,7 @@ fn run(payload: &Path, dir: &Path) -> (Duration, Duration) {
         .stderr(Stdio::null())
         .spawn()
         .expect("taskvm run");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut byte = [0u8; 1];
-    let _ = stdout.read(&mut byte);
-    let first = started.elapsed();
-    let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-    let status = child.wait().expect("wait");
+    let (first, status) = testkit::process::first_output_of(&mut child, started);
     assert!(status.success(), "{} completed", payload.display());
     (first, started.elapsed())
 }

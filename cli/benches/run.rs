@@ -32,10 +32,7 @@ fn main() {
         println!("run benchmark skipped: taskvm run needs root");
         return;
     }
-    let tasks: usize = std::env::var("TASKVM_BENCH_TASKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let tasks = testkit::stats::bench_rounds();
     let scratch = testkit::process::root_scratch("VMs need root");
     let image = minimal_image().canonicalize().expect("image");
     let payload = scratch.path().join("task.json");
@@ -244,12 +241,7 @@ fn taskvm_run(payload: &Path, cache: &Path, scratch: &Path, start: &str) -> std:
 fn run_task(payload: &Path, cache: &Path, scratch: &Path, start: &str) -> Task {
     let started = Instant::now();
     let mut child = taskvm_run(payload, cache, scratch, start);
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut byte = [0u8; 1];
-    let _ = stdout.read(&mut byte);
-    let first_output = started.elapsed();
-    let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-    let status = child.wait().expect("wait");
+    let (first_output, status) = testkit::process::first_output_of(&mut child, started);
     assert!(status.success(), "the task completed");
     Task {
         first_output,

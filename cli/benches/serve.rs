@@ -139,10 +139,7 @@ fn main() {
     drop(server);
 
     // POST -> first output byte, snapshot starts against a warm pool.
-    let rounds: usize = std::env::var("TASKVM_BENCH_TASKS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(10);
+    let rounds = testkit::stats::bench_rounds();
     let restored = bench.first_outputs("", rounds);
     let pooled = bench.first_outputs(r#""warmPool": 1"#, rounds);
     let (restored_median, pooled_median) = (median(&restored), median(&pooled));

@@ -177,3 +177,15 @@ pub struct ChildrenUsage {
     /// User plus system CPU time of all waited-for children, in seconds.
     pub cpu_seconds: f64,
 }
+
+/// Times `child`'s standard output (piped) from `started` to its first byte, then drains the
+/// rest and waits: that time and the exit status.
+pub fn first_output_of(child: &mut Child, started: Instant) -> (Duration, ExitStatus) {
+    use std::io::Read;
+    let mut stdout = child.stdout.take().expect("a piped stdout");
+    let mut byte = [0u8; 1];
+    let _ = stdout.read(&mut byte);
+    let first = started.elapsed();
+    let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+    (first, child.wait().expect("the child ends"))
+}

@@ -19,6 +19,14 @@ pub fn median(values: &[Duration]) -> Duration {
     sorted.get(sorted.len() / 2).copied().unwrap_or_default()
 }
 
+/// Rounds a benchmark takes: `TASKVM_BENCH_TASKS`, else 10.
+pub fn bench_rounds() -> usize {
+    std::env::var("TASKVM_BENCH_TASKS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(10)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use testkit::guest::config_allowing_test_images;
 use testkit::process::qemu_processes_under;
 
@@ -110,23 +110,13 @@ fn a_failed_queue_task_is_kept_listed_and_resumed_through_the_server() {
     );
 
     // The failed task's page resumes it: a shell in the web UI finds the task's file.
-    let script = test_tool("cli/tests/ui/shell.mjs");
-    test_tool("cli/tests/ui/node_modules/playwright-core");
-    let browsed = Command::new("node")
-        .arg(&script)
-        .arg(&server.base)
-        .arg(format!("/tasks/{id}"))
-        .arg("#resume-kept")
-        .arg("cat /tmp/state.txt")
-        .arg("kept")
-        .output()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&browsed.stdout);
-    let findings: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|_| panic!("{stdout}\n{}", String::from_utf8_lossy(&browsed.stderr)));
-    assert!(findings.get("error").is_none(), "{findings:#}");
-    assert_eq!(findings["answered"], true, "{findings:#}");
-    assert_eq!(findings["problems"], json!([]), "page errors");
+    browse_shell(
+        &server,
+        &format!("/tasks/{id}"),
+        "#resume-kept",
+        "cat /tmp/state.txt",
+        "kept",
+    );
     // Every copy was discarded: nothing holds the host's capacity any more.
     let deadline = Instant::now() + Duration::from_secs(20);
     while server.get("/api/health").1["capacity"]["used"]["memoryMib"] != 0 {

@@ -248,3 +248,30 @@ pub fn test_tool(relative: &str) -> PathBuf {
     );
     path
 }
+
+/// Drives a shell button of a page of `server` in headless Chromium (`cli/tests/ui/shell.mjs`):
+/// opens `page`, clicks `button`, types `command` and waits for `answer` in the terminal; the
+/// findings, judged here: connected, answered, no page error.
+pub fn browse_shell(server: &Server, page: &str, button: &str, command: &str, answer: &str) {
+    let script = test_tool("cli/tests/ui/shell.mjs");
+    test_tool("cli/tests/ui/node_modules/playwright-core");
+    test_tool("serve/ui/terminal/node_modules/@xterm/xterm/lib/xterm.mjs");
+    let output = Command::new("node")
+        .arg(&script)
+        .arg(&server.base)
+        .args([page, button, command, answer])
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let findings: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|_| panic!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
+    assert!(
+        findings.get("error").is_none(),
+        "{}\n{}",
+        findings["error"],
+        findings["screen"]
+    );
+    assert_eq!(findings["connected"], true);
+    assert_eq!(findings["answered"], true, "{}", findings["screen"]);
+    assert_eq!(findings["problems"], json!([]), "page errors");
+}

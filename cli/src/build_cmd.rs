@@ -16,7 +16,6 @@ use std::time::Duration;
 use lifecycle::build::base::{BaseOptions, BuildBase};
 use lifecycle::build::{build_image, BuildRequest, USER_DATA_LIMIT};
 use lifecycle::exit::Outcome;
-use lifecycle::host::Host;
 use schemas::migrate_machine_definition;
 
 use crate::documents::say;
@@ -160,12 +159,9 @@ pub fn run(args: BuildArgs) -> Outcome {
         Err(outcome) => return outcome,
     };
     let outcome = runtime.block_on(async {
-        let host = match Host::prepare(config, &say) {
+        let host = match crate::documents::prepared_host(config, &say, "VMs") {
             Ok(host) => Arc::new(host),
-            Err(error) => {
-                say(&format!("this host cannot run VMs: {error}"));
-                return Outcome::Internal;
-            }
+            Err(outcome) => return outcome,
         };
         match build_image(host, plan, &say, write_stdout).await {
             Ok(digest) => {

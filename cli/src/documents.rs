@@ -101,6 +101,19 @@ pub fn vm_runtime() -> Result<tokio::runtime::Runtime, Outcome> {
         })
 }
 
+/// The host of `config`, prepared (its start-up sweep included), its notices said through
+/// `notice`; when it cannot run `what` ("VMs", "tasks"), why is said the same way.
+pub fn prepared_host(
+    config: WorkerConfig,
+    notice: &dyn Fn(&str),
+    what: &str,
+) -> Result<lifecycle::host::Host, Outcome> {
+    lifecycle::host::Host::prepare(config, notice).map_err(|error| {
+        notice(&format!("this host cannot run {what}: {error}"));
+        Outcome::Internal
+    })
+}
+
 /// Reads the worker configuration at `path`, or the defaults when there is none.
 pub fn load_config(path: Option<&Path>) -> Result<WorkerConfig, Violations> {
     match path {

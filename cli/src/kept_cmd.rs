@@ -6,7 +6,6 @@
 
 use clap::Subcommand;
 use lifecycle::exit::Outcome;
-use lifecycle::host::Host;
 use lifecycle::kept::{resume, KeptStore, Resumed};
 use schemas::protocol::{ExecResult, EXEC_OUTPUT_LIMIT};
 use std::sync::Arc;
@@ -238,12 +237,9 @@ pub fn debug(args: DebugArgs) -> Outcome {
         Err(outcome) => return outcome,
     };
     let outcome = runtime.block_on(async {
-        let host = match Host::prepare(config, &|line| say(line)) {
+        let host = match crate::documents::prepared_host(config, &|line| say(line), "VMs") {
             Ok(host) => Arc::new(host),
-            Err(error) => {
-                say(&format!("this host cannot run VMs: {error}"));
-                return Outcome::Internal;
-            }
+            Err(outcome) => return outcome,
         };
         let resumed = match resume(&host, &args.name, None).await {
             Ok(resumed) => resumed,

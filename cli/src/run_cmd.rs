@@ -9,7 +9,6 @@ use schemas::parse_payload;
 use tokio::sync::watch;
 
 use lifecycle::exit::Outcome;
-use lifecycle::host::Host;
 use lifecycle::log::{Echo, TaskLog};
 use lifecycle::{run_payload, PayloadDocument, PayloadRun, TaskOutcome};
 
@@ -65,15 +64,12 @@ pub fn run(args: RunArgs) -> Outcome {
     };
     let say = crate::documents::say;
     let outcome = runtime.block_on(async {
-        let host = match Host::prepare(config, &say) {
+        let host = match crate::documents::prepared_host(config, &say, "tasks") {
             Ok(mut host) => {
                 host.allow_any_local_file();
                 Arc::new(host)
             }
-            Err(error) => {
-                say(&format!("this host cannot run tasks: {error}"));
-                return Outcome::Internal;
-            }
+            Err(outcome) => return outcome,
         };
         let (stop, stop_signal) = watch::channel(None);
         tokio::spawn(async move {

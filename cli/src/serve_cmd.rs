@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use lifecycle::capacity::Resources;
 use lifecycle::exit::Outcome;
-use lifecycle::host::Host;
 use schemas::config::QueueConfig;
 use serve::{serve, ServeOptions};
 
@@ -152,12 +151,9 @@ pub fn run(args: ServeArgs) -> Outcome {
     };
     let announce = say;
     let outcome = runtime.block_on(async {
-        let host = match Host::prepare(config, &announce) {
+        let host = match crate::documents::prepared_host(config, &announce, "tasks") {
             Ok(host) => Arc::new(host),
-            Err(error) => {
-                announce(&format!("this host cannot run tasks: {error}"));
-                return Outcome::Internal;
-            }
+            Err(outcome) => return outcome,
         };
         announce(&format!(
             "running up to {} task(s) at once in {} MiB and {} vCPU(s)",

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use image_manager::ImageRequest;
 use lifecycle::exit::Outcome;
-use lifecycle::host::Host;
 
 /// Arguments of `taskvm image warm`.
 #[derive(Debug, clap::Args)]
@@ -39,12 +38,9 @@ pub fn run(args: WarmArgs) -> Outcome {
     };
     let say = crate::documents::say;
     runtime.block_on(async {
-        let host = match Host::prepare(config, &say) {
+        let host = match crate::documents::prepared_host(config, &say, "VMs") {
             Ok(host) => Arc::new(host),
-            Err(error) => {
-                say(&format!("this host cannot run VMs: {error}"));
-                return Outcome::Internal;
-            }
+            Err(outcome) => return outcome,
         };
         match lifecycle::warm::warm_image(&host, request, &args.reference, &say).await {
             Ok(warmed) => {

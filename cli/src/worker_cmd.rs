@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use lifecycle::capacity::Resources;
 use lifecycle::exit::Outcome;
-use lifecycle::host::Host;
 use schemas::config::{QueueConfig, TaskclusterQueueConfig};
 use taskcluster_provider::client::Credentials;
 use taskcluster_provider::livelog::{LiveLogOptions, LiveLogServer};
@@ -119,12 +118,9 @@ pub fn run(args: WorkerArgs) -> Outcome {
         Err(outcome) => return outcome,
     };
     let outcome = runtime.block_on(async {
-        let host = match Host::prepare(config, &|line| say(line)) {
+        let host = match crate::documents::prepared_host(config, &|line| say(line), "tasks") {
             Ok(host) => Arc::new(host),
-            Err(error) => {
-                say(&format!("this host cannot run tasks: {error}"));
-                return Outcome::Internal;
-            }
+            Err(outcome) => return outcome,
         };
         let mut options = options;
         if let Some(live_log) = live_log {

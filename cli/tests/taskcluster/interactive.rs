@@ -7,9 +7,26 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::Value;
+use taskcluster_provider::client::Service;
 
 use crate::common::taskvm_command;
 use crate::deployment::*;
+
+/// Run 0's `private/taskvm/shell.json` of `task_id`, read with `admin`'s credentials.
+fn shell_artifact(admin: &Service, task_id: &str) -> Result<Value, impl std::fmt::Display> {
+    runtime().block_on(admin.call(
+        Method::GET,
+        &[
+            "task",
+            task_id,
+            "runs",
+            "0",
+            "artifacts",
+            "private/taskvm/shell.json",
+        ],
+        None,
+    ))
+}
 
 /// `taskvm shell --url URL` with `keys` on its standard input.
 fn shell(url: &str, keys: &str) -> std::process::Output {
@@ -49,18 +66,7 @@ fn an_interactive_task_publishes_a_shell_that_works_in_its_vm_until_it_ends() {
     let admin = deployment.admin();
     let deadline = Instant::now() + Duration::from_secs(240);
     let url = loop {
-        let found = runtime().block_on(admin.call(
-            Method::GET,
-            &[
-                "task",
-                &task_id,
-                "runs",
-                "0",
-                "artifacts",
-                "private/taskvm/shell.json",
-            ],
-            None,
-        ));
+        let found = shell_artifact(&admin, &task_id);
         if let Ok(found) = found {
             break found["url"].as_str().unwrap().to_owned();
         }
@@ -124,18 +130,7 @@ fn an_interactive_task_on_a_worker_without_an_http_address_gets_an_error_artifac
     let mut worker = Worker::start(&deployment, &queue_id, &dir.path().join("w"), &[]);
     let status = wait_resolved(&deployment, &task_id, Duration::from_secs(240));
     assert_eq!(status["state"], "completed", "{status:#}");
-    let read = runtime().block_on(deployment.admin().call(
-        Method::GET,
-        &[
-            "task",
-            &task_id,
-            "runs",
-            "0",
-            "artifacts",
-            "private/taskvm/shell.json",
-        ],
-        None,
-    ));
+    let read = shell_artifact(&deployment.admin(), &task_id);
     let error = read.expect_err("an error artifact").to_string();
     assert!(
         error.contains("424") && error.contains("offers no shells"),

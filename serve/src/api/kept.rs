@@ -87,14 +87,8 @@ pub async fn shell(
             "this is a websocket (a terminal, as /api/tasks/{id}/shell)",
         )
     })?;
-    let (rows, cols) = crate::shell::terminal_size(&query);
     let resumed = resumed(&app, &name).await?;
-    let shell = resumed.shells().open(rows, cols).await.map_err(|error| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("no shell: {error}"),
-        )
-    })?;
+    let shell = super::streams::open_shell(&resumed.shells(), &query).await?;
     Ok(upgrade
         .max_message_size(crate::shell::MAX_MESSAGE)
         .on_upgrade(move |socket| async move {

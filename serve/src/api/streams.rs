@@ -265,6 +265,21 @@ pub async fn console(
         .on_upgrade(move |socket| crate::console::bridge(socket, vnc)))
 }
 
+/// Opens a login shell of `shells` on a terminal of the size `query` asks for
+/// ([`crate::shell::terminal_size`]); 503 saying why when none opens.
+pub(super) async fn open_shell(
+    shells: &lifecycle::Shells,
+    query: &HashMap<String, String>,
+) -> ApiResult<lifecycle::ShellStream> {
+    let (rows, cols) = crate::shell::terminal_size(query);
+    shells.open(rows, cols).await.map_err(|error| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no shell: {error}"),
+        )
+    })
+}
+
 /// `GET /api/tasks/{id}/shell[?rows=R&cols=C]`: a websocket to a new login shell in the
 /// running VM (see [`crate::shell`]); the terminal starts at R × C (default 24 × 80).
 pub async fn shell(
@@ -284,13 +299,7 @@ pub async fn shell(
             "this is a websocket (a terminal: binary input, {\"rows\",\"cols\"} text to resize)",
         )
     })?;
-    let (rows, cols) = crate::shell::terminal_size(&query);
-    let shell = live.shells.open(rows, cols).await.map_err(|error| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("no shell: {error}"),
-        )
-    })?;
+    let shell = open_shell(&live.shells, &query).await?;
     Ok(upgrade
         .max_message_size(crate::shell::MAX_MESSAGE)
         .on_upgrade(move |socket| crate::shell::bridge(socket, shell)))

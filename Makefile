@@ -102,6 +102,7 @@ bench: deps test-images
 	$(CARGO) bench --locked -p taskvm --bench build
 	bash scripts/with-tc-local.sh $(CARGO) bench --locked -p taskvm --bench fleet
 	$(CARGO) bench --locked -p taskvm-engine --bench vm
+	$(CARGO) bench --locked -p taskvm-engine --bench memory
 
 ## The guest agent, static (glibc with crt-static), in its own target dir.
 AGENT := $(TARGET_DIR)/guest/x86_64-unknown-linux-gnu/release/taskvm-agent

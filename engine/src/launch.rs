@@ -11,7 +11,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use image_manager::Lease;
 use rand::Rng;
 use schemas::ResolvedMachine;
 
@@ -20,7 +19,8 @@ use crate::disk::overlay::{create_empty_disk, create_overlay};
 use crate::network::netns::namespace_name;
 use crate::network::VmNetwork;
 use crate::qemu::cmdline::{
-    qemu_args, Accelerator, BootFiles, DiskLayer, FdSet, LaunchDrive, LaunchSpec, Netdev,
+    qemu_args, Accelerator, BootFiles, DiskLayer, FdSet, LaunchDrive, LaunchSpec, MemoryBackend,
+    Netdev,
 };
 use crate::qemu::process::{Confinement, QemuProcess, RunAs, PROCESSES_PER_VM};
 use crate::qemu::qmp::Qmp;
@@ -29,7 +29,8 @@ use crate::sandbox::ids::{IdError, VmIds};
 use crate::sandbox::jail::{JailPlan, JailSettings};
 use crate::sandbox::records::{process_start_ticks, RecordFile, VmRecord};
 use crate::sandbox::runtime::RuntimeDir;
-use crate::snapshot::format::{Snapshot, SnapshotFile};
+use crate::snapshot::format::Snapshot;
+use crate::snapshot::ram::GuestMemory;
 use crate::vm::{tail, VirtualMachine, VmError, VmSettings, STDERR_TAIL};
 
 /// The descriptors QEMU inherits, each with the fd set it is put in (None: referred to by
@@ -76,6 +77,7 @@ pub(crate) async fn launch(
     machine: &ResolvedMachine,
     settings: &VmSettings,
     snapshot: Option<&Snapshot>,
+    memory: GuestMemory,
 ) -> Result<VirtualMachine, VmError> {
     let (ids, owner) = qemu_user(settings.jail.as_ref(), settings.run_as)
         .map_err(|error| VmError::Setup(io::Error::other(error.to_string())))?;
@@ -119,6 +121,10 @@ pub(crate) async fn launch(
         ),
         None => None,
     };
+    let memory_backend = memory_backend(&memory, plan.as_mut(), &mut inherited)?;
+    // With RAM in an object, the stream moves with `x-ignore-shared`, which QEMU takes only
+    // over QMP: the load then starts once that is set (`-incoming defer`).
+    let deferred_state = state.filter(|_| memory.in_object());
     let tap = network.as_ref().map(|network| network.tap().as_raw_fd());
     let boot = boot_files(&source, machine, &runtime, plan.as_mut(), network.as_ref())
         .map_err(VmError::Setup)?;
@@ -148,9 +154,13 @@ pub(crate) async fn launch(
             runtime.vnc_socket().display().to_string()
         },
         tsc_khz: settings.tsc_khz,
-        incoming: state.map(|fd| format!("fd:{fd}")),
+        incoming: match (state, deferred_state) {
+            (Some(_), Some(_)) => Some("defer".to_owned()),
+            (state, _) => state.map(|fd| format!("fd:{fd}")),
+        },
         fd_sets: inherited.fd_sets(),
         drives,
+        memory: memory_backend,
     };
     let argv = qemu_args(machine, &spec)?;
     let (program, confinement) = confine(
@@ -197,6 +207,11 @@ pub(crate) async fn launch(
             Err(error) => error.to_string(),
         })),
     };
+    let qmp = match (qmp, deferred_state) {
+        (Ok(qmp), Some(fd)) => start_loading(&qmp, fd).await.map(|()| qmp),
+        (qmp, None) => qmp,
+        (Err(error), Some(_)) => Err(error),
+    };
     let qmp = match qmp {
         Ok(qmp) => qmp,
         Err(error) => {
@@ -222,7 +237,44 @@ pub(crate) async fn launch(
         source,
         max_file_size: settings.max_file_size,
         max_console_size: settings.max_console_size,
+        memory,
     })
+}
+
+/// The backend object for `memory`, with its memory file (if any) inherited by QEMU and, in a
+/// jail, shown at `/ram`.
+fn memory_backend(
+    memory: &GuestMemory,
+    plan: Option<&mut JailPlan>,
+    inherited: &mut Inherited,
+) -> Result<Option<MemoryBackend>, VmError> {
+    if !memory.in_object() {
+        return Ok(None);
+    }
+    let Some(file) = memory.file() else {
+        return Ok(Some(MemoryBackend::Anonymous));
+    };
+    let fd = inherited.by_number(file.descriptor().map_err(VmError::Setup)?);
+    let path = match plan {
+        Some(plan) => plan.add_memory_file(fd),
+        None => format!("/proc/self/fd/{fd}"),
+    };
+    Ok(Some(MemoryBackend::File {
+        path,
+        shared: matches!(memory, GuestMemory::ForSaving(_)),
+    }))
+}
+
+/// Starts loading the saved state from the inherited descriptor `fd`, with `x-ignore-shared`
+/// on as it was when the state was saved.
+async fn start_loading(qmp: &Qmp, fd: i32) -> io::Result<()> {
+    qmp.ignore_shared_memory().await?;
+    qmp.execute(
+        "migrate-incoming",
+        serde_json::json!({ "uri": format!("fd:{fd}") }),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// The uid and gid a QEMU runs as (None: the worker's own).
@@ -460,62 +512,6 @@ fn random_mac() -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-impl VirtualMachine {
-    /// Starts a VM of `machine` on the leased image (the lease is held until the VM is dropped)
-    /// and waits until QEMU answers on QMP.
-    pub async fn start(
-        lease: Lease,
-        machine: &ResolvedMachine,
-        settings: &VmSettings,
-    ) -> Result<Self, VmError> {
-        launch(lease.into(), machine, settings, None).await
-    }
-
-    /// Starts a VM of `machine` whose root disk and boot files come from `source`: a cached
-    /// image, or files of the host's (an existing disk, read-only under the VM's overlay, or a
-    /// fresh empty disk). Files of the host's need not be readable by the sandbox user.
-    pub async fn start_from(
-        source: BootSource,
-        machine: &ResolvedMachine,
-        settings: &VmSettings,
-    ) -> Result<Self, VmError> {
-        launch(source, machine, settings, None).await
-    }
-
-    /// Starts a VM from `snapshot` (made of the same image and machine, see
-    /// [`crate::snapshot`]) instead of booting it, and resumes it once the state is loaded.
-    /// Its disk is a new overlay on the snapshot's; its network is its own, as for a boot.
-    pub async fn restore(
-        lease: Lease,
-        machine: &ResolvedMachine,
-        settings: &VmSettings,
-        snapshot: &Snapshot,
-    ) -> Result<Self, VmError> {
-        let vm = Self::restore_paused(lease, machine, settings, snapshot).await?;
-        vm.resume().await?;
-        Ok(vm)
-    }
-
-    /// Like [`VirtualMachine::restore`], but leaves the loaded guest paused (0 % CPU) until
-    /// [`VirtualMachine::resume`]: a VM kept ready in a warm pool.
-    pub async fn restore_paused(
-        lease: Lease,
-        machine: &ResolvedMachine,
-        settings: &VmSettings,
-        snapshot: &Snapshot,
-    ) -> Result<Self, VmError> {
-        let mut vm = launch(lease.into(), machine, settings, Some(snapshot)).await?;
-        vm.wait_migration("loading").await?;
-        let console = fs::read_to_string(Snapshot::path_in(snapshot.dir(), SnapshotFile::Console))
-            .unwrap_or_default();
-        vm.earlier_console = format!(
-            "{console}\n[taskvm: restored from the snapshot in {}]\n",
-            snapshot.dir().display()
-        );
-        Ok(vm)
-    }
 }
 
 #[cfg(test)]

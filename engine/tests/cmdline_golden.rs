@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use engine::qemu::cmdline::CmdlineError;
-use engine::qemu::cmdline::{DiskLayer, FdSet};
+use engine::qemu::cmdline::{DiskLayer, FdSet, MemoryBackend};
 use engine::{qemu_args, Accelerator, BootFiles, LaunchSpec, Netdev};
 use schemas::{migrate_machine_definition, resolve_machine, Machine, MachineLayers, MachineLimits};
 use serde_json::json;
@@ -55,6 +55,7 @@ fn spec(accelerator: Accelerator, boot: Option<BootFiles>, netdev: Netdev) -> La
             FdSet { fd: 8, set: 2 },
         ],
         tsc_khz: Some(2_445_406),
+        memory: None,
     }
 }
 
@@ -102,6 +103,36 @@ fn minimal_test_image_on_microvm_with_a_tap_fd() {
     )
     .unwrap();
     check_golden("microvm-minimal", &args);
+}
+
+#[test]
+fn a_restore_maps_the_snapshot_ram_file_private_and_loads_the_state_when_told() {
+    let image = machine(json!({
+        "version": 1, "chipset": "microvm", "memory": 256, "network": "virtio-net-device",
+        "storage": "virtio-blk-device", "graphics": "none", "boot": {"kernel": "vmlinux", "append": "console=ttyS0"}
+    }));
+    let boot = BootFiles {
+        kernel: "/boot/kernel".into(),
+        initrd: None,
+        append: "console=ttyS0".into(),
+    };
+    let mut spec = spec(Accelerator::Tcg, Some(boot), Netdev::TapFd(3));
+    spec.memory = Some(MemoryBackend::File {
+        path: "/ram".into(),
+        shared: false,
+    });
+    spec.incoming = Some("defer".into());
+    let args = qemu_args(&resolved(&image, limits(1024, 2)), &spec).unwrap();
+    check_golden("microvm-restore-ram-file", &args);
+    let joined = args.join(" ");
+    assert!(
+        joined.contains("-machine microvm,memory-backend=ram0"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("memory-backend-file,id=ram0,size=256M,mem-path=/ram,share=off"),
+        "{joined}"
+    );
 }
 
 #[test]

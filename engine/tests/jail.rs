@@ -41,6 +41,12 @@ for name, kind, arg in json.loads(sys.argv[1]):
             if libc.ptrace(16, int(arg), 0, 0) != 0:  # PTRACE_ATTACH
                 raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
             libc.ptrace(17, int(arg), 0, 0)  # PTRACE_DETACH
+        elif kind == "pwrite":
+            fd = os.open(arg, os.O_RDWR)
+            try: os.pwrite(fd, b"changed", 0)
+            finally: os.close(fd)
+        elif kind == "truncate":
+            os.truncate(arg, 4096)
         elif kind == "chmod":
             os.chmod(arg, 0o644)
         elif kind == "create":
@@ -436,4 +442,84 @@ async fn hostile_qemu_is_contained() {
         "B's own VNC server still works"
     );
     drop(service);
+
+    // C, restored from the snapshot, maps its RAM private from the snapshot's memory file,
+    // which every copy shares: C's QEMU cannot change it, and its `/proc` shows only itself.
+    let lease_c = fixture.lease();
+    let machine_c = resolved(&lease_c);
+    let vm_c = VirtualMachine::restore(
+        lease_c,
+        &machine_c,
+        &fixture.settings("jail-c", Ipv4Addr::new(10, 0, 2, 15)),
+        &snapshot,
+    )
+    .await
+    .unwrap();
+    let c = vm_c.pid();
+    let uid_c = uid_of(c);
+    let ram_fd = std::fs::read_dir(format!("/proc/{c}/fd"))
+        .unwrap()
+        .flatten()
+        .find(|entry| {
+            std::fs::read_link(entry.path())
+                .unwrap_or_default()
+                .display()
+                .to_string()
+                .contains("memfd:taskvm-snapshot-ram")
+        })
+        .expect("C's QEMU holds the snapshot's memory file")
+        .file_name()
+        .into_string()
+        .unwrap();
+    let ram = format!("/proc/{c}/fd/{ram_fd}");
+    let own_file = fixture.scratch.path().join("c-owns-this");
+    std::fs::write(&own_file, "c").unwrap();
+    std::os::unix::fs::chown(&own_file, Some(uid_c), Some(uid_c)).unwrap();
+    let from_c = attempt(
+        Some(uid_c),
+        Some(c),
+        &[
+            ("write the snapshot's RAM", "pwrite", ram.clone()),
+            ("shrink the snapshot's RAM", "truncate", ram.clone()),
+            ("list /proc", "listdir", "/proc".into()),
+        ],
+    );
+    eprintln!("from C: {from_c:#?}");
+    for name in ["write the snapshot's RAM", "shrink the snapshot's RAM"] {
+        assert!(
+            from_c[name].starts_with("error"),
+            "{name}: {}",
+            from_c[name]
+        );
+    }
+    let listed: Vec<&str> = from_c["list /proc"]
+        .trim_start_matches("ok ")
+        .split(',')
+        .collect();
+    for name in &listed {
+        if ["self", "thread-self"].contains(name) {
+            continue;
+        }
+        let pid: u32 = name
+            .parse()
+            .unwrap_or_else(|_| panic!("/proc shows {name}"));
+        // The listing process itself has ended by now; every other one is C's user's.
+        if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}")) {
+            assert_eq!(meta.uid(), uid_c, "C's /proc shows {pid}: {listed:?}");
+        }
+    }
+    assert!(listed.contains(&c.to_string().as_str()), "{listed:?}");
+    // The same writes to a file C's user owns work: the attempts are real.
+    let own = attempt(
+        Some(uid_c),
+        None,
+        &[
+            ("pwrite", "pwrite", own_file.display().to_string()),
+            ("truncate", "truncate", own_file.display().to_string()),
+        ],
+    );
+    assert_eq!(
+        (own["pwrite"].as_str(), own["truncate"].as_str()),
+        ("ok", "ok")
+    );
 }

@@ -106,11 +106,22 @@ async fn two_restored_copies_are_each_a_vm_of_their_own() {
         1,
         "{console}"
     );
+    // The RAM is in its own file, the stream holds the devices only.
+    assert_eq!(snapshot.ram(), engine::snapshot::SavedRam::File);
+    let state_size = std::fs::metadata(snapshot.state_path()).unwrap().len();
+    assert!(state_size < 1 << 20, "state.bin holds {state_size} bytes");
+    let ram = std::fs::metadata(snapshot.ram_path()).unwrap();
+    assert_eq!(ram.len(), 256 << 20, "ram.bin is the guest's RAM");
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&ram) * 512 < 200 << 20,
+        "ram.bin leaves zero pages out"
+    );
     let image_disk = fixture.lease().disk_path();
     let before = [
         sha256_file(&image_disk),
         sha256_file(&snapshot.state_path()),
         sha256_file(&snapshot.disk_path()),
+        sha256_file(&snapshot.ram_path()),
     ];
     // The snapshot's clock is behind by now; the restored guests must not be.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -139,6 +150,7 @@ async fn two_restored_copies_are_each_a_vm_of_their_own() {
         sha256_file(&image_disk),
         sha256_file(&snapshot.state_path()),
         sha256_file(&snapshot.disk_path()),
+        sha256_file(&snapshot.ram_path()),
     ];
     assert_eq!(before, after, "image and snapshot unchanged");
 }
@@ -165,4 +177,24 @@ async fn a_truncated_state_fails_the_restore_with_a_reason() {
         .expect("a truncated state does not restore");
     assert!(started.elapsed() < Duration::from_secs(30));
     println!("{error}");
+
+    // A RAM file of another size than the machine's RAM is refused before any QEMU starts.
+    let ram = snapshot.ram_path();
+    std::fs::set_permissions(&ram, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ram)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let lease = fixture.lease();
+    let error = VirtualMachine::restore(lease, &machine, &settings(&fixture, "short"), &snapshot)
+        .await
+        .err()
+        .expect("a short RAM file does not restore")
+        .to_string();
+    assert!(
+        error.contains("ram.bin") && error.contains("the machine has 268435456"),
+        "{error}"
+    );
 }

@@ -10,6 +10,7 @@ use schemas::ResolvedMachine;
 use thiserror::Error;
 
 use crate::disk::drives::DriveMedia;
+use crate::snapshot::ram::RAM_OBJECT;
 
 /// Which accelerator runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,22 @@ pub struct LaunchSpec {
     pub drives: Vec<LaunchDrive>,
     /// Inherited descriptors that `/dev/fdset/N` paths refer to.
     pub fd_sets: Vec<FdSet>,
+    /// The guest's RAM as a backend object (None: QEMU's own, from `-m`).
+    pub memory: Option<MemoryBackend>,
+}
+
+/// Guest RAM as the memory backend object `ram0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// Mapped from a file (`mem-path`, as QEMU opens it), shared or private.
+    File {
+        /// The file.
+        path: String,
+        /// Whether the guest's writes go to the file (`share=on`) or stay its own.
+        shared: bool,
+    },
+    /// Anonymous memory.
+    Anonymous,
 }
 
 /// One layer of the root disk's chain.
@@ -143,7 +160,13 @@ pub fn qemu_args(
         "-sandbox",
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
-    args.push(["-machine", chipset.as_str()]);
+    match &spec.memory {
+        Some(_) => args.push([
+            "-machine",
+            &format!("{},memory-backend={RAM_OBJECT}", chipset.as_str()),
+        ]),
+        None => args.push(["-machine", chipset.as_str()]),
+    }
     args.push(match spec.accelerator {
         Accelerator::Kvm => ["-accel", "kvm"],
         Accelerator::Tcg => ["-accel", "tcg,thread=multi"],
@@ -171,6 +194,24 @@ pub fn qemu_args(
         ),
     ]);
     args.push(["-m", &format!("{}M", machine.memory_mib())]);
+    match &spec.memory {
+        Some(MemoryBackend::File { path, shared }) => args.push([
+            "-object",
+            &format!(
+                "memory-backend-file,id={RAM_OBJECT},size={}M,mem-path={path},share={}",
+                machine.memory_mib(),
+                if *shared { "on" } else { "off" }
+            ),
+        ]),
+        Some(MemoryBackend::Anonymous) => args.push([
+            "-object",
+            &format!(
+                "memory-backend-ram,id={RAM_OBJECT},size={}M",
+                machine.memory_mib()
+            ),
+        ]),
+        None => {}
+    }
     args.push(["-uuid", &spec.uuid]);
 
     // Panics end QEMU with a failure status, after the GUEST_PANICKED event.

@@ -234,6 +234,17 @@ impl Qmp {
         answer.map(drop)
     }
 
+    /// Turns on the migration capability `x-ignore-shared`: RAM mapped shared from a file is
+    /// left out of the stream (a restore maps the file instead). Both ends need it.
+    pub async fn ignore_shared_memory(&self) -> io::Result<()> {
+        let arguments = json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+        });
+        self.execute("migrate-set-capabilities", arguments)
+            .await
+            .map(drop)
+    }
+
     /// `migrate` to `uri` (it runs in the background: see [`Qmp::query_migrate`]).
     pub async fn migrate(&self, uri: &str) -> io::Result<()> {
         self.execute("migrate", json!({ "uri": uri }))

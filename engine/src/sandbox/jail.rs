@@ -1,6 +1,7 @@
 //! The jail one QEMU runs in: a mount namespace whose root is the VM's runtime directory, with
 //! the host's `/usr` (read-only), a `/dev` of four or five device nodes, the boot files it
-//! reads and nothing else; a network namespace of its own with nothing in it (its tap is an
+//! reads and nothing else (with guest RAM in a memory file, also a `/proc` that shows QEMU's
+//! own processes only); a network namespace of its own with nothing in it (its tap is an
 //! inherited descriptor); its own IPC and UTS namespaces.
 //!
 //! [`JailPlan`] is what the parent decides: the binds. [`JailPlan::prepare`] makes every mount
@@ -86,6 +87,8 @@ pub struct JailPlan {
     binds: Vec<Bind>,
     /// Top-level symbolic links to make (name, target), copied from the host's.
     links: Vec<(String, PathBuf)>,
+    /// Whether the jail gets a `/proc` showing QEMU's own processes only.
+    own_proc: bool,
 }
 
 impl JailPlan {
@@ -100,6 +103,7 @@ impl JailPlan {
                 kind: BindKind::System,
             }],
             links: Vec::new(),
+            own_proc: false,
         };
         for name in SYSTEM_TOP_LEVEL {
             let host = Path::new("/").join(name);
@@ -141,6 +145,16 @@ impl JailPlan {
             kind: BindKind::ReadOnlyFile,
         });
         format!("/{target}")
+    }
+
+    /// The path by which QEMU opens the memory file it inherits as descriptor `fd`:
+    /// `/proc/self/fd/FD`, for which the jail gets a `/proc` of its own that shows only the
+    /// processes of QEMU's user and nothing but them (`hidepid=invisible,subset=pid`). A memory
+    /// file cannot be bound into a mount namespace, and QEMU 7.2 opens a RAM backend's path
+    /// itself, so a descriptor alone does not do.
+    pub fn add_memory_file(&mut self, fd: i32) -> String {
+        self.own_proc = true;
+        format!("/proc/self/fd/{fd}")
     }
 
     /// The path, inside the jail, of the host program `program` (a name looked up in `PATH`,
@@ -203,9 +217,17 @@ impl JailPlan {
             };
             mounts.push((c(&bind.source)?, c(&target)?, flags));
         }
+        let proc = if self.own_proc {
+            let target = self.root.join("proc");
+            fs::create_dir(&target)?;
+            Some(c(&target)?)
+        } else {
+            None
+        };
         Ok(PreparedJail {
             root: c(&self.root)?,
             mounts,
+            proc,
         })
     }
 }
@@ -215,6 +237,8 @@ impl JailPlan {
 pub struct PreparedJail {
     root: CString,
     mounts: Vec<(CString, CString, MountFlags)>,
+    /// Where the jail's own `/proc` is mounted, if it has one.
+    proc: Option<CString>,
 }
 
 impl PreparedJail {
@@ -241,6 +265,15 @@ impl PreparedJail {
         for (source, target, flags) in &self.mounts {
             rustix::mount::mount_bind(source.as_c_str(), target.as_c_str())?;
             rustix::mount::mount_remount(target.as_c_str(), MountFlags::BIND | *flags, c"")?;
+        }
+        if let Some(proc) = &self.proc {
+            rustix::mount::mount(
+                c"proc",
+                proc.as_c_str(),
+                c"proc",
+                MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                c"hidepid=invisible,subset=pid",
+            )?;
         }
         rustix::process::chdir(self.root.as_c_str())?;
         // The old root ends up stacked on the new one; detaching it leaves only the jail.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use image_manager::Lease;
 use schemas::ResolvedMachine;
 
-use super::format::Snapshot;
+use super::format::{SavedRam, Snapshot};
 use super::AGENT_READY;
 use crate::network::session::{GuestSession, SessionConfig};
 use crate::vm::{VirtualMachine, VmError, VmSettings};
@@ -20,6 +20,7 @@ const CUT_OFF_TIMEOUT: Duration = Duration::from_secs(10);
 /// Boots a VM of `machine` on `lease` (with `settings`, which must give it a network), waits
 /// until its agent is up — no task is ever set, so it holds no task data — and saves it into
 /// the new directory `dir`. Gives up after `ready_timeout` (an image without our agent).
+/// The guest's RAM goes to `ram.bin` ([`SavedRam::File`]).
 pub async fn build(
     lease: Lease,
     machine: &ResolvedMachine,
@@ -27,7 +28,19 @@ pub async fn build(
     dir: &Path,
     ready_timeout: Duration,
 ) -> Result<Snapshot, VmError> {
-    let mut vm = VirtualMachine::start(lease, machine, settings).await?;
+    build_as(SavedRam::File, lease, machine, settings, dir, ready_timeout).await
+}
+
+/// Like [`build()`], with the guest's RAM saved as `ram` says: benchmarks compare the placements.
+pub async fn build_as(
+    ram: SavedRam,
+    lease: Lease,
+    machine: &ResolvedMachine,
+    settings: &VmSettings,
+    dir: &Path,
+    ready_timeout: Duration,
+) -> Result<Snapshot, VmError> {
+    let mut vm = VirtualMachine::start_for_snapshot(ram, lease, machine, settings).await?;
     let (session, _log) = GuestSession::new(SessionConfig::new(&settings.name));
     vm.set_http_handler(session.handler());
     if !vm.wait_for_serial(AGENT_READY, ready_timeout).await {

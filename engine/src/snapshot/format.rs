@@ -9,6 +9,32 @@ const STATE: &str = "state.bin";
 const DISK: &str = "disk.qcow2";
 const IDENTITY: &str = "identity";
 const CONSOLE: &str = "serial.log";
+const RAM: &str = "ram.bin";
+/// Says where the guest's RAM was saved ([`SavedRam`]); absent in snapshots of the layout before.
+const MEMORY: &str = "memory";
+
+/// Where a snapshot holds the guest's RAM, which decides how it is restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavedRam {
+    /// In the migration stream, as QEMU's own RAM (`-m` alone, no `x-ignore-shared`): a booted
+    /// VM kept for debugging, and snapshots made before RAM files.
+    Stream,
+    /// In the migration stream, for the backend object `ram0` (saved with `x-ignore-shared`):
+    /// a restored VM saved again (kept for debugging); restored into anonymous memory.
+    StreamObject,
+    /// In `ram.bin`, which every restore maps private ([`crate::snapshot::ram`]).
+    File,
+}
+
+impl SavedRam {
+    fn word(self) -> &'static str {
+        match self {
+            SavedRam::Stream => "stream",
+            SavedRam::StreamObject => "stream-object",
+            SavedRam::File => "file",
+        }
+    }
+}
 
 /// A saved VM on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +42,7 @@ pub struct Snapshot {
     dir: PathBuf,
     uuid: String,
     mac: String,
+    ram: SavedRam,
 }
 
 impl Snapshot {
@@ -29,7 +56,24 @@ impl Snapshot {
                 format!("{}: no UUID and MAC", dir.join(IDENTITY).display()),
             ));
         };
-        for file in [STATE, DISK] {
+        let ram = match fs::read_to_string(dir.join(MEMORY)) {
+            Err(error) if error.kind() == io::ErrorKind::NotFound => SavedRam::Stream,
+            Err(error) => return Err(error),
+            Ok(word) => [SavedRam::Stream, SavedRam::StreamObject, SavedRam::File]
+                .into_iter()
+                .find(|ram| ram.word() == word.trim())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: unknown RAM placement", dir.join(MEMORY).display()),
+                    )
+                })?,
+        };
+        let mut files = vec![STATE, DISK];
+        if ram == SavedRam::File {
+            files.push(RAM);
+        }
+        for file in files {
             let path = dir.join(file);
             if !fs::metadata(&path)?.is_file() {
                 return Err(io::Error::new(
@@ -42,7 +86,13 @@ impl Snapshot {
             dir: dir.to_owned(),
             uuid: uuid.to_owned(),
             mac: mac.to_owned(),
+            ram,
         })
+    }
+
+    /// Records in the snapshot being made in `dir` where its RAM went.
+    pub(crate) fn write_ram_placement(dir: &Path, ram: SavedRam) -> io::Result<()> {
+        fs::write(dir.join(MEMORY), format!("{}\n", ram.word()))
     }
 
     /// Writes the identity file of a snapshot being made in `dir`.
@@ -65,6 +115,16 @@ impl Snapshot {
         self.dir.join(DISK)
     }
 
+    /// Where the guest's RAM is.
+    pub fn ram(&self) -> SavedRam {
+        self.ram
+    }
+
+    /// The RAM file (with [`SavedRam::File`]).
+    pub fn ram_path(&self) -> PathBuf {
+        self.dir.join(RAM)
+    }
+
     /// The UUID the VM had.
     pub fn uuid(&self) -> &str {
         &self.uuid
@@ -81,6 +141,7 @@ impl Snapshot {
             SnapshotFile::State => STATE,
             SnapshotFile::Disk => DISK,
             SnapshotFile::Console => CONSOLE,
+            SnapshotFile::Ram => RAM,
         })
     }
 }
@@ -91,6 +152,7 @@ pub(crate) enum SnapshotFile {
     State,
     Disk,
     Console,
+    Ram,
 }
 
 #[cfg(test)]
@@ -105,6 +167,20 @@ mod tests {
         assert!(Snapshot::open(dir.path()).is_err(), "no state yet");
         fs::write(Snapshot::path_in(dir.path(), SnapshotFile::State), b"s").unwrap();
         fs::write(Snapshot::path_in(dir.path(), SnapshotFile::Disk), b"d").unwrap();
+        let snapshot = Snapshot::open(dir.path()).unwrap();
+        assert_eq!(
+            snapshot.ram(),
+            SavedRam::Stream,
+            "the layout before RAM files"
+        );
+        Snapshot::write_ram_placement(dir.path(), SavedRam::File).unwrap();
+        assert!(Snapshot::open(dir.path()).is_err(), "no ram.bin yet");
+        fs::write(Snapshot::path_in(dir.path(), SnapshotFile::Ram), b"r").unwrap();
+        let snapshot = Snapshot::open(dir.path()).unwrap();
+        assert_eq!(snapshot.ram(), SavedRam::File);
+        fs::write(dir.path().join(MEMORY), "elsewhere\n").unwrap();
+        assert!(Snapshot::open(dir.path()).is_err(), "an unknown placement");
+        Snapshot::write_ram_placement(dir.path(), SavedRam::StreamObject).unwrap();
         let snapshot = Snapshot::open(dir.path()).unwrap();
         assert_eq!(snapshot.uuid(), "u-u-i-d");
         assert_eq!(snapshot.mac(), "02:00:00:00:00:01");

@@ -6,7 +6,8 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use super::format::{Snapshot, SnapshotFile};
+use super::format::{SavedRam, Snapshot, SnapshotFile};
+use super::ram::GuestMemory;
 use crate::vm::{read_bounded, VirtualMachine, VmError, LOG_LIMIT};
 
 /// Migration bandwidth: QEMU 7.2 caps it at 128 MiB/s unless told otherwise.
@@ -29,6 +30,17 @@ impl VirtualMachine {
             .set_migration_bandwidth(MIGRATION_BANDWIDTH)
             .await
             .map_err(VmError::Qmp)?;
+        let ram = match &self.memory {
+            GuestMemory::Default => SavedRam::Stream,
+            GuestMemory::ForSaving(_) => SavedRam::File,
+            GuestMemory::Snapshot(_) | GuestMemory::Anonymous => SavedRam::StreamObject,
+        };
+        if self.memory.in_object() {
+            self.qmp
+                .ignore_shared_memory()
+                .await
+                .map_err(VmError::Qmp)?;
+        }
         // In the root-owned runtime directory, so the name stays root's; QEMU's user may
         // connect to it alone.
         let socket = self.runtime.path().join("migrate.sock");
@@ -57,6 +69,13 @@ impl VirtualMachine {
             .map_err(|e| failed("the migration stream", &e))?;
         self.wait_migration("saving").await?;
         self.kill().await;
+        if let GuestMemory::ForSaving(file) = &self.memory {
+            // QEMU is gone: nothing changes the memory file any more.
+            file.save(&Snapshot::path_in(dir, SnapshotFile::Ram))
+                .map_err(|e| failed("keeping the RAM", &e))?;
+        }
+        Snapshot::write_ram_placement(dir, ram)
+            .map_err(|e| failed("recording where the RAM is", &e))?;
         let disk = Snapshot::path_in(dir, SnapshotFile::Disk);
         fs::rename(self.runtime.overlay(), &disk).map_err(|e| failed("keeping the disk", &e))?;
         for file in [&disk, &state] {

@@ -61,8 +61,9 @@ impl SnapshotStore {
         slots: Option<SlotLayout>,
     ) -> String {
         let mut parts = serde_json::json!({
-            // The engine's command-line layout (2: the jail's `-blockdev` chain on descriptors).
-            "layout": 2,
+            // The engine's command-line layout (2: the jail's `-blockdev` chain on descriptors;
+            // 3: guest RAM in `ram.bin`, a backend object mapped private).
+            "layout": 3,
             "image": lease.digest().hex(),
             "machine": machine,
             "qemu": self.qemu_version(),

@@ -65,10 +65,39 @@ pub fn load_host_config(
     host: &HostArgs,
     start: Option<schemas::config::StartMode>,
 ) -> Result<WorkerConfig, Outcome> {
-    let mut config = load_config(host.config.as_deref()).map_err(|violations| {
-        eprintln!("taskvm: invalid configuration:\n{violations}");
+    load_host_config_with(host, start, None)
+}
+
+/// Like [`load_host_config`], with `overlay` (a worker pool's `workerConfig`) laid over the
+/// file before the command line's overrides: defaults, then the file, then the overlay, then
+/// the flags. Unknown keys in the overlay are refused as in the file.
+pub fn load_host_config_with(
+    host: &HostArgs,
+    start: Option<schemas::config::StartMode>,
+    overlay: Option<&serde_json::Value>,
+) -> Result<WorkerConfig, Outcome> {
+    let invalid = |violations: Violations, what: &str| {
+        eprintln!("taskvm: invalid {what}:\n{violations}");
         Outcome::Malformed
-    })?;
+    };
+    let mut config = match overlay.filter(|overlay| !overlay.is_null()) {
+        None => load_config(host.config.as_deref())
+            .map_err(|violations| invalid(violations, "configuration"))?,
+        Some(overlay) => {
+            let mut document = match host.config.as_deref() {
+                Some(path) => read_document(path)
+                    .map_err(|violations| invalid(violations, "configuration"))?,
+                None => serde_json::json!({}),
+            };
+            taskcluster_provider::fleet::merge_worker_config(&mut document, overlay);
+            parse_config(&document).map_err(|violations| {
+                invalid(
+                    violations,
+                    "configuration with the worker pool's workerConfig",
+                )
+            })?
+        }
+    };
     if let Some(cache) = &host.cache {
         config.cache.dir = cache.clone();
     }

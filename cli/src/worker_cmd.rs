@@ -7,6 +7,7 @@ use lifecycle::capacity::Resources;
 use lifecycle::exit::Outcome;
 use schemas::config::{QueueConfig, TaskclusterQueueConfig};
 use taskcluster_provider::client::Credentials;
+use taskcluster_provider::fleet::{self, Registration, StaticSecret, StaticWorker};
 use taskcluster_provider::livelog::{LiveLogOptions, LiveLogServer};
 use taskcluster_provider::queue::QueueEndpoint;
 use taskcluster_provider::{run_worker, WorkerOptions};
@@ -50,11 +51,42 @@ pub struct WorkerArgs {
     /// `queue.liveLogUrl`, else `http://ADDR:PORT`).
     #[arg(long, value_name = "URL")]
     livelog_url: Option<String>,
+    /// Join this worker-manager pool instead of using client credentials: register with the
+    /// static secret, claim from the pool's queue with the temporary credentials it hands out,
+    /// renew them, and drain once the worker is removed.
+    #[arg(long, value_name = "POOL")]
+    worker_pool_id: Option<String>,
+    /// The pool's provider (with --worker-pool-id).
+    #[arg(long, value_name = "ID", default_value = fleet::STATIC_PROVIDER, requires = "worker_pool_id")]
+    provider_id: String,
+    /// File holding the static secret the worker was created with (with --worker-pool-id;
+    /// else the environment variable TASKVM_STATIC_SECRET).
+    #[arg(long, value_name = "FILE", requires = "worker_pool_id")]
+    static_secret_file: Option<std::path::PathBuf>,
 }
+
+/// The environment variable that may hold a static worker's secret.
+const STATIC_SECRET_VARIABLE: &str = "TASKVM_STATIC_SECRET";
+/// The largest static secret file read.
+const STATIC_SECRET_LIMIT: u64 = 4096;
 
 /// Runs `taskvm worker`.
 pub fn run(args: WorkerArgs) -> Outcome {
-    let mut config = match crate::documents::load_host_config(&args.host, None) {
+    let runtime = match crate::documents::vm_runtime() {
+        Ok(runtime) => runtime,
+        Err(outcome) => return outcome,
+    };
+    // A member of a worker-manager pool registers first: its credentials and the pool's
+    // workerConfig come from the registration.
+    let membership = match &args.worker_pool_id {
+        Some(pool) => match runtime.block_on(join_pool(&args, pool)) {
+            Ok(joined) => Some(joined),
+            Err(outcome) => return outcome,
+        },
+        None => None,
+    };
+    let overlay = membership.as_ref().map(|(_, first)| &first.worker_config);
+    let mut config = match crate::documents::load_host_config_with(&args.host, None, overlay) {
         Ok(config) => config,
         Err(outcome) => return outcome,
     };
@@ -62,12 +94,26 @@ pub fn run(args: WorkerArgs) -> Outcome {
         Some(QueueConfig::Taskcluster(section)) => Some(section.clone()),
         _ => None,
     };
-    let options = match options(
-        &args.task_queue_id,
-        &args.worker_group,
-        &args.worker_id,
-        section.as_ref(),
-    ) {
+    let options = match &membership {
+        Some((worker, first)) => Ok((
+            QueueEndpoint {
+                root_url: worker.root_url.clone(),
+                credentials: first.credentials.clone(),
+            },
+            args.task_queue_id
+                .clone()
+                .unwrap_or_else(|| worker.worker_pool_id.clone()),
+            worker.worker_group.clone(),
+            worker.worker_id.clone(),
+        )),
+        None => options(
+            &args.task_queue_id,
+            &args.worker_group,
+            &args.worker_id,
+            section.as_ref(),
+        ),
+    };
+    let options = match options {
         Ok(partial) => partial,
         Err(message) => {
             say(&message);
@@ -105,6 +151,7 @@ pub fn run(args: WorkerArgs) -> Outcome {
         },
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         live_log: None,
+        renewed_credentials: None,
     };
     let live_log = match live_log_options(&args, section.as_ref()) {
         Ok(options) => options,
@@ -112,10 +159,6 @@ pub fn run(args: WorkerArgs) -> Outcome {
             say(&message);
             return Outcome::Malformed;
         }
-    };
-    let runtime = match crate::documents::vm_runtime() {
-        Ok(runtime) => runtime,
-        Err(outcome) => return outcome,
     };
     let outcome = runtime.block_on(async {
         let host = match crate::documents::prepared_host(config, &|line| say(line), "tasks") {
@@ -138,7 +181,22 @@ pub fn run(args: WorkerArgs) -> Outcome {
                 }
             }
         }
-        match run_worker(host, options, crate::signals::wait_for_signal_quietly()).await {
+        let shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            match membership {
+                Some((worker, first)) => {
+                    let (renewed, member) =
+                        fleet::keep_membership(worker, first, fleet::STATE_INTERVAL);
+                    options.renewed_credentials = Some(renewed);
+                    Box::pin(async move {
+                        tokio::select! {
+                            () = crate::signals::wait_for_signal_quietly() => {}
+                            end = member => say(&end.to_string()),
+                        }
+                    })
+                }
+                None => Box::pin(crate::signals::wait_for_signal_quietly()),
+            };
+        match run_worker(host, options, shutdown).await {
             Ok(()) => {
                 say("stopped");
                 Outcome::Success
@@ -151,6 +209,100 @@ pub fn run(args: WorkerArgs) -> Outcome {
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     outcome
+}
+
+/// Registers with worker-manager as a static worker of `pool`: the identity from the flags (or
+/// the configuration's queue section), the secret from `--static-secret-file` or
+/// `TASKVM_STATIC_SECRET`. Any failure is said in one line and nothing is claimed.
+async fn join_pool(args: &WorkerArgs, pool: &str) -> Result<(StaticWorker, Registration), Outcome> {
+    let fail = |message: String, outcome: Outcome| {
+        say(&message);
+        outcome
+    };
+    let config = crate::documents::load_host_config(&args.host, None)?;
+    let section = match &config.queue {
+        Some(QueueConfig::Taskcluster(section)) => Some(section.clone()),
+        _ => None,
+    };
+    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let root_url = env("TASKCLUSTER_ROOT_URL")
+        .or_else(|| {
+            section
+                .as_ref()
+                .and_then(|section| section.root_url.clone())
+        })
+        .ok_or_else(|| {
+            fail(
+                "no root URL: set TASKCLUSTER_ROOT_URL or queue.rootUrl".into(),
+                Outcome::Malformed,
+            )
+        })?;
+    let identity = |flag: &Option<String>, configured: Option<String>, what: &str| {
+        flag.clone().or(configured).ok_or_else(|| {
+            fail(
+                format!("no {what}: pass --{what} or set it in the configuration's queue section"),
+                Outcome::Malformed,
+            )
+        })
+    };
+    let worker_group = identity(
+        &args.worker_group,
+        section.as_ref().map(|s| s.worker_group.clone()),
+        "worker-group",
+    )?;
+    let worker_id = identity(
+        &args.worker_id,
+        section.as_ref().map(|s| s.worker_id.clone()),
+        "worker-id",
+    )?;
+    let secret = static_secret(args.static_secret_file.as_deref())
+        .map_err(|message| fail(message, Outcome::Malformed))?;
+    let worker = StaticWorker {
+        root_url,
+        worker_pool_id: pool.to_owned(),
+        provider_id: args.provider_id.clone(),
+        worker_group,
+        worker_id,
+        secret,
+    };
+    let registration = worker
+        .register()
+        .await
+        .map_err(|error| fail(error.to_string(), Outcome::Internal))?;
+    say(&format!(
+        "registered with worker-manager as {}/{}/{} (credentials until {})",
+        worker.worker_pool_id,
+        worker.worker_group,
+        worker.worker_id,
+        registration.expires_text()
+    ));
+    Ok((worker, registration))
+}
+
+/// The static secret: from `file` when given (read bounded), else from the environment.
+fn static_secret(file: Option<&std::path::Path>) -> Result<StaticSecret, String> {
+    use std::io::Read;
+    let text = match file {
+        Some(path) => {
+            let mut text = String::new();
+            std::fs::File::open(path)
+                .and_then(|file| file.take(STATIC_SECRET_LIMIT + 1).read_to_string(&mut text))
+                .map_err(|error| format!("the static secret file {}: {error}", path.display()))?;
+            if text.len() as u64 > STATIC_SECRET_LIMIT {
+                return Err(format!(
+                    "the static secret file {} is over {STATIC_SECRET_LIMIT} bytes",
+                    path.display()
+                ));
+            }
+            text
+        }
+        None => std::env::var(STATIC_SECRET_VARIABLE).unwrap_or_default(),
+    };
+    StaticSecret::new(&text).ok_or_else(|| {
+        format!(
+            "no static secret: pass --static-secret-file FILE or set {STATIC_SECRET_VARIABLE}              (never a flag: it would show in ps)"
+        )
+    })
 }
 
 /// The live log's address and URL: flags over the configuration; none when neither names an

@@ -16,6 +16,7 @@ use schemas::ResolvedMachine;
 
 use crate::disk::drives::{open_for_qemu, BootSource, HostDisk};
 use crate::disk::overlay::{create_empty_disk, create_overlay};
+use crate::memory::GuestMemory;
 use crate::network::netns::namespace_name;
 use crate::network::VmNetwork;
 use crate::qemu::cmdline::{
@@ -30,7 +31,6 @@ use crate::sandbox::jail::{JailPlan, JailSettings};
 use crate::sandbox::records::{process_start_ticks, RecordFile, VmRecord};
 use crate::sandbox::runtime::RuntimeDir;
 use crate::snapshot::format::Snapshot;
-use crate::snapshot::ram::GuestMemory;
 use crate::vm::{tail, VirtualMachine, VmError, VmSettings, STDERR_TAIL};
 
 /// The descriptors QEMU inherits, each with the fd set it is put in (None: referred to by

@@ -25,10 +25,12 @@
 pub mod disk;
 pub mod host;
 mod launch;
+pub mod memory;
 pub mod network;
 pub mod qemu;
 pub mod sandbox;
 pub mod snapshot;
+mod starts;
 pub mod vm;
 
 pub use vm::{ExitKind, VirtualMachine, VmError, VmSettings};

@@ -7,6 +7,8 @@
 //! - [`client`]: a Taskcluster service client (Hawk, retries, bounded answers).
 //! - [`queue`]: the queue calls, with our errors.
 //! - [`claim`]: one claim and the reclaim loop.
+//! - [`fleet`]: membership of a worker-manager pool (`static` provider): register, renew,
+//!   drain when removed.
 //! - [`uploads`]: artifacts as `s3`, `error` and `reference` artifacts.
 //! - [`livelog`]: the worker's HTTP server: each running task's log as it grows, and
 //! - [`shells`]: interactive shells into running tasks' VMs (`interactive: true`).
@@ -15,6 +17,7 @@
 
 pub mod claim;
 pub mod client;
+pub mod fleet;
 pub mod livelog;
 pub mod queue;
 mod replies;
@@ -61,6 +64,9 @@ pub struct WorkerOptions {
     pub shutdown_grace: Duration,
     /// Where running tasks' logs are served, when the operator gave an address.
     pub live_log: Option<Arc<LiveLogServer>>,
+    /// Credentials that replace the endpoint's as they are renewed (a worker-manager member's,
+    /// see [`fleet::keep_membership`]); None: the endpoint's are the worker's for good.
+    pub renewed_credentials: Option<watch::Receiver<Credentials>>,
 }
 
 /// The log artifact clients read: a reference to the live log while the task runs, then to
@@ -98,9 +104,10 @@ pub async fn run_worker(
         let _ = shutting_down.send(true);
         std::future::pending::<()>().await;
     });
-    let queue = options
+    let mut queue = options
         .endpoint
         .client(&options.endpoint.credentials, Duration::from_secs(60))?;
+    let mut renewed = options.renewed_credentials.clone();
     let (stop_all, stop_signal) = watch::channel(None::<ExceptionReason>);
     let mut running = JoinSet::new();
     let mut backoff = Duration::from_secs(1);
@@ -114,6 +121,15 @@ pub async fn run_worker(
     );
     while !*shutdown_seen.borrow() {
         while running.try_join_next().is_some() {}
+        if let Some(renewed) = renewed
+            .as_mut()
+            .filter(|r| r.has_changed().unwrap_or(false))
+        {
+            let credentials = renewed.borrow_and_update().clone();
+            queue = options
+                .endpoint
+                .client(&credentials, Duration::from_secs(60))?;
+        }
         let free = options.capacity.saturating_sub(running.len());
         if free == 0 {
             tokio::select! {

@@ -45,17 +45,35 @@ impl Deployment {
     }
 
     pub fn admin(&self) -> Service {
+        self.admin_of("queue")
+    }
+
+    /// The admin client of `service` (`queue`, `auth`, `worker-manager`).
+    pub fn admin_of(&self, service: &str) -> Service {
         let credentials = Credentials::new(
             self.vars["TC_LOCAL_ADMIN_CLIENT_ID"].clone(),
             self.vars["TC_LOCAL_ADMIN_ACCESS_TOKEN"].clone(),
         );
         Service::new(
             &self.root_url,
-            "queue",
+            service,
             Some(&credentials),
             Duration::from_secs(60),
         )
         .unwrap()
+    }
+
+    /// An admin call; panics on a refusal.
+    pub fn call(
+        &self,
+        service: &str,
+        method: Method,
+        path: &[&str],
+        body: Option<&Value>,
+    ) -> Value {
+        runtime()
+            .block_on(self.admin_of(service).call(method.clone(), path, body))
+            .unwrap_or_else(|error| panic!("{service} {method} {path:?}: {error}"))
     }
 }
 
@@ -182,25 +200,10 @@ impl Worker {
         state: &Path,
         extra: &[&str],
     ) -> Worker {
-        let config = state.with_extension("json");
-        std::fs::write(
-            &config,
-            testkit::guest::config_allowing_test_images(r#""start": "boot""#),
-        )
-        .unwrap();
-        let mut command = taskvm_command(&[]);
+        let mut command = worker_command(deployment, state, extra);
         command
-            .arg("worker")
             .args(["--task-queue-id", task_queue_id, "--worker-group", "local"])
             .args(["--worker-id", state.file_name().unwrap().to_str().unwrap()])
-            .args(["--accel", "tcg", "--config"])
-            .arg(&config)
-            .arg("--state")
-            .arg(state)
-            .arg("--cache")
-            .arg(shared_cache())
-            .args(extra)
-            .env("TASKCLUSTER_ROOT_URL", &deployment.root_url)
             .env(
                 "TASKCLUSTER_CLIENT_ID",
                 &deployment.vars["TC_LOCAL_WORKER_CLIENT_ID"],
@@ -208,8 +211,29 @@ impl Worker {
             .env(
                 "TASKCLUSTER_ACCESS_TOKEN",
                 &deployment.vars["TC_LOCAL_WORKER_ACCESS_TOKEN"],
-            )
-            .env_remove("TASKCLUSTER_CERTIFICATE");
+            );
+        Worker {
+            process: Spawned::spawn(&mut command, |_| {}),
+            state: state.to_owned(),
+        }
+    }
+
+    /// A worker of worker-manager pool `pool`, group `local`, id the state directory's name,
+    /// registering with `secret` and holding no client credentials.
+    pub fn start_in_pool(
+        deployment: &Deployment,
+        pool: &str,
+        state: &Path,
+        secret: &str,
+        extra: &[&str],
+    ) -> Worker {
+        let mut command = worker_command(deployment, state, extra);
+        command
+            .args(["--worker-pool-id", pool, "--worker-group", "local"])
+            .args(["--worker-id", state.file_name().unwrap().to_str().unwrap()])
+            .env("TASKVM_STATIC_SECRET", secret)
+            .env_remove("TASKCLUSTER_CLIENT_ID")
+            .env_remove("TASKCLUSTER_ACCESS_TOKEN");
         Worker {
             process: Spawned::spawn(&mut command, |_| {}),
             state: state.to_owned(),
@@ -231,6 +255,29 @@ impl Worker {
     pub fn wait_exit(&mut self, patience: Duration) -> std::process::ExitStatus {
         self.process.wait_exit(patience)
     }
+}
+
+/// `taskvm worker` with the test configuration, state directory, shared cache and `extra`.
+fn worker_command(deployment: &Deployment, state: &Path, extra: &[&str]) -> std::process::Command {
+    let config = state.with_extension("json");
+    std::fs::write(
+        &config,
+        testkit::guest::config_allowing_test_images(r#""start": "boot""#),
+    )
+    .unwrap();
+    let mut command = taskvm_command(&[]);
+    command
+        .arg("worker")
+        .args(["--accel", "tcg", "--config"])
+        .arg(&config)
+        .arg("--state")
+        .arg(state)
+        .arg("--cache")
+        .arg(shared_cache())
+        .args(extra)
+        .env("TASKCLUSTER_ROOT_URL", &deployment.root_url)
+        .env_remove("TASKCLUSTER_CERTIFICATE");
+    command
 }
 
 pub fn scratch() -> tempfile::TempDir {

@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod deployment;
+mod fleet;
 mod interactive;
 mod livelog;
 

@@ -369,7 +369,8 @@ fn jail_settings(
         Ok(()) => notice(&format!(
             "isolation: every QEMU jailed: a user and group of its own (sandbox.idRange {}..{end}), \
              its own mount, network, IPC and UTS namespaces with its runtime directory as root \
-             (the host's /usr read-only, /dev with null, zero, random, urandom and kvm under KVM), \
+             (the host's /usr read-only, /dev with null, zero, random, urandom and kvm under KVM; \
+             with RAM mapped from a snapshot, a /proc showing only its own processes), \
              an empty environment, no new privileges, seccomp; not in a PID namespace of its own",
             ids.first
         )),

@@ -10,7 +10,6 @@ use schemas::ResolvedMachine;
 use thiserror::Error;
 
 use crate::disk::drives::DriveMedia;
-use crate::snapshot::ram::RAM_OBJECT;
 
 /// Which accelerator runs the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +66,10 @@ pub struct LaunchSpec {
     pub memory: Option<MemoryBackend>,
 }
 
-/// Guest RAM as the memory backend object `ram0`.
+/// The id of the memory backend object that holds the guest's RAM, when it is one.
+pub const RAM_OBJECT: &str = "ram0";
+
+/// Guest RAM as the memory backend object [`RAM_OBJECT`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemoryBackend {
     /// Mapped from a file (`mem-path`, as QEMU opens it), shared or private.

@@ -22,7 +22,7 @@ pub enum SavedRam {
     /// In the migration stream, for the backend object `ram0` (saved with `x-ignore-shared`):
     /// a restored VM saved again (kept for debugging); restored into anonymous memory.
     StreamObject,
-    /// In `ram.bin`, which every restore maps private ([`crate::snapshot::ram`]).
+    /// In `ram.bin`, which every restore maps private ([`crate::memory`]).
     File,
 }
 

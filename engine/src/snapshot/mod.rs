@@ -9,7 +9,7 @@
 //!
 //! The guest's RAM is not in the stream but in a file of its own (`ram.bin`, sparse), which
 //! every restore maps private: restored copies of one snapshot share its clean pages, and a
-//! restore loads only the devices ([`ram`]). The VM being saved has its RAM in a memory file
+//! restore loads only the devices ([`crate::memory`]). The VM being saved has its RAM in a memory file
 //! mapped shared; the stream is saved with `x-ignore-shared`, which leaves that RAM out. A VM
 //! restored from a snapshot and saved again (kept for debugging) has private RAM, which the
 //! stream holds. A restore is only valid for the same image, machine, QEMU and kernel command
@@ -18,15 +18,13 @@
 //! # Layout
 //! - [`format`](mod@format): the files of a snapshot directory ([`Snapshot`]).
 //! - `save`: a paused VM saved into one ([`VirtualMachine::snapshot`]).
-//! - [`ram`]: guest RAM in a memory file, saved to and loaded from `ram.bin`.
 //! - [`build`](mod@build): an image's snapshot made from a fresh boot ([`build()`]).
 //! - [`store`]: one snapshot per key under the state directory, built once and shared.
 //!
-//! Restoring is a start of its own ([`VirtualMachine::restore`], in `vm::starts`).
+//! Restoring is a start of its own ([`VirtualMachine::restore`], in `starts`).
 
 pub mod build;
 pub mod format;
-pub mod ram;
 mod save;
 pub mod store;
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::format::{SavedRam, Snapshot, SnapshotFile};
-use super::ram::GuestMemory;
+use crate::memory::GuestMemory;
 use crate::vm::{read_bounded, VirtualMachine, VmError, LOG_LIMIT};
 
 /// Migration bandwidth: QEMU 7.2 caps it at 128 MiB/s unless told otherwise.

@@ -6,7 +6,6 @@
 //! - [`mutable`]: [`mutable::MutableImage`], a VM booted to be changed and packaged.
 
 pub mod mutable;
-mod starts;
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -168,7 +167,7 @@ pub struct VirtualMachine {
     pub(crate) max_file_size: Option<u64>,
     pub(crate) max_console_size: Option<u64>,
     /// Where the guest's RAM is; a snapshot's memory file is held while the VM lives.
-    pub(crate) memory: crate::snapshot::ram::GuestMemory,
+    pub(crate) memory: crate::memory::GuestMemory,
 }
 
 impl VirtualMachine {

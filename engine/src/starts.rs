@@ -8,8 +8,8 @@ use schemas::ResolvedMachine;
 
 use crate::disk::drives::BootSource;
 use crate::launch::launch;
+use crate::memory::{self, GuestMemory, MemoryFile};
 use crate::snapshot::format::{SavedRam, Snapshot, SnapshotFile};
-use crate::snapshot::ram::{self, GuestMemory, MemoryFile};
 use crate::vm::{VirtualMachine, VmError, VmSettings};
 
 /// The guest's RAM in bytes.
@@ -83,7 +83,7 @@ impl VirtualMachine {
             SavedRam::Stream => GuestMemory::Default,
             SavedRam::StreamObject => GuestMemory::Anonymous,
             SavedRam::File => GuestMemory::Snapshot(
-                ram::loaded(&snapshot.ram_path(), machine_memory_bytes(machine)).map_err(
+                memory::loaded(&snapshot.ram_path(), machine_memory_bytes(machine)).map_err(
                     |error| {
                         VmError::Snapshot(format!(
                             "loading {}: {error}",

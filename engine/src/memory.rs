@@ -27,8 +27,6 @@ use std::sync::{Arc, Mutex};
 
 use rustix::fs::{MemfdFlags, SealFlags, SeekFrom};
 
-/// The id of the memory backend object that holds a VM's RAM when it is in a file.
-pub const RAM_OBJECT: &str = "ram0";
 /// The page size the zero pages are found by.
 const PAGE: usize = 4096;
 /// How much is copied at a time.
@@ -128,7 +126,7 @@ pub(crate) enum GuestMemory {
 }
 
 impl GuestMemory {
-    /// Whether the RAM is the backend object [`RAM_OBJECT`], whose state moves with
+    /// Whether the RAM is the backend object `ram0`, whose state moves with
     /// `x-ignore-shared` on.
     pub(crate) fn in_object(&self) -> bool {
         !matches!(self, GuestMemory::Default)

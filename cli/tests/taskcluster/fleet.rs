@@ -11,6 +11,16 @@ use crate::deployment::*;
 
 /// A worker pool of this test's own whose credentials last `reregistration` seconds.
 fn make_pool(deployment: &Deployment, name: &str, reregistration: u64) -> String {
+    make_pool_with(deployment, name, reregistration, json!({}))
+}
+
+/// Like [`make_pool`], handing its workers `worker_config`.
+fn make_pool_with(
+    deployment: &Deployment,
+    name: &str,
+    reregistration: u64,
+    worker_config: serde_json::Value,
+) -> String {
     let pool = format!("proj-taskvm/{name}-{}", std::process::id());
     deployment.call(
         "auth",
@@ -32,7 +42,7 @@ fn make_pool(deployment: &Deployment, name: &str, reregistration: u64) -> String
             "emailOnError": false,
             "config": {
                 "lifecycle": { "reregistrationTimeout": reregistration },
-                "workerConfig": {},
+                "workerConfig": worker_config,
             },
         })),
     );
@@ -223,7 +233,8 @@ fn a_removed_host_finishes_its_task_claims_nothing_more_and_exits_0() {
 }
 
 #[test]
-fn a_wrong_secret_an_unknown_worker_and_an_absent_worker_manager_fail_at_once_in_one_line() {
+fn a_wrong_secret_an_unknown_worker_an_absent_worker_manager_or_an_unknown_worker_config_key_end_the_worker_at_once(
+) {
     let deployment = Deployment::get();
     let dir = scratch();
     let pool = make_pool(&deployment, "static-refuse", 3600);
@@ -244,6 +255,31 @@ fn a_wrong_secret_an_unknown_worker_and_an_absent_worker_manager_fail_at_once_in
             "cannot be reached",
         ),
     ];
+    // A pool whose workerConfig holds a key the configuration does not have.
+    let odd_pool = make_pool_with(
+        &deployment,
+        "static-odd-config",
+        3600,
+        json!({ "warmPool": 1, "noSuchSetting": true }),
+    );
+    let odd_secret = add_host(&deployment, &odd_pool, "host-o");
+    let mut odd = Worker::start_in_pool(
+        &deployment,
+        &odd_pool,
+        &dir.path().join("host-o"),
+        &odd_secret,
+        &[],
+    );
+    let exit = odd.wait_exit(Duration::from_secs(30));
+    let lines = odd.process.lines();
+    assert_eq!(exit.code(), Some(2), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("worker pool's workerConfig"))
+            && lines.iter().any(|line| line.contains("noSuchSetting")),
+        "{lines:#?}"
+    );
     for (case, (id, secret, root_url, expected)) in cases.into_iter().enumerate() {
         let case_dir = dir.path().join(format!("case-{case}"));
         std::fs::create_dir(&case_dir).unwrap();

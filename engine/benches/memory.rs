@@ -7,7 +7,9 @@
 //!   besides them (the shared memory file, once per snapshot).
 //!
 //! `TASKVM_BENCH_ROUNDS` sets the restore rounds (default 10) and the rounds of idle copies
-//! (a tenth of it, at least 2). Needs root (VM networks).
+//! (a tenth of it, at least 2). `TASKVM_BENCH_DENSITY=N` also restores up to N idle copies at
+//! once (RAM file) until one fails, and reports how many ran and what they held. Needs root
+//! (VM networks).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
@@ -179,6 +181,69 @@ async fn main() {
         mib(stream),
         file as f64 / stream as f64
     );
+
+    let density = number("TASKVM_BENCH_DENSITY", 0);
+    if density > 0 {
+        let (_, snapshot, held) = &snapshots[0];
+        let before = mem_available();
+        let started = Instant::now();
+        let mut vms = Vec::new();
+        let mut failure = None;
+        for copy in 0..density {
+            let restored = VirtualMachine::restore(
+                lease(),
+                &machine,
+                &settings(format!("mem-dense-{copy}")),
+                snapshot,
+            )
+            .await;
+            match restored {
+                Ok(vm) => vms.push(vm),
+                Err(error) => {
+                    failure = Some(error.to_string());
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mut alive = 0;
+        let mut total_pss = *held;
+        for vm in &mut vms {
+            if vm.status().await.is_ok_and(|(running, _)| running) {
+                alive += 1;
+            }
+            total_pss += rollup(vm.pid()).1;
+        }
+        println!(
+            "density: {} of {density} idle copies restored in {:.0} s ({}), {alive} running              after 5 s; PSS of all with the memory file {:.0} MiB ({:.1} MiB each); the host's              available memory went from {:.0} to {:.0} MiB",
+            vms.len(),
+            started.elapsed().as_secs_f64(),
+            failure.as_deref().unwrap_or("no failure"),
+            mib(total_pss),
+            mib(total_pss) / vms.len().max(1) as f64,
+            mib(before),
+            mib(mem_available())
+        );
+        for mut vm in vms {
+            vm.kill().await;
+        }
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 fn resolved(lease: &Lease) -> ResolvedMachine {

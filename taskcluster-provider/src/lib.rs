@@ -110,6 +110,10 @@ pub async fn run_worker(
     let mut renewed = options.renewed_credentials.clone();
     let (stop_all, stop_signal) = watch::channel(None::<ExceptionReason>);
     let mut running = JoinSet::new();
+    // A slot is a running VM: a run gives its slot back when its VM has ended, so the next
+    // claim starts while the last one's artifacts go up and it is reported. Runs that are
+    // only publishing are bounded by the capacity too.
+    let slots = Arc::new(tokio::sync::Semaphore::new(options.capacity));
     let mut backoff = Duration::from_secs(1);
     let mut fatal = None;
     tracing::info!(
@@ -130,11 +134,21 @@ pub async fn run_worker(
                 .endpoint
                 .client(&credentials, Duration::from_secs(60))?;
         }
-        let free = options.capacity.saturating_sub(running.len());
+        let free = slots
+            .available_permits()
+            .min((2 * options.capacity).saturating_sub(running.len()));
         if free == 0 {
-            tokio::select! {
-                _ = running.join_next() => {}
-                _ = shutdown_seen.changed() => {}
+            if slots.available_permits() == 0 {
+                tokio::select! {
+                    _ = running.join_next() => {}
+                    Ok(permit) = slots.clone().acquire_owned() => drop(permit),
+                    _ = shutdown_seen.changed() => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = running.join_next() => {}
+                    _ = shutdown_seen.changed() => {}
+                }
             }
             continue;
         }
@@ -155,6 +169,7 @@ pub async fn run_worker(
                                 options: options.clone(),
                                 capacity: capacity.clone(),
                                 stop: stop_signal.clone(),
+                                slot: slots.clone().try_acquire_owned().ok(),
                             };
                             let span = tracing::info_span!(
                                 "task",
@@ -222,10 +237,12 @@ struct ClaimedRun {
     options: Arc<WorkerOptions>,
     capacity: Arc<Capacity>,
     stop: watch::Receiver<Option<ExceptionReason>>,
+    /// The run's slot, given back once its VM has ended.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl ClaimedRun {
-    async fn execute(self, claim: Claim) {
+    async fn execute(mut self, claim: Claim) {
         let (task_id, run_id) = (claim.task_id.clone(), claim.run_id);
         let dir = self.run_dir(&task_id, run_id);
         let credentials = Arc::new(Mutex::new(claim.credentials.clone()));
@@ -259,6 +276,8 @@ impl ClaimedRun {
         let outcome = self
             .run(&claim, &dir, stop_signal.clone(), listener, live_vm)
             .await;
+        // The VM is gone: its slot is free for the next claim while this run is published.
+        drop(self.slot.take());
         if let Some((shell, published)) = offered {
             // The task is over: its shell's URL stops answering. Its artifact must exist
             // before the run is resolved (the queue takes none after).

@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use crate::queue::Queue;
 use serde_json::{json, Value};
 
@@ -45,7 +47,42 @@ pub enum Publish {
     },
 }
 
-/// Publishes `artifacts` for the run; `expires` is the task's.
+/// Publishes one artifact; returns its name and how it went.
+async fn publish_one<'a>(
+    queue: &Queue,
+    http: &reqwest::Client,
+    task_id: &str,
+    run_id: u32,
+    expires: &str,
+    artifact: &'a Publish,
+) -> (&'a String, Result<(), String>) {
+    match artifact {
+        Publish::File { name, path } => (
+            name,
+            upload_file(queue, http, task_id, run_id, expires, name, path).await,
+        ),
+        Publish::Text { name, text } => (
+            name,
+            upload_text(queue, http, task_id, run_id, expires, name, text).await,
+        ),
+        Publish::Missing { name, message } => {
+            let request = json!({
+                "storageType": "error",
+                "expires": expires,
+                "reason": "file-missing-on-worker",
+                "message": message,
+            });
+            let created = create_artifact(queue, task_id, run_id, name, &request).await;
+            (name, created.map(|_| ()).map_err(|error| error.to_string()))
+        }
+    }
+}
+
+/// How many artifacts are uploaded at once: a task's few small files (its log, its console)
+/// go up together instead of one after the other.
+const UPLOADS_AT_ONCE: usize = 4;
+
+/// Publishes `artifacts` for the run, [`UPLOADS_AT_ONCE`] at a time; `expires` is the task's.
 pub async fn publish(
     queue: &Queue,
     task_id: &str,
@@ -57,28 +94,16 @@ pub async fn publish(
         .timeout(Duration::from_secs(600))
         .build()
         .unwrap_or_else(|_| reqwest::Client::new());
+    let uploads: Vec<_> = artifacts
+        .iter()
+        .map(|artifact| publish_one(queue, &http, task_id, run_id, expires, artifact))
+        .collect();
+    let results: Vec<(&String, Result<(), String>)> = futures::stream::iter(uploads)
+        .buffered(UPLOADS_AT_ONCE)
+        .collect()
+        .await;
     let mut uploaded = Uploaded::default();
-    for artifact in artifacts {
-        let (name, result) = match artifact {
-            Publish::File { name, path } => (
-                name,
-                upload_file(queue, &http, task_id, run_id, expires, name, path).await,
-            ),
-            Publish::Text { name, text } => (
-                name,
-                upload_text(queue, &http, task_id, run_id, expires, name, text).await,
-            ),
-            Publish::Missing { name, message } => {
-                let request = json!({
-                    "storageType": "error",
-                    "expires": expires,
-                    "reason": "file-missing-on-worker",
-                    "message": message,
-                });
-                let created = create_artifact(queue, task_id, run_id, name, &request).await;
-                (name, created.map(|_| ()).map_err(|error| error.to_string()))
-            }
-        };
+    for (name, result) in results {
         match result {
             Ok(()) => uploaded.created.push(name.clone()),
             Err(error) => uploaded.failed.push((name.clone(), error)),

@@ -300,7 +300,8 @@ fn static_secret(file: Option<&std::path::Path>) -> Result<StaticSecret, String>
     };
     StaticSecret::new(&text).ok_or_else(|| {
         format!(
-            "no static secret: pass --static-secret-file FILE or set {STATIC_SECRET_VARIABLE}              (never a flag: it would show in ps)"
+            "no static secret: pass --static-secret-file FILE or set {STATIC_SECRET_VARIABLE} \
+             (never a flag: it would show in ps)"
         )
     })
 }

@@ -215,7 +215,9 @@ async fn main() {
             total_pss += rollup(vm.pid()).1;
         }
         println!(
-            "density: {} of {density} idle copies restored in {:.0} s ({}), {alive} running              after 5 s; PSS of all with the memory file {:.0} MiB ({:.1} MiB each); the host's              available memory went from {:.0} to {:.0} MiB",
+            "density: {} of {density} idle copies restored in {:.0} s ({}), {alive} running \
+             after 5 s; PSS of all with the memory file {:.0} MiB ({:.1} MiB each); the host's \
+             available memory went from {:.0} to {:.0} MiB",
             vms.len(),
             started.elapsed().as_secs_f64(),
             failure.as_deref().unwrap_or("no failure"),

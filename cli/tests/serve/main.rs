@@ -171,6 +171,40 @@ fn submit_follow_prints_the_log_and_exits_as_taskvm_run_with_artifacts_and_metri
 }
 
 #[test]
+fn tasks_past_the_hosts_memory_wait_for_capacity_and_all_complete() {
+    let dir = scratch();
+    let state = dir.path().join("state");
+    // Four slots and eight vCPUs, but memory for two 256 MiB VMs: two tasks wait, none fails.
+    let server = Server::start(
+        &state,
+        &["--concurrency", "4", "--memory", "600", "--cpus", "8"],
+    );
+    let tasks: Vec<String> = (0..4)
+        .map(|index| server.submit(&script_task(&format!("sleep 3; echo done {index}"), 60)))
+        .collect();
+    let mut most = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while tasks.iter().any(|task| {
+        matches!(
+            server.task(task)["state"].as_str(),
+            Some("queued" | "running")
+        )
+    }) {
+        most = most.max(qemu_processes_under(&state));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tasks never ended"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for task in &tasks {
+        assert_eq!(server.task(task)["resolution"], "completed");
+    }
+    assert!(most <= 2, "{most} VMs at once with memory for two");
+    assert!(most >= 1);
+}
+
+#[test]
 fn concurrency_and_host_capacity_bound_the_vms_and_cancel_works_queued_and_running() {
     let dir = scratch();
     let state = dir.path().join("state");

@@ -234,10 +234,16 @@ async fn main() {
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes.
 fn mem_available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("MemAvailable:"))
+    kib_field(
+        &std::fs::read_to_string("/proc/meminfo").unwrap_or_default(),
+        "MemAvailable:",
+    )
+}
+
+/// The value of the `NAME: N kB` line `field` of a `/proc` file's `text`, in bytes (0 when absent).
+fn kib_field(text: &str, field: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| {
             rest.trim()
                 .trim_end_matches("kB")
@@ -266,19 +272,7 @@ fn resolved(lease: &Lease) -> ResolvedMachine {
 /// (RSS, PSS) of process `pid` in bytes.
 fn rollup(pid: u32) -> (u64, u64) {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("smaps_rollup");
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map_or(0, |kib| kib * 1024)
-    };
-    (field("Rss:"), field("Pss:"))
+    (kib_field(&text, "Rss:"), kib_field(&text, "Pss:"))
 }
 
 fn median(values: &[u64]) -> u64 {

@@ -56,12 +56,14 @@ pub struct WorkerArgs {
     /// renew them, and drain once the worker is removed.
     #[arg(long, value_name = "POOL")]
     worker_pool_id: Option<String>,
-    /// The pool's provider (with --worker-pool-id).
-    #[arg(long, value_name = "ID", default_value = fleet::STATIC_PROVIDER, requires = "worker_pool_id")]
-    provider_id: String,
-    /// File holding the static secret the worker was created with (with --worker-pool-id;
-    /// else the environment variable TASKVM_STATIC_SECRET).
-    #[arg(long, value_name = "FILE", requires = "worker_pool_id")]
+    /// The pool's provider (with a pool; default: the configuration's `queue.providerId`, else
+    /// `static`).
+    #[arg(long, value_name = "ID")]
+    provider_id: Option<String>,
+    /// File holding the static secret the worker was created with (with a pool; default: the
+    /// configuration's `queue.staticSecretFile`, else the environment variable
+    /// TASKVM_STATIC_SECRET).
+    #[arg(long, value_name = "FILE")]
     static_secret_file: Option<std::path::PathBuf>,
 }
 
@@ -78,11 +80,24 @@ pub fn run(args: WorkerArgs) -> Outcome {
     };
     // A member of a worker-manager pool registers first: its credentials and the pool's
     // workerConfig come from the registration.
-    let membership = match &args.worker_pool_id {
-        Some(pool) => match runtime.block_on(join_pool(&args, pool)) {
+    let file_section = match crate::documents::load_host_config(&args.host, None) {
+        Ok(config) => taskcluster_section(&config),
+        Err(outcome) => return outcome,
+    };
+    let pool = args.worker_pool_id.clone().or_else(|| {
+        file_section
+            .as_ref()
+            .and_then(|section| section.worker_pool_id.clone())
+    });
+    let membership = match &pool {
+        Some(pool) => match runtime.block_on(join_pool(&args, pool, file_section.as_ref())) {
             Ok(joined) => Some(joined),
             Err(outcome) => return outcome,
         },
+        None if args.provider_id.is_some() || args.static_secret_file.is_some() => {
+            say("--provider-id and --static-secret-file need a pool: pass --worker-pool-id");
+            return Outcome::Malformed;
+        }
         None => None,
     };
     let overlay = membership.as_ref().map(|(_, first)| &first.worker_config);
@@ -90,18 +105,22 @@ pub fn run(args: WorkerArgs) -> Outcome {
         Ok(config) => config,
         Err(outcome) => return outcome,
     };
-    let section = match &config.queue {
-        Some(QueueConfig::Taskcluster(section)) => Some(section.clone()),
-        _ => None,
-    };
+    let section = taskcluster_section(&config);
     let options = match &membership {
         Some((worker, first)) => Ok((
             QueueEndpoint {
                 root_url: worker.root_url.clone(),
                 credentials: first.credentials.clone(),
             },
+            // The flag, else the section's queue when the section names the pool, else the pool.
             args.task_queue_id
                 .clone()
+                .or_else(|| {
+                    section
+                        .as_ref()
+                        .filter(|section| section.worker_pool_id.is_some())
+                        .map(|section| section.task_queue_id.clone())
+                })
                 .unwrap_or_else(|| worker.worker_pool_id.clone()),
             worker.worker_group.clone(),
             worker.worker_id.clone(),
@@ -212,25 +231,20 @@ pub fn run(args: WorkerArgs) -> Outcome {
 }
 
 /// Registers with worker-manager as a static worker of `pool`: the identity from the flags (or
-/// the configuration's queue section), the secret from `--static-secret-file` or
-/// `TASKVM_STATIC_SECRET`. Any failure is said in one line and nothing is claimed.
-async fn join_pool(args: &WorkerArgs, pool: &str) -> Result<(StaticWorker, Registration), Outcome> {
+/// the configuration's queue `section`), the secret from `--static-secret-file`,
+/// `queue.staticSecretFile` or `TASKVM_STATIC_SECRET`. Any failure is said in one line and nothing is claimed.
+async fn join_pool(
+    args: &WorkerArgs,
+    pool: &str,
+    section: Option<&TaskclusterQueueConfig>,
+) -> Result<(StaticWorker, Registration), Outcome> {
     let fail = |message: String, outcome: Outcome| {
         say(&message);
         outcome
     };
-    let config = crate::documents::load_host_config(&args.host, None)?;
-    let section = match &config.queue {
-        Some(QueueConfig::Taskcluster(section)) => Some(section.clone()),
-        _ => None,
-    };
     let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
     let root_url = env("TASKCLUSTER_ROOT_URL")
-        .or_else(|| {
-            section
-                .as_ref()
-                .and_then(|section| section.root_url.clone())
-        })
+        .or_else(|| section.and_then(|section| section.root_url.clone()))
         .ok_or_else(|| {
             fail(
                 "no root URL: set TASKCLUSTER_ROOT_URL or queue.rootUrl".into(),
@@ -247,20 +261,28 @@ async fn join_pool(args: &WorkerArgs, pool: &str) -> Result<(StaticWorker, Regis
     };
     let worker_group = identity(
         &args.worker_group,
-        section.as_ref().map(|s| s.worker_group.clone()),
+        section.map(|s| s.worker_group.clone()),
         "worker-group",
     )?;
     let worker_id = identity(
         &args.worker_id,
-        section.as_ref().map(|s| s.worker_id.clone()),
+        section.map(|s| s.worker_id.clone()),
         "worker-id",
     )?;
-    let secret = static_secret(args.static_secret_file.as_deref())
+    let secret_file = args
+        .static_secret_file
+        .clone()
+        .or_else(|| section.and_then(|section| section.static_secret_file.clone()));
+    let secret = static_secret(secret_file.as_deref())
         .map_err(|message| fail(message, Outcome::Malformed))?;
     let worker = StaticWorker {
         root_url,
         worker_pool_id: pool.to_owned(),
-        provider_id: args.provider_id.clone(),
+        provider_id: args
+            .provider_id
+            .clone()
+            .or_else(|| section.and_then(|section| section.provider_id.clone()))
+            .unwrap_or_else(|| fleet::STATIC_PROVIDER.to_owned()),
         worker_group,
         worker_id,
         secret,
@@ -304,6 +326,14 @@ fn static_secret(file: Option<&std::path::Path>) -> Result<StaticSecret, String>
              (never a flag: it would show in ps)"
         )
     })
+}
+
+/// The configuration's Taskcluster queue section, if it has one.
+fn taskcluster_section(config: &schemas::WorkerConfig) -> Option<TaskclusterQueueConfig> {
+    match &config.queue {
+        Some(QueueConfig::Taskcluster(section)) => Some(section.clone()),
+        _ => None,
+    }
 }
 
 /// The live log's address and URL: flags over the configuration; none when neither names an

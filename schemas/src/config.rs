@@ -431,6 +431,21 @@ pub struct TaskclusterQueueConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"), length(max = 1024))]
     pub live_log_url: Option<String>,
+    /// Join this worker-manager pool instead of using client credentials (as
+    /// `--worker-pool-id`): register with the static secret, claim with the temporary
+    /// credentials it hands out, renew them, drain once removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9_-]{1,38}/[a-z]([-a-z0-9]{0,36}[a-z0-9])?$"))]
+    pub worker_pool_id: Option<String>,
+    /// The pool's provider (default `static`; `--provider-id` overrides it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9_-]{1,38}$"))]
+    pub provider_id: Option<String>,
+    /// File holding the static secret (`--static-secret-file` overrides it; else the
+    /// environment variable `TASKVM_STATIC_SECRET`). Never the secret itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub static_secret_file: Option<std::path::PathBuf>,
 }
 
 fn default_capacity() -> u32 {

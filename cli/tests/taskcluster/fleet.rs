@@ -280,6 +280,42 @@ fn a_wrong_secret_an_unknown_worker_an_absent_worker_manager_or_an_unknown_worke
             && lines.iter().any(|line| line.contains("noSuchSetting")),
         "{lines:#?}"
     );
+    // The pool, identity and secret file from the configuration's queue section alone.
+    let secret_file = dir.path().join("wrong-secret");
+    std::fs::write(&secret_file, format!("{wrong}\n")).unwrap();
+    let config = dir.path().join("pool-config.json");
+    std::fs::write(
+        &config,
+        json!({
+            "queue": {
+                "provider": "taskcluster", "rootUrl": deployment.root_url, "taskQueueId": pool,
+                "workerGroup": "local", "workerId": "host-w", "workerPoolId": pool,
+                "staticSecretFile": secret_file,
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let output = crate::common::taskvm_command(&[])
+        .arg("worker")
+        .arg("--config")
+        .arg(&config)
+        .arg("--state")
+        .arg(dir.path().join("from-config"))
+        .args(["--accel", "tcg"])
+        .env_remove("TASKCLUSTER_ROOT_URL")
+        .env_remove("TASKCLUSTER_CLIENT_ID")
+        .env_remove("TASKCLUSTER_ACCESS_TOKEN")
+        .env_remove("TASKVM_STATIC_SECRET")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{said}");
+    assert!(said.contains("refused the static secret of"), "{said}");
+    assert!(
+        !said.contains(&wrong),
+        "the secret is never printed: {said}"
+    );
     for (case, (id, secret, root_url, expected)) in cases.into_iter().enumerate() {
         let case_dir = dir.path().join(format!("case-{case}"));
         std::fs::create_dir(&case_dir).unwrap();

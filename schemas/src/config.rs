@@ -370,6 +370,8 @@ pub struct Resolver(
 /// Where a long-running worker takes its tasks from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
+// One per configuration, read once: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum QueueConfig {
     /// `taskvm serve`: the embedded queue with its HTTP API and web UI.
     Embedded(EmbeddedQueueConfig),

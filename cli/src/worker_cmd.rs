@@ -80,10 +80,11 @@ pub fn run(args: WorkerArgs) -> Outcome {
     };
     // A member of a worker-manager pool registers first: its credentials and the pool's
     // workerConfig come from the registration.
-    let file_section = match crate::documents::load_host_config(&args.host, None) {
-        Ok(config) => taskcluster_section(&config),
+    let file_config = match crate::documents::load_host_config(&args.host, None) {
+        Ok(config) => config,
         Err(outcome) => return outcome,
     };
+    let file_section = taskcluster_section(&file_config);
     let pool = args.worker_pool_id.clone().or_else(|| {
         file_section
             .as_ref()
@@ -100,10 +101,16 @@ pub fn run(args: WorkerArgs) -> Outcome {
         }
         None => None,
     };
-    let overlay = membership.as_ref().map(|(_, first)| &first.worker_config);
-    let mut config = match crate::documents::load_host_config_with(&args.host, None, overlay) {
-        Ok(config) => config,
-        Err(outcome) => return outcome,
+    // A pool's workerConfig is laid over the file, which is read again for it.
+    let mut config = match &membership {
+        Some((_, first)) => {
+            let overlay = Some(&first.worker_config);
+            match crate::documents::load_host_config_with(&args.host, None, overlay) {
+                Ok(config) => config,
+                Err(outcome) => return outcome,
+            }
+        }
+        None => file_config,
     };
     let section = taskcluster_section(&config);
     let options = match &membership {
@@ -242,39 +249,25 @@ async fn join_pool(
         say(&message);
         outcome
     };
-    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
-    let root_url = env("TASKCLUSTER_ROOT_URL")
-        .or_else(|| section.and_then(|section| section.root_url.clone()))
-        .ok_or_else(|| {
-            fail(
-                "no root URL: set TASKCLUSTER_ROOT_URL or queue.rootUrl".into(),
-                Outcome::Malformed,
-            )
-        })?;
-    let identity = |flag: &Option<String>, configured: Option<String>, what: &str| {
-        flag.clone().or(configured).ok_or_else(|| {
-            fail(
-                format!("no {what}: pass --{what} or set it in the configuration's queue section"),
-                Outcome::Malformed,
-            )
-        })
-    };
-    let worker_group = identity(
+    let malformed = |message: String| fail(message, Outcome::Malformed);
+    let root_url = root_url(section).map_err(malformed)?;
+    let worker_group = pick(
         &args.worker_group,
         section.map(|s| s.worker_group.clone()),
         "worker-group",
-    )?;
-    let worker_id = identity(
+    )
+    .map_err(malformed)?;
+    let worker_id = pick(
         &args.worker_id,
         section.map(|s| s.worker_id.clone()),
         "worker-id",
-    )?;
+    )
+    .map_err(malformed)?;
     let secret_file = args
         .static_secret_file
         .clone()
         .or_else(|| section.and_then(|section| section.static_secret_file.clone()));
-    let secret = static_secret(secret_file.as_deref())
-        .map_err(|message| fail(message, Outcome::Malformed))?;
+    let secret = static_secret(secret_file.as_deref()).map_err(malformed)?;
     let worker = StaticWorker {
         root_url,
         worker_pool_id: pool.to_owned(),
@@ -328,6 +321,25 @@ fn static_secret(file: Option<&std::path::Path>) -> Result<StaticSecret, String>
     })
 }
 
+/// A non-empty environment variable.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
+}
+
+/// The deployment's root URL: `TASKCLUSTER_ROOT_URL`, else the queue section's.
+fn root_url(section: Option<&TaskclusterQueueConfig>) -> Result<String, String> {
+    env("TASKCLUSTER_ROOT_URL")
+        .or_else(|| section.and_then(|section| section.root_url.clone()))
+        .ok_or_else(|| "no root URL: set TASKCLUSTER_ROOT_URL or queue.rootUrl".to_owned())
+}
+
+/// A part of the worker's identity: the flag `--WHAT`, else the queue section's value.
+fn pick(flag: &Option<String>, configured: Option<String>, what: &str) -> Result<String, String> {
+    flag.clone().or(configured).ok_or_else(|| {
+        format!("no {what}: pass --{what} or set it in the configuration's queue section")
+    })
+}
+
 /// The configuration's Taskcluster queue section, if it has one.
 fn taskcluster_section(config: &schemas::WorkerConfig) -> Option<TaskclusterQueueConfig> {
     match &config.queue {
@@ -378,10 +390,7 @@ fn options(
     worker_id: &Option<String>,
     section: Option<&TaskclusterQueueConfig>,
 ) -> Result<Identity, String> {
-    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
-    let root_url = env("TASKCLUSTER_ROOT_URL")
-        .or_else(|| section.and_then(|section| section.root_url.clone()))
-        .ok_or("no root URL: set TASKCLUSTER_ROOT_URL or queue.rootUrl")?;
+    let root_url = root_url(section)?;
     let client_id = env("TASKCLUSTER_CLIENT_ID")
         .or_else(|| section.and_then(|section| section.client_id.clone()))
         .ok_or("no client id: set TASKCLUSTER_CLIENT_ID or queue.clientId")?;
@@ -395,11 +404,6 @@ fn options(
             Credentials::new_with_certificate(client_id, access_token, certificate)
         }
         None => Credentials::new(client_id, access_token),
-    };
-    let pick = |flag: &Option<String>, configured: Option<String>, what: &str| {
-        flag.clone().or(configured).ok_or_else(|| {
-            format!("no {what}: pass --{what} or set it in the configuration's queue section")
-        })
     };
     Ok((
         QueueEndpoint {

@@ -125,6 +125,10 @@ pub(crate) async fn launch(
     // With RAM in an object, the stream moves with `x-ignore-shared`, which QEMU takes only
     // over QMP: the load then starts once that is set (`-incoming defer`).
     let deferred_state = state.filter(|_| memory.in_object());
+    let incoming = match deferred_state {
+        Some(_) => Some("defer".to_owned()),
+        None => state.map(|fd| format!("fd:{fd}")),
+    };
     let tap = network.as_ref().map(|network| network.tap().as_raw_fd());
     let boot = boot_files(&source, machine, &runtime, plan.as_mut(), network.as_ref())
         .map_err(VmError::Setup)?;
@@ -154,10 +158,7 @@ pub(crate) async fn launch(
             runtime.vnc_socket().display().to_string()
         },
         tsc_khz: settings.tsc_khz,
-        incoming: match (state, deferred_state) {
-            (Some(_), Some(_)) => Some("defer".to_owned()),
-            (state, _) => state.map(|fd| format!("fd:{fd}")),
-        },
+        incoming,
         fd_sets: inherited.fd_sets(),
         drives,
         memory: memory_backend,
@@ -241,8 +242,8 @@ pub(crate) async fn launch(
     })
 }
 
-/// The backend object for `memory`, with its memory file (if any) inherited by QEMU and, in a
-/// jail, shown at `/ram`.
+/// The backend object for `memory`, with its memory file (if any) inherited by QEMU and opened
+/// through `/proc` (in a jail, its own: [`JailPlan::add_memory_file`]).
 fn memory_backend(
     memory: &GuestMemory,
     plan: Option<&mut JailPlan>,

@@ -14,23 +14,20 @@
 //! from it ([`loaded`]).
 //!
 //! QEMU 7.2 opens a backend's `mem-path` read-write whatever the mapping; a memory file lets
-//! it, where a root-owned file would not. QEMU opens it as `/proc/self/fd/N`, or, in a jail
-//! without `/proc`, at `/ram`, a bind of that descriptor.
+//! it, where a root-owned file would not. QEMU opens it as `/proc/self/fd/N` (a jailed QEMU
+//! through a `/proc` of its own, see [`crate::sandbox::jail`]).
 
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rustix::fs::{MemfdFlags, SealFlags, SeekFrom};
 
-/// The page size the zero pages are found by.
-const PAGE: usize = 4096;
-/// How much is copied at a time.
-const CHUNK: usize = 1 << 20;
 /// Loaded files kept while no VM uses them (the most recently loaded ones stay).
 const KEPT_UNUSED: usize = 4;
 
@@ -85,28 +82,22 @@ impl MemoryFile {
     }
 
     /// Writes the contents to the new file `path` (mode 0444), leaving out zero pages (the file
-    /// is sparse); returns how many bytes it holds that are not holes.
-    pub(crate) fn save(&self, path: &Path) -> io::Result<u64> {
+    /// is sparse).
+    pub(crate) fn save(&self, path: &Path) -> io::Result<()> {
         let target = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o444)
             .open(path)?;
-        target.set_len(self.size)?;
         let source = fs::File::from(self.fd.try_clone()?);
-        let written = copy_data(&source, &target, self.size)?;
-        target.sync_all()?;
-        Ok(written)
+        rustix::fs::seek(&source, SeekFrom::Start(0))?;
+        image_manager::unpack::copy_sparse(&mut (&source).take(self.size), &target)?;
+        target.sync_all()
     }
 
     /// A descriptor of the file for a QEMU to inherit.
     pub(crate) fn descriptor(&self) -> io::Result<OwnedFd> {
         self.fd.try_clone()
-    }
-
-    /// The file's size: the guest's RAM.
-    pub fn size(&self) -> u64 {
-        self.size
     }
 }
 
@@ -160,35 +151,6 @@ fn send_data(source: &fs::File, target: &OwnedFd, size: u64) -> io::Result<()> {
         offset = end;
     }
     Ok(())
-}
-
-/// Copies the data of `source` (its first `size` bytes) to the same offsets of `target`,
-/// skipping holes and zero pages; returns the bytes written.
-fn copy_data(source: &fs::File, target: &fs::File, size: u64) -> io::Result<u64> {
-    let mut buffer = vec![0u8; CHUNK];
-    let mut written = 0;
-    let mut offset = 0;
-    while offset < size {
-        let Some((start, end)) = next_data(source, offset, size)? else {
-            break;
-        };
-        let mut at = start;
-        while at < end {
-            let length = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
-            let chunk = &mut buffer[..length];
-            source.read_exact_at(chunk, at)?;
-            for (index, page) in chunk.chunks(PAGE).enumerate() {
-                if page.iter().all(|byte| *byte == 0) {
-                    continue;
-                }
-                target.write_all_at(page, at + (index * PAGE) as u64)?;
-                written += page.len() as u64;
-            }
-            at += length as u64;
-        }
-        offset = end;
-    }
-    Ok(written)
 }
 
 /// The next range of `file` from `offset` that holds data (not a hole), up to `size`.
@@ -246,6 +208,21 @@ pub fn loaded(path: &Path, size: u64) -> io::Result<Arc<MemoryFile>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
+
+    const PAGE: usize = 4096;
+
+    /// The bytes of `path` that are data, not holes.
+    fn data_bytes(path: &Path) -> u64 {
+        let file = fs::File::open(path).unwrap();
+        let size = file.metadata().unwrap().len();
+        let (mut offset, mut data) = (0, 0);
+        while let Some((start, end)) = next_data(&file, offset, size).unwrap() {
+            data += end - start;
+            offset = end;
+        }
+        data
+    }
 
     #[test]
     fn a_saved_file_leaves_zero_pages_out_and_loads_back_sealed() {
@@ -259,7 +236,8 @@ mod tests {
         assert!(file.set_len(size / 2).is_err(), "the size is sealed");
 
         let path = dir.path().join("ram.bin");
-        assert_eq!(ram.save(&path).unwrap(), 2 * PAGE as u64);
+        ram.save(&path).unwrap();
+        assert_eq!(data_bytes(&path), 2 * PAGE as u64);
         assert_eq!(fs::metadata(&path).unwrap().len(), size);
         assert!(fs::metadata(&path).unwrap().blocks() * 512 <= 4 * PAGE as u64);
 

@@ -237,7 +237,9 @@ pub(crate) fn write_sparse(reader: &mut impl Read, path: &Path) -> Result<u64, I
     Ok(written)
 }
 
-fn copy_sparse(reader: &mut impl Read, file: &File) -> io::Result<u64> {
+/// Copies `reader` to its end into `file` from offset 0, leaving 4 KiB blocks of zeros as holes,
+/// and sets the file's length to what was read; returns that length.
+pub fn copy_sparse(reader: &mut impl Read, file: &File) -> io::Result<u64> {
     let mut buffer = vec![0u8; COPY_CHUNK];
     let mut offset = 0u64;
     loop {

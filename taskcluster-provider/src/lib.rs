@@ -138,17 +138,12 @@ pub async fn run_worker(
             .available_permits()
             .min((2 * options.capacity).saturating_sub(running.len()));
         if free == 0 {
-            if slots.available_permits() == 0 {
-                tokio::select! {
-                    _ = running.join_next() => {}
-                    Ok(permit) = slots.clone().acquire_owned() => drop(permit),
-                    _ = shutdown_seen.changed() => {}
-                }
-            } else {
-                tokio::select! {
-                    _ = running.join_next() => {}
-                    _ = shutdown_seen.changed() => {}
-                }
+            // Waits for a run to end, or, when every slot is taken, for a VM to end.
+            let all_taken = slots.available_permits() == 0;
+            tokio::select! {
+                _ = running.join_next() => {}
+                Ok(permit) = slots.clone().acquire_owned(), if all_taken => drop(permit),
+                _ = shutdown_seen.changed() => {}
             }
             continue;
         }

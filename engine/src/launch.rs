@@ -209,7 +209,7 @@ pub(crate) async fn launch(
         })),
     };
     let qmp = match (qmp, deferred_state) {
-        (Ok(qmp), Some(fd)) => start_loading(&qmp, fd).await.map(|()| qmp),
+        (Ok(qmp), Some(fd)) => start_loading(&qmp, fd, &memory).await.map(|()| qmp),
         (qmp, None) => qmp,
         (Err(error), Some(_)) => Err(error),
     };
@@ -267,9 +267,15 @@ fn memory_backend(
 }
 
 /// Starts loading the saved state from the inherited descriptor `fd`, with `x-ignore-shared`
-/// on as it was when the state was saved.
-async fn start_loading(qmp: &Qmp, fd: i32) -> io::Result<()> {
+/// on as it was when the state was saved, once `memory`'s file has all its contents (copied in
+/// while QEMU started).
+async fn start_loading(qmp: &Qmp, fd: i32, memory: &GuestMemory) -> io::Result<()> {
     qmp.ignore_shared_memory().await?;
+    if let Some(file) = memory.file() {
+        file.wait_filled()
+            .await
+            .map_err(|error| io::Error::other(format!("loading the snapshot's RAM: {error}")))?;
+    }
     qmp.execute(
         "migrate-incoming",
         serde_json::json!({ "uri": format!("fd:{fd}") }),

@@ -9,9 +9,16 @@
 //! A restore maps a memory file loaded from `ram.bin` **private**: what a guest writes goes to
 //! pages of its own QEMU, and the pages it only reads stay those of the memory file, shared with
 //! every other copy. The loaded file is sealed against writes, growth and shrinking before any
-//! QEMU sees it, so no QEMU (even one a guest took over) can change what the next copy reads. A
+//! guest runs, so no QEMU (even one a guest took over) can change what the next copy reads. A
 //! process loads each `ram.bin` once and hands the same sealed file to every VM it restores
 //! from it ([`loaded`]).
+//!
+//! Loading copies the snapshot's data pages (60-odd MiB for a small guest, ~30 ms) on a thread
+//! of its own while the VM's network, disk and QEMU are set up: QEMU gets the memory file at
+//! its start, and the saved state is loaded ([`MemoryFile::wait_filled`]) only once the copy
+//! is complete and sealed. Until then QEMU has run nothing but its own start-up, which maps the
+//! file and writes none of its pages (a test holds it to that: a restored VM's RAM mapping has
+//! no page of its own before it resumes).
 //!
 //! QEMU 7.2 opens a backend's `mem-path` read-write whatever the mapping; a memory file lets
 //! it, where a root-owned file would not. QEMU opens it as `/proc/self/fd/N` (a jailed QEMU
@@ -27,6 +34,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rustix::fs::{MemfdFlags, SealFlags, SeekFrom};
+use tokio::sync::watch;
 
 /// Loaded files kept while no VM uses them (the most recently loaded ones stay).
 const KEPT_UNUSED: usize = 4;
@@ -36,6 +44,19 @@ const KEPT_UNUSED: usize = 4;
 pub struct MemoryFile {
     fd: OwnedFd,
     size: u64,
+    /// How far copying its contents has come (always [`Fill::Done`] for a file for saving).
+    fill: watch::Receiver<Fill>,
+}
+
+/// How far a memory file's contents are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fill {
+    /// Still being copied in.
+    Copying,
+    /// Complete, and sealed when it came from a snapshot.
+    Done,
+    /// The copy failed: why.
+    Failed(String),
 }
 
 impl MemoryFile {
@@ -48,12 +69,37 @@ impl MemoryFile {
         )?;
         rustix::fs::ftruncate(&fd, size)?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW)?;
-        Ok(MemoryFile { fd, size })
+        Ok(MemoryFile {
+            fd,
+            size,
+            fill: watch::channel(Fill::Done).1,
+        })
     }
 
     /// A memory file with the contents of `path` (which must be `size` bytes long), sealed
     /// against every change before it is returned.
     pub fn load(path: &Path, size: u64) -> io::Result<MemoryFile> {
+        let (file, source) = Self::to_load(path, size)?;
+        let (done, fill) = watch::channel(Fill::Copying);
+        fill_and_seal(&source, &file.fd, size, &done);
+        Ok(MemoryFile { fill, ..file })
+    }
+
+    /// A memory file of `size` bytes that gets the contents of `path` on a thread of its own,
+    /// then is sealed ([`MemoryFile::wait_filled`] waits for that).
+    fn load_in_background(path: &Path, size: u64) -> io::Result<MemoryFile> {
+        let (file, source) = Self::to_load(path, size)?;
+        let (done, fill) = watch::channel(Fill::Copying);
+        let target = file.fd.try_clone()?;
+        std::thread::Builder::new()
+            .name("taskvm-ram-load".into())
+            .spawn(move || fill_and_seal(&source, &target, size, &done))?;
+        Ok(MemoryFile { fill, ..file })
+    }
+
+    /// The empty memory file for the contents of `path`, and `path` opened (checked to be
+    /// `size` bytes long).
+    fn to_load(path: &Path, size: u64) -> io::Result<(MemoryFile, fs::File)> {
         let source = fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW)
@@ -73,12 +119,34 @@ impl MemoryFile {
             MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
         )?;
         rustix::fs::ftruncate(&fd, size)?;
-        send_data(&source, &fd, size)?;
-        rustix::fs::fcntl_add_seals(
-            &fd,
-            SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
-        )?;
-        Ok(MemoryFile { fd, size })
+        let file = MemoryFile {
+            fd,
+            size,
+            fill: watch::channel(Fill::Copying).1,
+        };
+        Ok((file, source))
+    }
+
+    /// Waits until the contents are all in and sealed; the copy's error if it failed.
+    pub(crate) async fn wait_filled(&self) -> io::Result<()> {
+        let mut fill = self.fill.clone();
+        let state = fill
+            .wait_for(|state| *state != Fill::Copying)
+            .await
+            .map(|state| state.clone())
+            .unwrap_or_else(|_| Fill::Failed("the copying thread ended".into()));
+        match state {
+            Fill::Done => Ok(()),
+            Fill::Copying | Fill::Failed(_) => Err(io::Error::other(match state {
+                Fill::Failed(reason) => reason,
+                _ => "the copy did not finish".into(),
+            })),
+        }
+    }
+
+    /// Whether copying the contents failed.
+    fn failed(&self) -> bool {
+        matches!(*self.fill.borrow(), Fill::Failed(_))
     }
 
     /// Writes the contents to the new file `path` (mode 0444), leaving out zero pages (the file
@@ -131,6 +199,22 @@ impl GuestMemory {
     }
 }
 
+/// Copies `source` into `target` and seals `target` against every change; says how that went
+/// on `done`.
+fn fill_and_seal(source: &fs::File, target: &OwnedFd, size: u64, done: &watch::Sender<Fill>) {
+    let filled = send_data(source, target, size).and_then(|()| {
+        rustix::fs::fcntl_add_seals(
+            target,
+            SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
+        )
+        .map_err(io::Error::from)
+    });
+    done.send_replace(match filled {
+        Ok(()) => Fill::Done,
+        Err(error) => Fill::Failed(error.to_string()),
+    });
+}
+
 /// Copies the data of `source` (its first `size` bytes) to the same offsets of `target` inside
 /// the kernel (`sendfile`), skipping holes: a third faster than through a buffer.
 fn send_data(source: &fs::File, target: &OwnedFd, size: u64) -> io::Result<()> {
@@ -174,9 +258,11 @@ type FileVersion = (u64, u64, u64, i64, i64);
 /// The memory files this process loaded, by the version of the `ram.bin` they came from.
 static LOADED: Mutex<Option<HashMap<FileVersion, Arc<MemoryFile>>>> = Mutex::new(None);
 
-/// The sealed memory file of `path` (a snapshot's `ram.bin` of `size` bytes), loaded once per
-/// process and shared by every VM restored from it. A file no VM uses any more is kept while
-/// fewer than a few others are (so that a queue's next task does not load it again).
+/// The memory file of `path` (a snapshot's `ram.bin` of `size` bytes), loaded once per
+/// process and shared by every VM restored from it; its contents may still be being copied in
+/// ([`MemoryFile::wait_filled`]). A file no VM uses any more is kept while fewer than a few
+/// others are (so that a queue's next task does not load it again); one whose copy failed is
+/// loaded again.
 pub fn loaded(path: &Path, size: u64) -> io::Result<Arc<MemoryFile>> {
     let meta = fs::symlink_metadata(path)?;
     let key = (
@@ -190,10 +276,13 @@ pub fn loaded(path: &Path, size: u64) -> io::Result<Arc<MemoryFile>> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let table = table.get_or_insert_with(HashMap::new);
-    if let Some(file) = table.get(&key).filter(|file| file.size == size) {
+    if let Some(file) = table
+        .get(&key)
+        .filter(|file| file.size == size && !file.failed())
+    {
         return Ok(Arc::clone(file));
     }
-    let file = Arc::new(MemoryFile::load(path, size)?);
+    let file = Arc::new(MemoryFile::load_in_background(path, size)?);
     table.insert(key, Arc::clone(&file));
     let unused = table
         .values()
@@ -267,5 +356,59 @@ mod tests {
         let first = loaded(&path, size).unwrap();
         let second = loaded(&path, size).unwrap();
         assert!(Arc::ptr_eq(&first, &second));
+    }
+
+    #[tokio::test]
+    async fn a_file_loaded_in_the_background_is_whole_and_sealed_once_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 256 * PAGE as u64;
+        let ram = MemoryFile::for_saving(size).unwrap();
+        let file = fs::File::from(ram.descriptor().unwrap());
+        for page in (0..256).step_by(3) {
+            file.write_all_at(format!("page {page}").as_bytes(), page * PAGE as u64)
+                .unwrap();
+        }
+        let path = dir.path().join("ram.bin");
+        ram.save(&path).unwrap();
+
+        let loaded = loaded(&path, size).unwrap();
+        loaded.wait_filled().await.unwrap();
+        let copy = fs::File::from(loaded.descriptor().unwrap());
+        let mut page = vec![0u8; PAGE];
+        for number in 0..256 {
+            copy.read_exact_at(&mut page, number * PAGE as u64).unwrap();
+            let text = format!("page {number}");
+            assert_eq!(
+                page.starts_with(text.as_bytes()),
+                number % 3 == 0,
+                "{number}"
+            );
+        }
+        assert!(copy.write_all_at(b"x", 0).is_err(), "sealed");
+    }
+
+    #[tokio::test]
+    async fn a_load_that_fails_says_why_when_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 * PAGE as u64;
+        let ram = MemoryFile::for_saving(size).unwrap();
+        fs::File::from(ram.descriptor().unwrap())
+            .write_all_at(b"data", 0)
+            .unwrap();
+        let path = dir.path().join("ram.bin");
+        ram.save(&path).unwrap();
+        // A target that cannot be written (sealed already): the copy fails.
+        let (file, source) = MemoryFile::to_load(&path, size).unwrap();
+        rustix::fs::fcntl_add_seals(&file.fd, SealFlags::WRITE).unwrap();
+        let (done, fill) = watch::channel(Fill::Copying);
+        fill_and_seal(&source, &file.fd, size, &done);
+        let failed = MemoryFile { fill, ..file };
+        let error = failed.wait_filled().await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            io::Error::from(rustix::io::Errno::PERM).to_string(),
+            "the copy's own error"
+        );
+        assert!(failed.failed());
     }
 }

@@ -153,6 +153,41 @@ async fn two_restored_copies_are_each_a_vm_of_their_own() {
         sha256_file(&snapshot.ram_path()),
     ];
     assert_eq!(before, after, "image and snapshot unchanged");
+
+    // The RAM file is filled while QEMU starts, and the state is loaded only once it is whole:
+    // until the guest runs, QEMU must not have written one page of the mapping (a page written
+    // before the copy ended would be the VM's own, holding zeros instead of the snapshot's).
+    let lease = fixture.lease();
+    let machine = resolved(&lease);
+    let paused =
+        VirtualMachine::restore_paused(lease, &machine, &settings(&fixture, "copy-c"), &snapshot)
+            .await
+            .unwrap();
+    assert_eq!(ram_pages_of_its_own_kib(paused.pid()), Some(0));
+    let (session, _log) = GuestSession::new(SessionConfig::new("copy-c"));
+    session.set_task(Execute {
+        command: vec!["true".into()],
+        ..Execute::default()
+    });
+    paused.set_http_handler(session.handler());
+    paused.resume().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), session.wait_taken())
+        .await
+        .unwrap()
+        .unwrap();
+    let written = ram_pages_of_its_own_kib(paused.pid()).unwrap();
+    assert!(written > 0, "a running guest writes pages of its own");
+}
+
+/// The kB of a QEMU's snapshot-RAM mapping that are its own (written, copied on write), from
+/// `/proc/PID/smaps`; None when it has no such mapping.
+fn ram_pages_of_its_own_kib(pid: u32) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut lines = smaps.lines();
+    lines.find(|line| line.contains("memfd:taskvm-snapshot-ram"))?;
+    lines
+        .find_map(|line| line.strip_prefix("Anonymous:"))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,8 +5,8 @@
 //! network, records and directories are their own, and dropping the pool (the worker ending)
 //! kills them.
 //!
-//! Warming up: before it is paused, a pooled VM's agent runs [`WARM_UP_COMMAND`] (an
-//! [`engine::network::warm_up`]), so the code a task's first command runs — the agent's spawn
+//! Warming up: before it is paused, a pooled VM's agent runs the engine's warm-up command
+//! ([`engine::network::warm_up::WARM_UP_COMMAND`]), so the code a task's first command runs — the agent's spawn
 //! path, the shell, the loader, the C library, a few tools — has run in that QEMU already.
 //! Under TCG a restored VM otherwise translates all of it during the task's first command.
 
@@ -33,14 +33,6 @@ pub struct Recipe {
     /// The VM settings (the name is replaced per VM).
     pub settings: VmSettings,
 }
-
-/// What a pooled VM's agent runs before the VM is paused: a shell that starts programs the
-/// way commands do, and a few of the tools commands use.
-pub const WARM_UP_COMMAND: [&str; 3] = [
-    "/bin/sh",
-    "-c",
-    "echo warm; /bin/echo warm; cat /proc/uptime; ls / >/dev/null; true",
-];
 
 /// How long a pooled VM's warm-up may take before the VM is pooled without it.
 const WARM_UP_PATIENCE: Duration = Duration::from_secs(30);
@@ -210,15 +202,10 @@ impl WarmPool {
     }
 }
 
-/// Runs [`WARM_UP_COMMAND`] in `vm` (restored, paused) and pauses it again; None when it
+/// Runs the standard warm-up in `vm` (restored, paused) and pauses it again; None when it
 /// cannot be paused (it is dropped, which kills it).
 async fn warm_up(vm: VirtualMachine) -> Option<Pooled> {
-    let warm_up = WarmUp::new(
-        WARM_UP_COMMAND
-            .iter()
-            .map(|part| (*part).to_owned())
-            .collect(),
-    );
+    let warm_up = WarmUp::standard();
     vm.set_http_handler(warm_up.handler());
     vm.resume().await.ok()?;
     let finished = tokio::time::timeout(WARM_UP_PATIENCE, warm_up.finished()).await;

@@ -355,7 +355,7 @@ fn host_key(spec: &ProbeSpec) -> io::Result<String> {
         .lines()
         .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
         .map_or(String::new(), |(_, model)| model.trim().to_owned());
-    let qemu_version = crate::qemu::process::qemu_version(&spec.qemu)
+    let qemu_version = crate::qemu::version::qemu_version(&spec.qemu)
         .lines()
         .next()
         .unwrap_or_default()

@@ -34,6 +34,14 @@ pub enum WarmUpState {
     Unsupported,
 }
 
+/// What a warm-up runs by default ([`WarmUp::standard`]): a shell that starts programs the
+/// way commands do, and a few of the tools commands use.
+pub const WARM_UP_COMMAND: [&str; 3] = [
+    "/bin/sh",
+    "-c",
+    "echo warm; /bin/echo warm; cat /proc/uptime; ls / >/dev/null; true",
+];
+
 /// One VM's warm-up. Set [`WarmUp::handler`] as the VM's handler before the guest runs.
 pub struct WarmUp {
     command: Vec<String>,
@@ -52,6 +60,16 @@ impl WarmUp {
         })
     }
 
+    /// A warm-up that runs [`WARM_UP_COMMAND`].
+    pub fn standard() -> Arc<WarmUp> {
+        WarmUp::new(
+            WARM_UP_COMMAND
+                .iter()
+                .map(|part| (*part).to_owned())
+                .collect(),
+        )
+    }
+
     /// The metadata-service handler that serves it.
     pub fn handler(self: &Arc<Self>) -> Arc<dyn Handler> {
         Arc::new(WarmUpHandler(self.clone()))
@@ -66,6 +84,15 @@ impl WarmUp {
             .await
             .map(|state| *state);
         state.unwrap_or(WarmUpState::Waiting)
+    }
+
+    /// Waits until the agent has asked for its task for the first time (apply a timeout
+    /// around this).
+    pub async fn asked(&self) {
+        let mut receiver = self.state.subscribe();
+        let _ = receiver
+            .wait_for(|state| *state != WarmUpState::Waiting)
+            .await;
     }
 
     /// Hands the VM to the task of `session` (set as the VM's handler first): the agent's

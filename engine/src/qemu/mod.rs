@@ -7,8 +7,10 @@
 //!   the worker's life; killing and reaping it.
 //! - [`qmp`]: the QMP connection (bounded messages, timed commands) and its events.
 //! - [`screenshot`]: the screen over VNC as an RGBA image or PNG.
+//! - [`version`]: what `qemu --version` says, remembered per installed binary.
 
 pub mod cmdline;
 pub mod process;
 pub mod qmp;
 pub mod screenshot;
+pub mod version;

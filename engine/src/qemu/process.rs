@@ -201,18 +201,6 @@ impl Drop for QemuProcess {
     }
 }
 
-/// What `qemu --version` prints (trimmed; empty when it cannot run). The one place besides a
-/// VM's start where the engine runs QEMU.
-pub fn qemu_version(qemu: &str) -> String {
-    std::process::Command::new(qemu)
-        .arg("--version")
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
 /// The uid and gid of `user` (a name from `/etc/passwd`, or a number).
 pub fn lookup_user(user: &str) -> io::Result<RunAs> {
     if let Ok(uid) = user.parse::<u32>() {

@@ -8,17 +8,20 @@ use schemas::ResolvedMachine;
 
 use super::format::{SavedRam, Snapshot};
 use super::AGENT_READY;
-use crate::network::session::{GuestSession, SessionConfig};
+use crate::network::warm_up::WarmUp;
 use crate::vm::{VirtualMachine, VmError, VmSettings};
 use schemas::protocol::marker::CUT_OFF;
 
+/// How long the warm-up command may take in the guest (it takes well under a second).
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent may take from ready to its first request.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the guest may take to notice that the metadata service stopped under its request.
 const CUT_OFF_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Boots a VM of `machine` on `lease` (with `settings`, which must give it a network), waits
-/// until its agent is up — no task is ever set, so it holds no task data — and saves it into
+/// until its agent is up and has run the warm-up command ([`WarmUp::standard`]) — no task is
+/// ever set, so it holds no task data — and saves it into
 /// the new directory `dir`. Gives up after `ready_timeout` (an image without our agent).
 /// The guest's RAM goes to `ram.bin` ([`SavedRam::File`]).
 pub async fn build(
@@ -41,15 +44,31 @@ pub async fn build_as(
     ready_timeout: Duration,
 ) -> Result<Snapshot, VmError> {
     let mut vm = VirtualMachine::start_for_snapshot(ram, lease, machine, settings).await?;
-    let (session, _log) = GuestSession::new(SessionConfig::new(&settings.name));
-    vm.set_http_handler(session.handler());
+    let warm_up = WarmUp::standard();
+    vm.set_http_handler(warm_up.handler());
     if !vm.wait_for_serial(AGENT_READY, ready_timeout).await {
         return Err(VmError::Snapshot(format!(
             "the guest's agent did not report ready within {} s",
             ready_timeout.as_secs()
         )));
     }
-    // Let its first request arrive, then close the service under it: the agent is then in
+    // The warm-up runs before the save, so every restored copy finds the shell, the loader and
+    // the C library in its page cache (an agent without the feature is not given one). An
+    // agent that does not ask within a moment is saved as it is, as before warm-ups.
+    let asked = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, warm_up.asked())
+        .await
+        .is_ok();
+    if asked
+        && tokio::time::timeout(WARM_UP_TIMEOUT, warm_up.finished())
+            .await
+            .is_err()
+    {
+        return Err(VmError::Snapshot(format!(
+            "the guest's agent did not finish its warm-up command within {} s",
+            WARM_UP_TIMEOUT.as_secs()
+        )));
+    }
+    // Let its request for a task arrive, then close the service under it: the agent is then in
     // its retry loop, with no request open, and finds the restored VM's service at once. A
     // request the stop cut off is left only when the guest has read that its connection
     // closed, which it says on the console; until then the close may still be in flight
@@ -60,10 +79,10 @@ pub async fn build_as(
             "a snapshot needs the VM's own network".into(),
         ));
     };
-    // Its first request (the long poll for a task) is open at the service within a moment of
-    // ready; waiting for it makes every snapshot the same: saved after a request was cut off.
+    // Its request for a task (held by the warm-up's handler) is open at the service within a
+    // moment; waiting for it makes every snapshot the same: saved after a request was cut off.
     let deadline = tokio::time::Instant::now() + FIRST_REQUEST_TIMEOUT;
-    while network.open_requests() == 0 && tokio::time::Instant::now() < deadline {
+    while asked && network.open_requests() == 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let cut_off_before = vm.serial_output().matches(CUT_OFF).count();

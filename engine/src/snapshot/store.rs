@@ -23,6 +23,9 @@ use sha2::{Digest, Sha256};
 /// snapshot's disk), for the sweep.
 const IMAGE_FILE: &str = "image";
 
+/// File beside the snapshots remembering what the QEMU binary says its version is.
+const QEMU_VERSION_FILE: &str = "qemu-version";
+
 /// Where snapshots live, and what a key is made of besides the task's own parts.
 pub struct SnapshotStore {
     root: PathBuf,
@@ -79,10 +82,14 @@ impl SnapshotStore {
         hex::encode(Sha256::digest(parts.to_string().as_bytes()))
     }
 
-    /// `qemu --version`, asked once.
+    /// `qemu --version`, asked once per installed binary (remembered in `qemu-version`).
     fn qemu_version(&self) -> &str {
-        self.qemu_version
-            .get_or_init(|| crate::qemu::process::qemu_version(&self.qemu))
+        self.qemu_version.get_or_init(|| {
+            crate::qemu::version::remembered_qemu_version(
+                &self.qemu,
+                &self.root.join(QEMU_VERSION_FILE),
+            )
+        })
     }
 
     /// The snapshot of `key`, built with `build` (given the directory to create) when there

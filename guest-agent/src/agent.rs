@@ -92,6 +92,10 @@ fn warm_up(client: &Client, task: &protocol::Execute) {
             run(task, &mut io::sink(), &AtomicI32::new(0));
         }
     }
+    // A marker, as a task's start writes one: the console's code (the serial line, the
+    // screen's terminal) has then run too. Measured through `taskvm serve` with a warm pool
+    // under TCG: it took a task's first output from 72 to 57 ms (medians of 24, one run).
+    marker("warmed up");
 }
 
 /// A mount failed: says why in the task's log and on the console, reports

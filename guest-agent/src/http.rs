@@ -146,10 +146,12 @@ impl ChunkedBody {
         if data.is_empty() {
             return Ok(());
         }
-        self.stream
-            .write_all(format!("{:x}\r\n", data.len()).as_bytes())?;
-        self.stream.write_all(data)?;
-        self.stream.write_all(b"\r\n")?;
+        // One write, so one segment: the chunk's size line, data and end go out together.
+        let mut chunk = format!("{:x}\r\n", data.len()).into_bytes();
+        chunk.reserve(data.len() + 2);
+        chunk.extend_from_slice(data);
+        chunk.extend_from_slice(b"\r\n");
+        self.stream.write_all(&chunk)?;
         self.stream.flush()
     }
 

@@ -1,5 +1,6 @@
 //! Progress markers on the console, so the engine and people can follow a guest without the
-//! network: `taskvm-agent: ready`, `taskvm-agent: running`, `taskvm-agent: done exit=N`.
+//! network: `taskvm-agent: ready`, `taskvm-agent: running`, `taskvm-agent: done exit=N`, and
+//! `taskvm-agent: warmed up` after a warm-up (a warm pool's VM, a snapshot's).
 
 use std::io::Write;
 

@@ -78,28 +78,27 @@ impl MemoryFile {
 
     /// A memory file with the contents of `path` (which must be `size` bytes long), sealed
     /// against every change before it is returned.
-    pub fn load(path: &Path, size: u64) -> io::Result<MemoryFile> {
-        let (file, source) = Self::to_load(path, size)?;
-        let (done, fill) = watch::channel(Fill::Copying);
+    #[cfg(test)]
+    fn load(path: &Path, size: u64) -> io::Result<MemoryFile> {
+        let (file, source, done) = Self::to_load(path, size)?;
         fill_and_seal(&source, &file.fd, size, &done);
-        Ok(MemoryFile { fill, ..file })
+        Ok(file)
     }
 
     /// A memory file of `size` bytes that gets the contents of `path` on a thread of its own,
     /// then is sealed ([`MemoryFile::wait_filled`] waits for that).
     fn load_in_background(path: &Path, size: u64) -> io::Result<MemoryFile> {
-        let (file, source) = Self::to_load(path, size)?;
-        let (done, fill) = watch::channel(Fill::Copying);
+        let (file, source, done) = Self::to_load(path, size)?;
         let target = file.fd.try_clone()?;
         std::thread::Builder::new()
             .name("taskvm-ram-load".into())
             .spawn(move || fill_and_seal(&source, &target, size, &done))?;
-        Ok(MemoryFile { fill, ..file })
+        Ok(file)
     }
 
-    /// The empty memory file for the contents of `path`, and `path` opened (checked to be
-    /// `size` bytes long).
-    fn to_load(path: &Path, size: u64) -> io::Result<(MemoryFile, fs::File)> {
+    /// The empty memory file for the contents of `path`, `path` opened (checked to be `size`
+    /// bytes long), and where the copy says how it went ([`fill_and_seal`]).
+    fn to_load(path: &Path, size: u64) -> io::Result<(MemoryFile, fs::File, watch::Sender<Fill>)> {
         let source = fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW)
@@ -119,12 +118,8 @@ impl MemoryFile {
             MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
         )?;
         rustix::fs::ftruncate(&fd, size)?;
-        let file = MemoryFile {
-            fd,
-            size,
-            fill: watch::channel(Fill::Copying).1,
-        };
-        Ok((file, source))
+        let (done, fill) = watch::channel(Fill::Copying);
+        Ok((MemoryFile { fd, size, fill }, source, done))
     }
 
     /// Waits until the contents are all in and sealed; the copy's error if it failed.
@@ -137,10 +132,8 @@ impl MemoryFile {
             .unwrap_or_else(|_| Fill::Failed("the copying thread ended".into()));
         match state {
             Fill::Done => Ok(()),
-            Fill::Copying | Fill::Failed(_) => Err(io::Error::other(match state {
-                Fill::Failed(reason) => reason,
-                _ => "the copy did not finish".into(),
-            })),
+            Fill::Failed(reason) => Err(io::Error::other(reason)),
+            Fill::Copying => Err(io::Error::other("the copy did not finish")),
         }
     }
 
@@ -398,11 +391,9 @@ mod tests {
         let path = dir.path().join("ram.bin");
         ram.save(&path).unwrap();
         // A target that cannot be written (sealed already): the copy fails.
-        let (file, source) = MemoryFile::to_load(&path, size).unwrap();
-        rustix::fs::fcntl_add_seals(&file.fd, SealFlags::WRITE).unwrap();
-        let (done, fill) = watch::channel(Fill::Copying);
-        fill_and_seal(&source, &file.fd, size, &done);
-        let failed = MemoryFile { fill, ..file };
+        let (failed, source, done) = MemoryFile::to_load(&path, size).unwrap();
+        rustix::fs::fcntl_add_seals(&failed.fd, SealFlags::WRITE).unwrap();
+        fill_and_seal(&source, &failed.fd, size, &done);
         let error = failed.wait_filled().await.unwrap_err();
         assert_eq!(
             error.to_string(),

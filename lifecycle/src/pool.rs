@@ -6,16 +6,15 @@
 //! kills them.
 //!
 //! Warming up: before it is paused, a pooled VM's agent runs the engine's warm-up command
-//! ([`engine::network::warm_up::WARM_UP_COMMAND`]), so the code a task's first command runs — the agent's spawn
-//! path, the shell, the loader, the C library, a few tools — has run in that QEMU already.
-//! Under TCG a restored VM otherwise translates all of it during the task's first command.
+//! ([`engine::network::warm_up::WARM_UP_COMMAND`]), so the code a task's first command runs —
+//! the agent's spawn path, the shell, the loader, the C library, a few tools — has run in that
+//! QEMU already. Under TCG a restored VM otherwise translates all of it during the task's first
+//! command.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use std::time::Duration;
-
-use engine::network::warm_up::{WarmUp, WarmUpState};
+use engine::network::warm_up::{WarmUp, WarmUpState, WARM_UP_TIMEOUT};
 use engine::snapshot::Snapshot;
 use engine::{VirtualMachine, VmSettings};
 use image_manager::{Cache, Digest};
@@ -33,9 +32,6 @@ pub struct Recipe {
     /// The VM settings (the name is replaced per VM).
     pub settings: VmSettings,
 }
-
-/// How long a pooled VM's warm-up may take before the VM is pooled without it.
-const WARM_UP_PATIENCE: Duration = Duration::from_secs(30);
 
 /// A paused VM of the pool, and its warm-up (whose handler holds the agent's request for its
 /// task until the VM is taken).
@@ -208,7 +204,7 @@ async fn warm_up(vm: VirtualMachine) -> Option<Pooled> {
     let warm_up = WarmUp::standard();
     vm.set_http_handler(warm_up.handler());
     vm.resume().await.ok()?;
-    let finished = tokio::time::timeout(WARM_UP_PATIENCE, warm_up.finished()).await;
+    let finished = tokio::time::timeout(WARM_UP_TIMEOUT, warm_up.finished()).await;
     vm.suspend().await.ok()?;
     Some(Pooled {
         vm,

@@ -11,6 +11,7 @@
 //! command as its task); [`WarmUp::finished`] says so.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -44,6 +45,10 @@ pub const WARM_UP_COMMAND: [&str; 3] = [
     "-c",
     "echo warm; /bin/echo warm; cat /proc/uptime; ls / >/dev/null; true",
 ];
+
+/// How long a warm-up may take in the guest (it takes well under a second): a pooled VM is
+/// pooled without it after that, a snapshot is not made.
+pub const WARM_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One VM's warm-up. Set [`WarmUp::handler`] as the VM's handler before the guest runs.
 pub struct WarmUp {

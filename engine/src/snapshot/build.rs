@@ -8,12 +8,10 @@ use schemas::ResolvedMachine;
 
 use super::format::{SavedRam, Snapshot};
 use super::AGENT_READY;
-use crate::network::warm_up::WarmUp;
+use crate::network::warm_up::{WarmUp, WARM_UP_TIMEOUT};
 use crate::vm::{VirtualMachine, VmError, VmSettings};
 use schemas::protocol::marker::CUT_OFF;
 
-/// How long the warm-up command may take in the guest (it takes well under a second).
-const WARM_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent may take from ready to its first request.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the guest may take to notice that the metadata service stopped under its request.

@@ -206,12 +206,7 @@ fn qemu_rss_kib(payload: &Path, cache: &Path, scratch: &Path, start: &str) -> u6
                 .map(str::to_owned)
         })
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|value| value.split_whitespace().next()?.parse::<u64>().ok())
-        })
+        .filter_map(|status| engine::host::procfs::field_number(&status, "VmRSS:"))
         .max()
         .unwrap_or(0);
     let _ = std::io::copy(&mut stdout, &mut std::io::sink());

@@ -182,17 +182,7 @@ pub fn run(args: ServeArgs) -> Outcome {
 pub fn default_memory_mib() -> u64 {
     let total_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|line| line.strip_prefix("MemTotal:"))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-        })
+        .and_then(|text| engine::host::procfs::field_number(&text, "MemTotal:"))
         .unwrap_or(2 << 20);
     (total_kib / 1024).saturating_sub(1024).max(256)
 }

@@ -242,16 +242,7 @@ fn mem_available() -> u64 {
 
 /// The value of the `NAME: N kB` line `field` of a `/proc` file's `text`, in bytes (0 when absent).
 fn kib_field(text: &str, field: &str) -> u64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kib| kib * 1024)
+    engine::host::procfs::field_number(text, field).map_or(0, |kib| kib * 1024)
 }
 
 fn resolved(lease: &Lease) -> ResolvedMachine {

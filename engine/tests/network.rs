@@ -345,12 +345,8 @@ async fn a_log_flood_is_capped_marked_and_keeps_memory_bounded() {
 }
 
 fn status_field(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|value| value.split_whitespace().next()?.parse().ok())
-        .unwrap()
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    engine::host::procfs::field_number(&status, field).unwrap()
 }
 
 fn resident_kib() -> u64 {

@@ -183,11 +183,8 @@ async fn two_restored_copies_are_each_a_vm_of_their_own() {
 /// `/proc/PID/smaps`; None when it has no such mapping.
 fn ram_pages_of_its_own_kib(pid: u32) -> Option<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let mut lines = smaps.lines();
-    lines.find(|line| line.contains("memfd:taskvm-snapshot-ram"))?;
-    lines
-        .find_map(|line| line.strip_prefix("Anonymous:"))
-        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+    let mapping = smaps.find("memfd:taskvm-snapshot-ram")?;
+    engine::host::procfs::field_number(&smaps[mapping..], "Anonymous:")
 }
 
 #[tokio::test(flavor = "multi_thread")]

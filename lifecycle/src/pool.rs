@@ -131,7 +131,10 @@ impl WarmPool {
 
     /// QEMU's resident memory over all pooled VMs, in bytes (the pool's cost).
     pub fn resident_bytes(&self) -> u64 {
-        self.pids().into_iter().map(resident_bytes).sum()
+        self.pids()
+            .into_iter()
+            .map(engine::host::procfs::resident_bytes)
+            .sum()
     }
 
     /// Starts restoring VMs of the current key until the pool is full.
@@ -211,16 +214,4 @@ async fn warm_up(vm: VirtualMachine) -> Option<Pooled> {
         warmed: finished == Ok(WarmUpState::Done),
         warm_up,
     })
-}
-
-fn resident_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|value| value.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
 }

@@ -7,8 +7,10 @@
 //! # Layout
 //! - [`accel`]: KVM or TCG; `auto` probes KVM with a boot watchdog and caches the verdict.
 //! - [`tsc`]: the host's TSC frequency for the guest's command line.
+//! - [`procfs`]: numbers from `/proc` text files (memory totals, a process's resident size).
 
 pub mod accel;
+pub mod procfs;
 pub mod tsc;
 
 use std::fs;
